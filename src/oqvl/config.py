@@ -1,0 +1,85 @@
+"""Config loading and validation: JSON Schema (schemas/config.schema.yaml), one-line errors."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import jsonschema
+import yaml
+
+SCHEMA_PATH = Path(__file__).resolve().parents[2] / "schemas" / "config.schema.yaml"
+
+
+class ConfigError(ValueError):
+    """A config value the schema rejects; str() is one line naming the key."""
+
+
+def _with_defaults(cls):
+    """A validator class that also fills in schema defaults (the jsonschema FAQ recipe)."""
+    validate_props = cls.VALIDATORS["properties"]
+
+    def set_defaults(validator, properties, instance, schema):
+        if isinstance(instance, dict):
+            for key, sub in properties.items():
+                if "default" in sub:
+                    instance.setdefault(key, json.loads(json.dumps(sub["default"])))
+        yield from validate_props(validator, properties, instance, schema)
+
+    return jsonschema.validators.extend(cls, {"properties": set_defaults})
+
+
+def _key_path(error: jsonschema.ValidationError) -> str:
+    path = ".".join(str(p) for p in error.absolute_path)
+    return path or "<top level>"
+
+
+def _describe(error: jsonschema.ValidationError) -> str:
+    if error.validator == "additionalProperties":
+        extra = sorted(set(error.instance) - set(error.schema.get("properties", {})))
+        keys = ", ".join(
+            (f"{_key_path(error)}.{k}" if error.absolute_path else k) for k in extra
+        )
+        return f"unknown key {keys}"
+    if error.validator == "oneOf" and error.context:
+        # A source is either generated or imported: report the branch that came closest.
+        inner = jsonschema.exceptions.best_match(error.context)
+        return _describe(inner)
+    return f"{_key_path(error)}: {error.message}"
+
+
+def validate(config: dict, schema_path: Path = SCHEMA_PATH) -> dict:
+    """Validate `config` in place (filling defaults) and return it; raise ConfigError."""
+    schema = yaml.safe_load(schema_path.read_text())
+    validator_cls = _with_defaults(jsonschema.validators.validator_for(schema))
+    errors = sorted(validator_cls(schema).iter_errors(config), key=lambda e: list(e.absolute_path))
+    if errors:
+        raise ConfigError(_describe(jsonschema.exceptions.best_match(errors)))
+    _check_semantics(config)
+    return config
+
+
+def _check_semantics(config: dict) -> None:
+    """What JSON Schema cannot say."""
+    for name, source in config["sources"].items():
+        total = sum(source.get("corruption", {}).values())
+        if total > 1 + 1e-9:
+            raise ConfigError(f"sources.{name}.corruption: fractions sum to {total:g}, above 1")
+        if "n_pairs" in source and config["scale"] == "paper":
+            raise ConfigError(f"sources.{name}: a generated source needs scale: toy")
+
+
+def load(path: str | Path) -> dict:
+    with open(path) as f:
+        config = yaml.safe_load(f)
+    try:
+        return validate(config)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
+
+
+def config_hash(obj) -> str:
+    """A short, stable hash of any JSON-serialisable config fragment."""
+    blob = json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]

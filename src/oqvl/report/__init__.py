@@ -1,0 +1,1 @@
+"""Stage 8, report: result tables beside the paper's, compute accounting, plots."""
