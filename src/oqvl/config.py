@@ -42,10 +42,6 @@ def _describe(error: jsonschema.ValidationError) -> str:
             (f"{_key_path(error)}.{k}" if error.absolute_path else k) for k in extra
         )
         return f"unknown key {keys}"
-    if error.validator == "oneOf" and error.context:
-        # A source is either generated or imported: report the branch that came closest.
-        inner = jsonschema.exceptions.best_match(error.context)
-        return _describe(inner)
     return f"{_key_path(error)}: {error.message}"
 
 

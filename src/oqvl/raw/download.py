@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import tarfile
 from pathlib import Path
@@ -26,6 +27,7 @@ class AccountingError(RuntimeError):
 
 
 def run_img2dataset(pairs: Path, out: Path, opts: dict) -> None:
+    os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # it would phone home on import
     from img2dataset import download
 
     download(
@@ -56,6 +58,8 @@ def failure_reason(message: str | None) -> str:
     """A short, stable reason from an img2dataset error message (paths and numbers removed)."""
     if not message:
         return "unknown"
+    if "!buf.empty()" in message:  # OpenCV's words for a zero-length body
+        return "empty image file"
     first = str(message).strip().splitlines()[0].lower()
     first = re.sub(r"(file|https?)://\S+", "<url>", first)
     first = re.sub(r"/\S+", "<path>", first)

@@ -1,0 +1,1 @@
+"""The Open-Qwen2VL model: vision encoder, projector, Qwen2 LM, tokenizer."""

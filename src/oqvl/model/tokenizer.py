@@ -1,0 +1,226 @@
+"""A Qwen2-format tokenizer built offline, for both scales.
+
+    python -m oqvl.model.tokenizer --out results/tokenizer/full
+    python -m oqvl.model.tokenizer --out results/tokenizer/toy --vocab-size 8192
+
+Paper scale uses Qwen2.5-1.5B-Instruct's tokenizer. Its byte-level BPE ranks ship offline in the
+`dashscope` wheel (`dashscope/resources/qwen.tiktoken`), so we convert them to a Hugging Face fast
+tokenizer with the real ids, Qwen2's pre-tokenizer, its special tokens and Qwen2.5's chat template;
+a real downloaded Qwen2.5 directory loads through the same `load_tokenizer`.
+
+Toy scale keeps only the first K ranks (the 256 byte tokens come first, so any text still encodes)
+and puts the same special tokens right after them, so prompts and chat templates are unchanged.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import importlib.util
+import time
+from pathlib import Path
+
+from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+
+ENDOFTEXT = "<|endoftext|>"
+IM_START = "<|im_start|>"
+IM_END = "<|im_end|>"
+VISION_START = "<|vision_start|>"
+VISION_END = "<|vision_end|>"
+IMAGE_TOKEN = "<|image_pad|>"  # the placeholder every visual token position gets
+
+# Qwen2.5's added tokens in id order (151643..151664); the flag is its "special" attribute.
+SPECIAL_TOKENS: list[tuple[str, bool]] = [
+    (ENDOFTEXT, True), (IM_START, True), (IM_END, True),
+    ("<|object_ref_start|>", True), ("<|object_ref_end|>", True),
+    ("<|box_start|>", True), ("<|box_end|>", True),
+    ("<|quad_start|>", True), ("<|quad_end|>", True),
+    (VISION_START, True), (VISION_END, True),
+    ("<|vision_pad|>", True), (IMAGE_TOKEN, True), ("<|video_pad|>", True),
+    ("<tool_call>", False), ("</tool_call>", False),
+    ("<|fim_prefix|>", False), ("<|fim_middle|>", False), ("<|fim_suffix|>", False),
+    ("<|fim_pad|>", False), ("<|repo_name|>", False), ("<|file_sep|>", False),
+]
+N_BPE = 151643  # ranks in qwen.tiktoken; the first special token gets this id
+
+PRETOKENIZE_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
+                     r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+
+DEFAULT_SYSTEM = "You are Qwen, created by Alibaba Cloud. You are a helpful assistant."
+
+# Qwen2.5-Instruct's template without the tool-calling branches. Every turn, the last included,
+# ends with "<|im_end|>\n", so the generation prompt starts on its own line.
+CHAT_TEMPLATE = (
+    "{%- if messages and messages[0]['role'] == 'system' %}"
+    "{{- '<|im_start|>system\\n' + messages[0]['content'] + '<|im_end|>\\n' }}"
+    "{%- else %}"
+    "{{- '<|im_start|>system\\n" + DEFAULT_SYSTEM + "<|im_end|>\\n' }}"
+    "{%- endif %}"
+    "{%- for message in messages %}"
+    "{%- if message['role'] not in ('system', 'user', 'assistant') %}"
+    "{{- raise_exception('unsupported role: ' + message['role']) }}"
+    "{%- elif not (message['role'] == 'system' and loop.first) %}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
+    "{%- endif %}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}"
+    "{{- '<|im_start|>assistant\\n' }}"
+    "{%- endif %}"
+)
+
+
+def ranks_path() -> Path:
+    """qwen.tiktoken inside the installed dashscope wheel (found without importing dashscope)."""
+    spec = importlib.util.find_spec("dashscope")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError("the dashscope package (which ships qwen.tiktoken) is not installed")
+    path = Path(next(iter(spec.submodule_search_locations))) / "resources" / "qwen.tiktoken"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found in the dashscope package")
+    return path
+
+
+def load_ranks(path: Path) -> dict[bytes, int]:
+    """A tiktoken ranks file: one 'base64(token) rank' per line."""
+    ranks = {}
+    for line in path.read_bytes().splitlines():
+        if line:
+            token, rank = line.split()
+            ranks[base64.b64decode(token)] = int(rank)
+    return ranks
+
+
+def bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's byte-level alphabet: every byte as a printable character (what ByteLevel uses)."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1),
+                 *range(ord("®"), ord("ÿ") + 1)]
+    table, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            table[b] = chr(b)
+        else:
+            table[b] = chr(256 + extra)
+            extra += 1
+    return table
+
+
+def derive_merges(ranks: dict[bytes, int]) -> list[tuple[bytes, bytes]]:
+    """The merge that makes each multi-byte token, in rank order.
+
+    A token's merge is the last step of BPE on its bytes using only lower ranks: several splits into
+    two known tokens can exist, and only that one reproduces tiktoken's encoding.
+    """
+    merges = []
+    for token, rank in sorted(ranks.items(), key=lambda kv: kv[1]):
+        if len(token) == 1:
+            continue
+        parts = [bytes([b]) for b in token]
+        while len(parts) > 2:
+            best = None
+            for i in range(len(parts) - 1):
+                r = ranks.get(parts[i] + parts[i + 1])
+                if r is not None and r < rank and (best is None or r < best[0]):
+                    best = (r, i)
+            if best is None:
+                break
+            i = best[1]
+            parts[i:i + 2] = [parts[i] + parts[i + 1]]
+        if len(parts) != 2:
+            raise ValueError(f"token of rank {rank} cannot be built by merging lower ranks")
+        merges.append((parts[0], parts[1]))
+    return merges
+
+
+def build_backend(ranks: dict[bytes, int]) -> Tokenizer:
+    """A tokenizers BPE with Qwen2's pipeline (NFC, regex split, byte-level) and added tokens."""
+    alphabet = bytes_to_unicode()
+    text = lambda b: "".join(alphabet[x] for x in b)  # noqa: E731
+    vocab = {text(token): rank for token, rank in ranks.items()}
+    merges = [(text(a), text(b)) for a, b in derive_merges(ranks)]
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, dropout=None, unk_token=None,
+                               continuing_subword_prefix="", end_of_word_suffix="",
+                               fuse_unk=False, byte_fallback=False))
+    # Qwen2 NFC-normalises before splitting (as Qwen's own tiktoken tokenizer does).
+    tok.normalizer = normalizers.NFC()
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(PRETOKENIZE_REGEX), behavior="isolated", invert=False),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=False),
+    ])
+    tok.post_processor = processors.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=False)
+    # Added in order, so they take ids len(vocab), len(vocab)+1, ...
+    tok.add_tokens([AddedToken(t, special=s, normalized=False, lstrip=False, rstrip=False,
+                               single_word=False) for t, s in SPECIAL_TOKENS])
+    return tok
+
+
+def build_qwen2_tokenizer(out_dir, vocab_size: int | None = None, ranks_file=None):
+    """Write a Qwen2-format tokenizer to out_dir and return it (loaded back from out_dir).
+
+    vocab_size=None gives Qwen2's full vocabulary with the real ids; vocab_size=K keeps ranks
+    0..K-1 and puts the special tokens at K, K+1, ...
+    """
+    from transformers import PreTrainedTokenizerFast
+
+    ranks = load_ranks(Path(ranks_file) if ranks_file else ranks_path())
+    if len(ranks) != N_BPE and ranks_file is None:
+        raise ValueError(f"expected {N_BPE} ranks in qwen.tiktoken, found {len(ranks)}")
+    if vocab_size is not None:
+        if not 256 <= vocab_size <= len(ranks):
+            raise ValueError(f"vocab_size must be in [256, {len(ranks)}], got {vocab_size}")
+        ranks = {t: r for t, r in ranks.items() if r < vocab_size}
+    if sorted(ranks.values()) != list(range(len(ranks))):
+        raise ValueError("ranks are not 0..n-1")
+    if any(bytes([b]) not in ranks for b in range(256)):
+        raise ValueError("not every byte has a token, so some text could not be encoded")
+
+    specials = [t for t, s in SPECIAL_TOKENS if s and t != ENDOFTEXT]
+    hf = PreTrainedTokenizerFast(
+        tokenizer_object=build_backend(ranks),
+        bos_token=None, unk_token=None, eos_token=IM_END, pad_token=ENDOFTEXT,  # as Qwen2.5-Instruct
+        additional_special_tokens=specials, chat_template=CHAT_TEMPLATE,
+        model_max_length=131072, clean_up_tokenization_spaces=False, split_special_tokens=False,
+        add_prefix_space=False, errors="replace",
+    )
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    # The template goes into tokenizer_config.json, as in the released Qwen2.5 directories.
+    hf.save_pretrained(out_dir, save_jinja_files=False)
+    return load_tokenizer(out_dir)
+
+
+def load_tokenizer(path):
+    """A tokenizer directory (ours or a downloaded Qwen2.5 one), loaded offline with transformers."""
+    from transformers import AutoTokenizer
+
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"tokenizer directory {path} does not exist")
+    if not any((path / f).is_file() for f in ("tokenizer.json", "vocab.json", "tokenizer_config.json")):
+        raise FileNotFoundError(f"{path} is not a tokenizer directory (no tokenizer.json, vocab.json "
+                                f"or tokenizer_config.json)")
+    try:
+        return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    except Exception as e:  # transformers' errors are long; keep the path in front
+        raise OSError(f"could not load a tokenizer from {path}: {type(e).__name__}: "
+                      f"{str(e).splitlines()[0] if str(e) else ''}") from e
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--vocab-size", type=int, default=None,
+                    help="keep only the first K BPE ranks (toy scale); default: all 151643")
+    args = ap.parse_args(argv)
+    t0 = time.perf_counter()
+    tok = build_qwen2_tokenizer(args.out, args.vocab_size)
+    ids = {t: tok.convert_tokens_to_ids(t) for t, _ in SPECIAL_TOKENS}
+    print(f"{args.out}: vocab {len(tok)} ({len(tok) - len(ids)} BPE + {len(ids)} added) "
+          f"in {time.perf_counter() - t0:.1f}s")
+    print(f"eos {tok.eos_token} = {tok.eos_token_id}, pad {tok.pad_token} = {tok.pad_token_id}")
+    for t, i in ids.items():
+        print(f"  {i:>6d}  {t}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,66 @@
+"""Config validation: every shipped config passes; bad values stop with one line naming the key."""
+
+import copy
+
+import pytest
+import yaml
+
+from conftest import REPO, snakemake
+from oqvl.config import ConfigError, config_hash, load, validate
+
+
+@pytest.mark.parametrize("name", ["default.yaml", "ci.yaml", "full.yaml"])
+def test_shipped_configs_validate(name):
+    cfg = load(REPO / "config" / name)
+    assert cfg["sources"]
+
+
+def ci():
+    return yaml.safe_load((REPO / "config" / "ci.yaml").read_text())
+
+
+@pytest.mark.parametrize("mutate, message", [
+    (lambda c: c.update(bogus=1), "unknown key bogus"),
+    (lambda c: c["raw"].update(threads="eight"), "raw.threads: 'eight' is not of type 'integer'"),
+    (lambda c: c["sources"]["ccs"].update(n_pairs=-3), "sources.ccs.n_pairs: -3 is less than the minimum of 1"),
+    (lambda c: c["sources"]["ccs"]["corruption"].update(wrong_objekt=0.1),
+     "unknown key sources.ccs.corruption.wrong_objekt"),
+    (lambda c: c["sources"]["ccs"]["corruption"].update(empty_caption=1.5),
+     "sources.ccs.corruption.empty_caption: 1.5 is greater than the maximum of 1"),
+    (lambda c: c["sources"]["ccs"]["corruption"].update(empty_caption=0.7, generic_caption=0.7),
+     "sources.ccs.corruption: fractions sum to"),
+    (lambda c: c.update(scale="huge"), "scale: 'huge' is not one of"),
+    (lambda c: c["world"].update(image_size=8), "world.image_size: 8 is less than the minimum of 16"),
+])
+def test_bad_values_name_the_key(mutate, message):
+    cfg = ci()
+    mutate(cfg)
+    with pytest.raises(ConfigError) as err:
+        validate(cfg)
+    assert message in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_defaults_are_filled():
+    cfg = ci()
+    del cfg["raw"]["retries"], cfg["world"]
+    validate(cfg)
+    assert cfg["raw"]["retries"] == 0 and cfg["world"]["image_size"] == 64
+
+
+def test_config_hash_is_order_independent():
+    a = {"x": 1, "y": [1, 2]}
+    assert config_hash(a) == config_hash(dict(reversed(list(a.items()))))
+    assert config_hash(a) != config_hash({"x": 2, "y": [1, 2]})
+
+
+def test_snakemake_stops_before_any_job(tmp_path):
+    cfg = ci()
+    cfg["sources"]["laion"]["n_pairs"] = 0
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump(cfg))
+    proc = snakemake(tmp_path, "-n", configfile=bad, check=False)
+    assert proc.returncode != 0
+    lines = [l for l in (proc.stdout + proc.stderr).splitlines() if "config error" in l]
+    assert lines == ["config error: sources.laion.n_pairs: 0 is less than the minimum of 1"]
+    assert not (tmp_path / "results").exists()
