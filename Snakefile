@@ -18,6 +18,9 @@ PY = sys.executable  # the interpreter running Snakemake, so rules see the same 
 
 include: "rules/common.smk"
 include: "rules/raw.smk"
+include: "rules/filter.smk"
+include: "rules/mixture.smk"
+include: "rules/pack.smk"
 include: "rules/report.smk"
 
 

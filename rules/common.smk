@@ -1,5 +1,6 @@
 # Names and helpers shared by the rules.
 import json
+import re
 
 from oqvl.config import config_hash
 

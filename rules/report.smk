@@ -1,11 +1,12 @@
 # Stage 8, report: result tables beside the paper's.
-# Until the evaluation stage exists, table4 depends on the furthest stage the DAG has (the raw
-# shards of every source) and holds the paper's rows only.
+# Until the evaluation stage exists, table4 depends on the furthest stages the DAG has (every
+# packed mixture, and the filter-quality report at toy scale) and holds the paper's rows only.
 
 
 rule table4:
     input:
-        expand("results/raw/{source}/accounting.json", source=config["sources"]),
+        expand("results/packed/{mixture}/stats.json", mixture=config["mixtures"]),
+        ["results/filter/quality/report.md"] if GENERATED else [],
     output:
         "results/table4.csv",
     log:

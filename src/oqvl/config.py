@@ -64,6 +64,24 @@ def _check_semantics(config: dict) -> None:
             raise ConfigError(f"sources.{name}.corruption: fractions sum to {total:g}, above 1")
         if "n_pairs" in source and config["scale"] == "paper":
             raise ConfigError(f"sources.{name}: a generated source needs scale: toy")
+    filt = config["filter"]
+    for name, spec in filt["sources"].items():
+        key = f"filter.sources.{name}"
+        if name not in config["sources"]:
+            raise ConfigError(f"{key}: no source named {name!r}")
+        if spec["method"] == "clip" and ("threshold" in spec) == ("fraction" in spec):
+            raise ConfigError(f"{key}: a clip filter needs exactly one of threshold and fraction")
+        if spec["method"] == "uid_list" and "uid_list" not in spec:
+            raise ConfigError(f"{key}: method uid_list needs uid_list")
+    missing = set(config["sources"]) - set(filt["sources"])
+    if missing:
+        raise ConfigError(f"filter.sources: no filter for source(s) {sorted(missing)}")
+    if filt["clip"]["pretrained"] is None and not filt["clip"]["train"]:
+        raise ConfigError("filter.clip: give pretrained weights or a train section")
+    for name, mix in config["mixtures"].items():
+        for src in mix["sources"]:
+            if src not in config["sources"]:
+                raise ConfigError(f"mixtures.{name}.sources: no source named {src!r}")
 
 
 def load(path: str | Path) -> dict:

@@ -20,7 +20,16 @@ import importlib.util
 import time
 from pathlib import Path
 
-from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+from tokenizers import (
+    AddedToken,
+    Regex,
+    Tokenizer,
+    decoders,
+    models,
+    normalizers,
+    pre_tokenizers,
+    processors,
+)
 
 ENDOFTEXT = "<|endoftext|>"
 IM_START = "<|im_start|>"
@@ -134,7 +143,10 @@ def derive_merges(ranks: dict[bytes, int]) -> list[tuple[bytes, bytes]]:
 def build_backend(ranks: dict[bytes, int]) -> Tokenizer:
     """A tokenizers BPE with Qwen2's pipeline (NFC, regex split, byte-level) and added tokens."""
     alphabet = bytes_to_unicode()
-    text = lambda b: "".join(alphabet[x] for x in b)  # noqa: E731
+
+    def text(token: bytes) -> str:
+        return "".join(alphabet[b] for b in token)
+
     vocab = {text(token): rank for token, rank in ranks.items()}
     merges = [(text(a), text(b)) for a, b in derive_merges(ranks)]
     tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, dropout=None, unk_token=None,

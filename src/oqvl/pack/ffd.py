@@ -80,11 +80,11 @@ def first_fit_decreasing(lengths: Sequence[int] | np.ndarray, capacity: int) -> 
     `[a.tolist() for a in result]` equals the naive result exactly.
 
     Complexity, n samples, D distinct lengths (D <= capacity), B bins: O(n log n) for the sort and
-    the final grouping by bin (numpy), plus one bulk placement per run of equal lengths: O(log B) Python steps and O(t log B)
-    numpy work for a run that reaches t already-open bins (finding the first fitting bin is
-    O(log B)). Every bin reached takes >= 1 sample, so the total is O(n log B) at worst, and about
-    O(n + D log B) when runs are long, as with captions (D ~ 200 for 10^7 samples). Runs of at most
-    SHORT_RUN samples go one sample at a time: O(log B) Python steps each.
+    the final grouping by bin (numpy), plus one bulk placement per run of equal lengths: O(log B)
+    Python steps and O(min(k, F) log B) numpy work for a run of k samples with F open bins that
+    fit it (the first fitting bin is found in O(log B)). As the runs' k sum to n, the total is
+    O(n log B) at worst, and about O(n + D log B) when runs are long, as with captions (D ~ 200 for
+    10^7 samples). Runs of at most SHORT_RUN samples go one sample at a time in O(log B) each.
     """
     arr = _validated(lengths, capacity)
     n = arr.size

@@ -1,0 +1,101 @@
+"""CLIP models for the CLIP-score filter, built and loaded through open_clip at every scale.
+
+Toy scale registers a tiny native open_clip ViT (model_configs/toy-vit-p8-sigmoid.json) and
+loads the checkpoint directory that `train_clip` writes; paper scale passes a real open_clip model
+name and a pretrained tag or weights file. Both end in `open_clip.create_model_and_transforms`,
+so the filter code path is the same.
+
+The toy model: 64 px images in 8 px patches (an 8x8 grid, so `model.visual` doubles as a frozen
+vision encoder with a patch grid), a small causal text tower on open_clip's bundled CLIP BPE
+tokenizer (offline), and a SigLIP-style sigmoid loss (`init_logit_bias`). Sigmoid rather than
+softmax CLIP loss because every image-text cell is its own binary "does this caption fit" term:
+hard-negative captions join as extra columns labelled negative with no softmax to rebalance,
+the loss does not depend on batch size (small CPU batches), and it matches the SigLIP vision
+encoder the paper's VLM uses. Its name must not contain "siglip": open_clip's get_tokenizer
+would then pick the SigLIP sentencepiece tokenizer, which needs the hub.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import open_clip
+import torch
+from PIL import Image
+
+TOY_MODEL = "toy-vit-p8-sigmoid"
+MODEL_CONFIG_DIR = Path(__file__).parent / "model_configs"
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+
+
+def register_model_configs() -> None:
+    """Make the packaged toy configs known to open_clip (idempotent)."""
+    if TOY_MODEL not in open_clip.list_models():
+        open_clip.add_model_config(MODEL_CONFIG_DIR)
+
+
+register_model_configs()
+
+
+def model_config(model_name: str = TOY_MODEL) -> dict:
+    cfg = open_clip.get_model_config(model_name)
+    if cfg is None:
+        raise KeyError(f"open_clip has no model config {model_name!r}")
+    return cfg
+
+
+def _is_checkpoint_dir(path) -> bool:
+    return path is not None and (Path(path) / CONFIG_FILE).is_file()
+
+
+def load_clip(model_name: str, pretrained: str | None, device="cpu"):
+    """(model in eval mode, inference preprocess, tokenizer).
+
+    - a toy checkpoint directory (config.json + model.safetensors from train_clip), given as
+      `pretrained` (or as `model_name`, with `pretrained` None);
+    - an open_clip model name and a pretrained tag or local weights file, e.g.
+      ("ViT-L-14", "datacomp_xl_s13b_b90k"); pretrained None gives random weights.
+    """
+    if pretrained is None and _is_checkpoint_dir(model_name):
+        model_name, pretrained = None, model_name
+    if _is_checkpoint_dir(pretrained):
+        ckpt = Path(pretrained)
+        meta = json.loads((ckpt / CONFIG_FILE).read_text())
+        if model_name is not None and model_name != meta["model_name"]:
+            raise ValueError(f"{ckpt} holds {meta['model_name']!r}, not {model_name!r}")
+        model_name = meta["model_name"]
+        # The architecture comes from the registered config; refuse a checkpoint trained on another.
+        if model_config(model_name) != meta["model_cfg"]:
+            raise ValueError(f"{ckpt} was trained with a different {model_name!r} config; retrain it")
+        pretrained = str(ckpt / WEIGHTS_FILE)  # .safetensors: open_clip loads it without pickle
+    model, _, preprocess = open_clip.create_model_and_transforms(
+        model_name, pretrained=pretrained, device=device
+    )
+    model.eval()
+    return model, preprocess, open_clip.get_tokenizer(model_name)
+
+
+def image_batch(preprocess, images: list[Image.Image]) -> torch.Tensor:
+    return torch.stack([preprocess(im.convert("RGB")) for im in images])
+
+
+@torch.inference_mode()
+def score_pairs(
+    model, preprocess, tokenizer, images: list[Image.Image], captions: list[str], device="cpu",
+    batch_size: int = 256,
+) -> np.ndarray:
+    """Cosine similarity of the L2-normalised image and text embeddings of each pair."""
+    if len(images) != len(captions):
+        raise ValueError(f"{len(images)} images but {len(captions)} captions")
+    model.eval()
+    scores = []
+    for start in range(0, len(images), batch_size):
+        x = image_batch(preprocess, images[start:start + batch_size]).to(device)
+        t = tokenizer(list(captions[start:start + batch_size])).to(device)
+        img = model.encode_image(x, normalize=True)
+        txt = model.encode_text(t, normalize=True)
+        scores.append((img * txt).sum(-1).float().cpu().numpy())
+    return np.concatenate(scores) if scores else np.zeros(0, dtype=np.float32)

@@ -1,0 +1,127 @@
+"""CLIP-score every pair of a source's shards (cosine of image and caption embeddings).
+
+    python -m oqvl.filter.clip_score --shards results/raw/ccs/shards --model NAME \
+        --pretrained WEIGHTS --out results/filter/ccs/clip_scores.parquet
+
+A sample whose image does not decode or whose caption is empty is not scored: it goes to
+--failures with its reason. Scores are written per shard into OUT.parts/ first, so a crashed
+run resumes at the first unfinished shard.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import os
+from pathlib import Path
+
+import pandas as pd
+import torch
+from PIL import Image
+from tqdm import tqdm
+
+from ..config import config_hash
+from ..manifest import write_json_atomic
+from ..shards import iter_samples, sample_caption, sample_meta, shard_paths
+from .clip_model import load_clip, score_pairs
+
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+
+
+def decode(sample: dict) -> tuple[Image.Image | None, str, str | None]:
+    """(image, caption, failure reason or None)."""
+    caption = sample_caption(sample).strip()
+    data = next((sample[e] for e in IMAGE_EXTS if e in sample), None)
+    if data is None:
+        return None, caption, "no image in sample"
+    try:
+        image = Image.open(io.BytesIO(data))
+        image.load()
+        image = image.convert("RGB")
+    except Exception as e:  # any decoder error: the sample is bad, the stage goes on
+        return None, caption, f"undecodable image ({type(e).__name__})"
+    if not caption:
+        return image, caption, "empty caption"
+    return image, caption, None
+
+
+def score_shard(path: Path, clip, batch_size: int, device: str, bar) -> tuple[pd.DataFrame, pd.DataFrame]:
+    model, preprocess, tokenizer = clip
+    scored, failed = [], []
+    batch: list[tuple[str, Image.Image, str]] = []
+
+    def flush():
+        if batch:
+            s = score_pairs(model, preprocess, tokenizer, [b[1] for b in batch], [b[2] for b in batch], device)
+            scored.extend({"uid": u, "score": float(x)} for (u, _, _), x in zip(batch, s))
+            bar.update(len(batch))
+            batch.clear()
+
+    for sample in iter_samples([path]):
+        uid = sample_meta(sample).get("uid", sample["__key__"])
+        image, caption, reason = decode(sample)
+        if reason:
+            failed.append({"uid": uid, "reason": reason})
+            bar.update(1)
+            continue
+        batch.append((uid, image, caption))
+        if len(batch) == batch_size:
+            flush()
+    flush()
+    return (pd.DataFrame(scored, columns=["uid", "score"]),
+            pd.DataFrame(failed, columns=["uid", "reason"]))
+
+
+def score_source(shards: Path, model: str, pretrained: str | None, out: Path, failures: Path,
+                 batch_size: int = 256, threads: int = 1, device: str = "cpu",
+                 expected: int | None = None) -> dict:
+    torch.set_num_threads(threads)
+    clip = load_clip(model, pretrained, device)
+    parts = out.with_name(out.name + ".parts")
+    parts.mkdir(parents=True, exist_ok=True)
+    paths = shard_paths(shards)
+    with tqdm(total=expected, desc=f"clip score {shards.parent.name}", unit="pair", mininterval=2) as bar:
+        for path in paths:
+            done_s, done_f = parts / f"{path.stem}.scores.parquet", parts / f"{path.stem}.failed.parquet"
+            if done_s.exists() and done_f.exists():  # finished before a crash
+                bar.update(len(pd.read_parquet(done_s)) + len(pd.read_parquet(done_f)))
+                continue
+            s, f = score_shard(path, clip, batch_size, device, bar)
+            f.to_parquet(done_f.with_suffix(".tmp"), index=False)
+            os.replace(done_f.with_suffix(".tmp"), done_f)
+            s.to_parquet(done_s.with_suffix(".tmp"), index=False)
+            os.replace(done_s.with_suffix(".tmp"), done_s)
+    scores = pd.concat([pd.read_parquet(parts / f"{p.stem}.scores.parquet") for p in paths], ignore_index=True)
+    failed = pd.concat([pd.read_parquet(parts / f"{p.stem}.failed.parquet") for p in paths], ignore_index=True)
+    scores["model"] = f"{model}:{pretrained}"
+    scores["config_hash"] = config_hash({"model": model, "pretrained": str(pretrained)})
+    failed.to_parquet(failures, index=False)
+    scores.to_parquet(out, index=False)
+    for p in parts.iterdir():
+        p.unlink()
+    parts.rmdir()
+    return {"scored": len(scores), "failed": len(failed),
+            "failed_by_reason": {k: int(v) for k, v in failed["reason"].value_counts().items()}}
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shards", type=Path, required=True)
+    ap.add_argument("--model", required=True, help="open_clip model name")
+    ap.add_argument("--pretrained", default=None, help="open_clip pretrained tag, weights file or toy checkpoint dir")
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--failures", type=Path, required=True)
+    ap.add_argument("--stats", type=Path, required=True)
+    ap.add_argument("--batch-size", type=int, default=256)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--expected", type=int, default=None, help="samples in the shards (progress bar total)")
+    args = ap.parse_args(argv)
+    stats = score_source(args.shards, args.model, args.pretrained, args.out, args.failures,
+                         args.batch_size, args.threads, args.device, args.expected)
+    write_json_atomic(args.stats, stats)
+    print(f"{args.shards}: {stats}")
+
+
+if __name__ == "__main__":
+    main()

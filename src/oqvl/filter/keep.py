@@ -1,0 +1,99 @@
+"""Decide which pairs a filter keeps: a score threshold, a kept fraction, or a released uid list.
+
+    python -m oqvl.filter.keep --scores S.parquet --failures F.parquet --fraction 0.7 --out kept.parquet
+    python -m oqvl.filter.keep --uid-list dfn_uids.npy --shards results/raw/datacomp/shards --out kept.parquet
+
+Semantics: `--threshold t` keeps pairs with score >= t; `--fraction f` keeps the round(f * n)
+best-scored pairs (ties broken by uid, so the result is deterministic); `--uid-list` keeps the
+pairs of the shards whose uid is in the list (DataComp's DFN release: an .npy of uids, either
+strings or 128-bit ids as two uint64 fields). Every pair in is kept, rejected or failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from ..manifest import write_json_atomic
+
+
+def keep_by_score(scores: pd.DataFrame, threshold: float | None = None,
+                  fraction: float | None = None) -> pd.Series:
+    """A boolean mask over `scores` rows."""
+    if (threshold is None) == (fraction is None):
+        raise ValueError("give exactly one of threshold and fraction")
+    if threshold is not None:
+        return scores["score"] >= threshold
+    if not 0 <= fraction <= 1:
+        raise ValueError(f"fraction {fraction} is not in [0, 1]")
+    n_keep = int(round(fraction * len(scores)))
+    order = scores.sort_values(["score", "uid"], ascending=[False, True], kind="stable").index
+    mask = pd.Series(False, index=scores.index)
+    mask.loc[order[:n_keep]] = True
+    return mask
+
+
+def read_uid_list(path: Path) -> set[str]:
+    """uids from an .npy (strings, or DataComp's (uint64, uint64) pairs) or a text file."""
+    if path.suffix == ".npy":
+        arr = np.load(path, allow_pickle=False)
+        if arr.dtype.names and len(arr.dtype.names) == 2:  # DataComp: 128-bit uid as two u64
+            a, b = arr.dtype.names
+            return {f"{int(x):016x}{int(y):016x}" for x, y in zip(arr[a], arr[b])}
+        if arr.dtype.kind in "US":
+            return set(arr.astype(str).tolist())
+        raise ValueError(f"{path}: unsupported uid dtype {arr.dtype}")
+    return {line.strip() for line in path.read_text().splitlines() if line.strip()}
+
+
+def shard_uids(shards: Path) -> pd.Series:
+    """uids of the samples that made it into a raw source's shards (img2dataset's parquet)."""
+    rows = pd.concat([pd.read_parquet(p, columns=["uid", "status"])
+                      for p in sorted(shards.glob("*.parquet")) if p.stem != "failures"])
+    return rows.loc[rows["status"] == "success", "uid"].astype(str).reset_index(drop=True)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--scores", type=Path)
+    ap.add_argument("--failures", type=Path)
+    ap.add_argument("--threshold", type=float)
+    ap.add_argument("--fraction", type=float)
+    ap.add_argument("--uid-list", type=Path)
+    ap.add_argument("--shards", type=Path)
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--stats", type=Path, required=True)
+    args = ap.parse_args(argv)
+    try:
+        if args.uid_list:
+            if not args.uid_list.exists():
+                raise FileNotFoundError(f"{args.uid_list}: uid list not found")
+            uids = shard_uids(args.shards)
+            listed = read_uid_list(args.uid_list)
+            kept = uids[uids.isin(listed)]
+            stats = {"method": "uid_list", "pairs_in": len(uids), "kept": len(kept),
+                     "rejected": len(uids) - len(kept), "failed": 0}
+        else:
+            scores = pd.read_parquet(args.scores)
+            failed = pd.read_parquet(args.failures)
+            mask = keep_by_score(scores, args.threshold, args.fraction)
+            kept = scores.loc[mask, "uid"]
+            stats = {"method": "threshold" if args.threshold is not None else "fraction",
+                     "threshold": args.threshold, "fraction": args.fraction,
+                     "pairs_in": len(scores) + len(failed), "kept": int(mask.sum()),
+                     "rejected": int((~mask).sum()), "failed": len(failed),
+                     "min_kept_score": float(scores.loc[mask, "score"].min()) if mask.any() else None}
+    except (FileNotFoundError, ValueError) as e:
+        sys.exit(f"error: {e}")
+    assert stats["pairs_in"] == stats["kept"] + stats["rejected"] + stats["failed"]
+    pd.DataFrame({"uid": kept.astype(str).tolist()}).to_parquet(args.out, index=False)
+    write_json_atomic(args.stats, stats)
+    print(f"{args.out}: {stats}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,215 @@
+"""Train the toy CLIP-score filter model on a clean seed set drawn from the toy world.
+
+    python -m oqvl.filter.train_clip --out results/filter/clip --n-pairs 12000 --steps 300 \
+        --batch-size 96 --lr 2e-3 --seed 0 --threads 2
+
+The seed set is its own stream ("clip_seed"), so it never shares an image with a web source. Plain
+in-batch negatives only teach "which of these different scenes", which a bag of colours already
+answers; to make the score drop for a caption with one wrong colour, shape or count, every step
+adds hard negatives: the same image's scene corrupted as the web sources corrupt it
+(`corrupt_scene`), said in the same caption style, scored against all images as extra
+negative columns of the sigmoid loss.
+
+No image augmentation: scored images come from the same renderer (whose jitter already varies
+positions), and flips or colour jitter would make the captions' left/right and colours false.
+
+Writes OUT/model.safetensors, OUT/config.json (model name and config, training args, final loss)
+and OUT/train_log.jsonl, all loadable by `clip_model.load_clip(OUT, None)`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import open_clip
+import torch
+import torch.nn.functional as F
+from safetensors.torch import save_file
+from tqdm import tqdm
+
+from ..world.captions import describe
+from ..world.corrupt import corrupt_scene
+from ..world.scene import render
+from ..world.source import WorldConfig, stream_rng, true_pair
+from .clip_model import CONFIG_FILE, TOY_MODEL, WEIGHTS_FILE, model_config
+
+STREAM = "clip_seed"
+HARD_KINDS = ("wrong_attribute", "wrong_object", "wrong_count")
+
+
+def seed_set(seed: int, n: int, world: WorldConfig):
+    """Scenes, styles, true captions and rendered images (uint8 N x H x W x 3) of the seed set."""
+    scenes, styles, captions = [], [], []
+    images = np.empty((n, world.image_size, world.image_size, 3), dtype=np.uint8)
+    for i in range(n):
+        scene, style, caption = true_pair(seed, STREAM, i, world)
+        scenes.append(scene)
+        styles.append(style)
+        captions.append(caption)
+        images[i] = np.asarray(render(scene, world.image_size))
+    return scenes, styles, captions, images
+
+
+def hard_negatives(idx, scenes, styles, frac: float, rng: np.random.Generator) -> list[str]:
+    """False captions of a fraction of the batch's images: one wrong attribute, object or count."""
+    n_hard = int(round(frac * len(idx)))
+    out = []
+    for i in rng.choice(idx, size=n_hard, replace=False):
+        kind = HARD_KINDS[rng.integers(len(HARD_KINDS))]
+        wrong = corrupt_scene(kind, scenes[i], styles[i].mention_size, rng)
+        out.append(describe(wrong, styles[i]))
+    return out
+
+
+def sigmoid_loss(img, txt, logit_scale, logit_bias, labels, col_weight):
+    """SigLIP loss over B images x (B + extra) texts; labels +1/-1, per-column weights."""
+    logits = logit_scale * img @ txt.T + logit_bias
+    return -(F.logsigmoid(labels * logits) * col_weight).sum() / img.shape[0]
+
+
+def pair_labels(img_tokens: torch.Tensor, all_tokens: torch.Tensor) -> torch.Tensor:
+    """+1 where text j is token-identical to image i's true caption (also catches duplicates in
+    the batch, which are true of both images), else -1."""
+    same = (img_tokens[:, None, :] == all_tokens[None, :, :]).all(-1)
+    return same.float() * 2 - 1
+
+
+def param_groups(model, weight_decay: float):
+    # open_clip's convention: no decay on gains, biases, 1-d embeddings and the logit scale/bias.
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        skip = p.ndim < 2 or "bn" in name or "ln" in name or "bias" in name or "logit_scale" in name
+        (no_decay if skip else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def lr_lambda(warmup: int, total: int):
+    def f(step):
+        if step < warmup:
+            return (step + 1) / warmup
+        return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+    return f
+
+
+def train(args) -> dict:
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    world = WorldConfig(args.image_size, args.max_objects, args.glyph_prob)
+    model, _, _ = open_clip.create_model_and_transforms(TOY_MODEL, pretrained=None)
+    tokenizer = open_clip.get_tokenizer(TOY_MODEL)
+    pp = model.visual.preprocess_cfg
+    if tuple(model.visual.image_size) != (world.image_size, world.image_size):
+        raise ValueError(f"{TOY_MODEL} takes {model.visual.image_size} px images, not {world.image_size}")
+    mean = torch.tensor(pp["mean"]).view(1, 3, 1, 1)
+    std = torch.tensor(pp["std"]).view(1, 3, 1, 1)
+
+    t0 = time.time()
+    scenes, styles, captions, images = seed_set(args.seed, args.n_pairs, world)
+    tokens = tokenizer(captions)
+    images = torch.from_numpy(images).permute(0, 3, 1, 2)  # uint8 N x 3 x H x W
+    print(f"seed set: {args.n_pairs} clean pairs from stream {STREAM!r} in {time.time() - t0:.1f}s")
+
+    opt = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=args.lr, betas=(0.9, 0.98),
+                            eps=1e-6)
+    warmup = max(1, int(args.warmup_frac * args.steps))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(warmup, args.steps))
+    rng = stream_rng(args.seed, STREAM, 2**31)  # batch order and hard negatives
+    order, pos = rng.permutation(args.n_pairs), 0
+    batch = min(args.batch_size, args.n_pairs)
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    log = open(out / "train_log.jsonl", "w")
+    model.train()
+    t_train = time.time()
+    ema = None
+    bar = tqdm(range(args.steps), desc="train clip", unit="step", mininterval=2)
+    for step in bar:
+        if pos + batch > args.n_pairs:
+            order, pos = rng.permutation(args.n_pairs), 0
+        idx = order[pos:pos + batch]
+        pos += batch
+        x = (images[idx].float() / 255 - mean) / std  # what the inference preprocess gives 64 px
+        hard = hard_negatives(idx, scenes, styles, args.hard_frac, rng)
+        t_all = torch.cat([tokens[idx], tokenizer(hard)]) if hard else tokens[idx]
+        labels = pair_labels(tokens[idx], t_all)
+        col_weight = torch.ones(t_all.shape[0])
+        col_weight[batch:] = args.hard_weight
+
+        img = model.encode_image(x, normalize=True)
+        txt = model.encode_text(t_all, normalize=True)
+        loss = sigmoid_loss(img, txt, model.logit_scale.exp(), model.logit_bias, labels, col_weight)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+
+        value = loss.item()
+        ema = value if ema is None else 0.95 * ema + 0.05 * value
+        bar.set_postfix(loss=f"{ema:.3f}")
+        if step % args.log_every == 0 or step == args.steps - 1:
+            log.write(json.dumps({
+                "step": step, "loss": value, "loss_ema": ema, "lr": sched.get_last_lr()[0],
+                "logit_scale": model.logit_scale.exp().item(), "logit_bias": model.logit_bias.item(),
+                "elapsed_s": round(time.time() - t_train, 2),
+            }) + "\n")
+            log.flush()
+    log.close()
+    seconds = time.time() - t_train
+    print(f"trained {args.steps} steps in {seconds:.1f}s ({args.steps / seconds:.2f} steps/s, "
+          f"{args.steps * batch / seconds:.0f} images/s), final loss (ema) {ema:.4f}")
+
+    model.eval()
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    save_file(state, str(out / WEIGHTS_FILE))
+    meta = {
+        "model_name": TOY_MODEL,
+        "model_cfg": model_config(TOY_MODEL),
+        "stream": STREAM,
+        "train_args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "final_loss": ema,
+        "final_loss_last_step": value,
+        "train_seconds": round(seconds, 2),
+        "steps_per_s": round(args.steps / seconds, 3),
+    }
+    tmp = out / (CONFIG_FILE + ".tmp")
+    tmp.write_text(json.dumps(meta, indent=2) + "\n")
+    os.replace(tmp, out / CONFIG_FILE)  # config.json last: its presence marks a complete checkpoint
+    return meta
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--n-pairs", type=int, default=12000)
+    ap.add_argument("--steps", type=int, default=300)
+    ap.add_argument("--batch-size", type=int, default=96)
+    ap.add_argument("--lr", type=float, default=2e-3)
+    ap.add_argument("--weight-decay", type=float, default=0.1)
+    ap.add_argument("--warmup-frac", type=float, default=0.05)
+    ap.add_argument("--hard-frac", type=float, default=1.0,
+                    help="hard-negative captions per step, as a fraction of the batch")
+    ap.add_argument("--hard-weight", type=float, default=1.0,
+                    help="loss weight of a hard-negative column relative to an in-batch one")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--log-every", type=int, default=10)
+    ap.add_argument("--image-size", type=int, default=64)
+    ap.add_argument("--max-objects", type=int, default=3)
+    ap.add_argument("--glyph-prob", type=float, default=0.25)
+    return ap.parse_args(argv)
+
+
+def main(argv=None):
+    train(parse_args(argv))
+
+
+if __name__ == "__main__":
+    main()

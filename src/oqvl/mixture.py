@@ -1,0 +1,68 @@
+"""Stage 3, mixture: gather the kept pairs of several sources into one set of shards.
+
+    python -m oqvl.mixture --part ccs results/raw/ccs/shards results/filter/ccs/kept.parquet \
+        --part datacomp results/raw/datacomp/shards results/filter/datacomp/kept.parquet \
+        --out results/mixtures/ccs+datacomp
+
+Writes OUT/shards/%05d.tar (sample key = uid, unique across sources; image bytes copied as
+they are) and OUT/manifest.json (pairs per part, sha256 per shard).
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import pandas as pd
+from tqdm import tqdm
+
+from .config import config_hash
+from .manifest import sha256_file, write_manifest
+from .shards import ShardSink, iter_samples, sample_meta, shard_paths
+
+
+def build_mixture(parts: list[tuple[str, Path, Path]], out: Path, samples_per_shard: int) -> dict:
+    counts: dict[str, int] = {}
+    shards_out = out / "shards"
+    for old in shards_out.glob("*.tar"):  # a rerun starts clean; never mix two runs' shards
+        old.unlink()
+    seen: set[str] = set()
+    with ShardSink(shards_out, samples_per_shard) as sink:
+        for name, shards, kept_path in parts:
+            kept = set(pd.read_parquet(kept_path)["uid"].astype(str))
+            n = 0
+            for sample in tqdm(iter_samples(shard_paths(shards)), desc=f"mixture <- {name}",
+                               unit="pair", mininterval=2):
+                uid = str(sample_meta(sample).get("uid", sample["__key__"]))
+                if uid not in kept:
+                    continue
+                if uid in seen:
+                    raise ValueError(f"{shards}: uid {uid} appears twice in the mixture")
+                seen.add(uid)
+                sink.write({"__key__": uid, **{k: v for k, v in sample.items()
+                                               if not k.startswith("__")}})
+                n += 1
+            if n != len(kept):
+                raise ValueError(f"{kept_path}: {len(kept)} kept uids but {n} found in {shards}")
+            counts[name] = n
+    counts["total"] = sum(counts.values())
+    return counts
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--part", nargs=3, action="append", required=True, metavar=("NAME", "SHARDS", "KEPT"))
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--samples-per-shard", type=int, default=10000)
+    args = ap.parse_args(argv)
+    parts = [(n, Path(s), Path(k)) for n, s, k in args.part]
+    counts = build_mixture(parts, args.out, args.samples_per_shard)
+    files = sorted((args.out / "shards").glob("*.tar"))
+    write_manifest(args.out / "manifest.json", "mixture", files, counts,
+                   config_hash({"parts": [p[0] for p in parts], "per_shard": args.samples_per_shard}),
+                   inputs={str(k): sha256_file(k) for _, _, k in parts})
+    print(f"{args.out}: {counts}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,165 @@
+"""Pack a mixture's samples into training sequences of context_len tokens (first-fit-decreasing).
+
+    python -m oqvl.pack --shards results/mixtures/ccs+laion/shards --tokenizer results/model/tokenizer \
+        --visual-tokens 16 --context-len 512 --scope mixture --too-long drop --out results/packed/ccs+laion
+
+A sample (document) is `BOS <image tokens> "\\n" caption EOS`; its length is text tokens + visual
+tokens + 2. Qwen2 has no BOS token, so BOS and EOS are both `<|endoftext|>`, its document
+separator. Bins are filled first-fit-decreasing; padding (the tokenizer's own pad token) is added
+by the training loader, which knows context_len.
+
+Writes OUT/documents.parquet (uid, shard, key, length, text_ids: the tokens after the image
+tokens, EOS included), OUT/sequences.parquet (seq, uids, lengths, offsets, shard group: what
+the trainer needs to isolate documents or not), OUT/stats.json and OUT/manifest.json. No images
+are copied: documents reference their shard and key.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+from tqdm import tqdm
+
+from ..config import config_hash
+from ..manifest import sha256_file, write_json_atomic, write_manifest
+from ..model.tokenizer import ENDOFTEXT, load_tokenizer
+from ..shards import iter_samples, sample_caption, sample_meta, shard_paths
+from .ffd import fill_ratio, first_fit_decreasing
+
+
+def tokenize_documents(shards: Path, tokenizer, visual_tokens: int, batch: int = 1024) -> pd.DataFrame:
+    """One row per sample: uid, shard, key, text_ids ("\\n" caption EOS) and total length."""
+    eos = tokenizer.convert_tokens_to_ids(ENDOFTEXT)
+    rows, texts = [], []
+
+    def flush():
+        ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
+        for row, t in zip(rows[len(rows) - len(texts):], ids):
+            row["text_ids"] = np.asarray(t + [eos], dtype=np.int32)
+            row["length"] = 1 + visual_tokens + len(row["text_ids"])  # BOS + image + text + EOS
+        texts.clear()
+
+    for path in shard_paths(shards):
+        for sample in tqdm(iter_samples([path]), desc=f"tokenize {path.name}", unit="doc", mininterval=2):
+            rows.append({"uid": str(sample_meta(sample).get("uid", sample["__key__"])),
+                         "shard": path.name, "key": sample["__key__"]})
+            texts.append("\n" + sample_caption(sample))
+            if len(texts) == batch:
+                flush()
+    if texts:
+        flush()
+    return pd.DataFrame(rows, columns=["uid", "shard", "key", "text_ids", "length"])
+
+
+def fit_lengths(docs: pd.DataFrame, context_len: int, too_long: str) -> tuple[pd.DataFrame, int]:
+    """Handle documents longer than a sequence: drop them, or cut their caption; count either way."""
+    over = docs["length"] > context_len
+    n_over = int(over.sum())
+    if not n_over:
+        return docs, 0
+    if too_long == "drop":
+        return docs[~over].reset_index(drop=True), n_over
+    docs = docs.copy()
+    for i in np.flatnonzero(over.to_numpy()):
+        cut = int(docs.at[i, "length"]) - context_len
+        ids = docs.at[i, "text_ids"]
+        if cut >= len(ids):  # not even the image fits: nothing sensible to keep
+            raise ValueError(f"context_len {context_len} cannot hold one image plus BOS/EOS")
+        docs.at[i, "text_ids"] = np.concatenate([ids[: len(ids) - 1 - cut], ids[-1:]])
+        docs.at[i, "length"] = context_len
+    return docs, n_over
+
+
+def pack(docs: pd.DataFrame, context_len: int, scope: str) -> pd.DataFrame:
+    """Sequences: per sequence, the documents' row indices, lengths and start offsets."""
+    groups = [("all", docs.index.to_numpy())] if scope == "mixture" else [
+        (shard, idx.to_numpy()) for shard, idx in docs.groupby("shard", sort=True).groups.items()]
+    lengths = docs["length"].to_numpy()
+    seqs = []
+    for group, idx in groups:
+        for b in first_fit_decreasing(lengths[idx], context_len):
+            members = idx[np.asarray(b)]
+            lens = lengths[members]
+            seqs.append({"group": group, "docs": members.astype(np.int64),
+                         "lengths": lens.astype(np.int32),
+                         "offsets": np.concatenate([[0], np.cumsum(lens)[:-1]]).astype(np.int32)})
+    out = pd.DataFrame(seqs, columns=["group", "docs", "lengths", "offsets"])
+    out.insert(0, "seq", np.arange(len(out)))
+    return out
+
+
+def fills(docs: pd.DataFrame, context_len: int) -> dict:
+    """Fill ratio of both packing scopes (packing is cheap; report the one not chosen too)."""
+    lengths = docs["length"].to_numpy()
+    result = {}
+    for scope in ("per_shard", "mixture"):
+        seqs = pack(docs, context_len, scope)
+        result[scope] = {"sequences": len(seqs),
+                         "fill_ratio": round(fill_ratio(lengths, list(seqs["docs"]), context_len), 4)}
+    return result
+
+
+def write_parquet_atomic(table: pa.Table, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    pq.write_table(table, tmp)
+    os.replace(tmp, path)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shards", type=Path, required=True)
+    ap.add_argument("--tokenizer", type=Path, required=True)
+    ap.add_argument("--visual-tokens", type=int, required=True)
+    ap.add_argument("--context-len", type=int, required=True)
+    ap.add_argument("--scope", choices=["per_shard", "mixture"], default="per_shard")
+    ap.add_argument("--too-long", choices=["drop", "truncate"], default="drop")
+    ap.add_argument("--out", type=Path, required=True)
+    args = ap.parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+    try:
+        tokenizer = load_tokenizer(args.tokenizer)
+    except (FileNotFoundError, OSError) as e:
+        sys.exit(f"error: {e}")
+    docs = tokenize_documents(args.shards, tokenizer, args.visual_tokens)
+    n_in = len(docs)
+    docs, n_over = fit_lengths(docs, args.context_len, args.too_long)
+    seqs = pack(docs, args.context_len, args.scope)
+    uids = docs["uid"].to_numpy()
+    seqs.insert(2, "uids", [uids[d].tolist() for d in seqs["docs"]])
+    lengths = docs["length"].to_numpy()
+    real = int(lengths.sum())
+    stats = {
+        "documents_in": n_in,
+        "documents_packed": len(docs),
+        "too_long": {"count": n_over, "handling": args.too_long},
+        "sequences": len(seqs),
+        "context_len": args.context_len,
+        "visual_tokens": args.visual_tokens,
+        "scope": args.scope,
+        "real_tokens": real,
+        "padding_tokens": len(seqs) * args.context_len - real,
+        "fill_ratio": round(real / max(len(seqs) * args.context_len, 1), 4),
+        "text_tokens": int(sum(len(t) for t in docs["text_ids"])),
+        "fill_by_scope": fills(docs, args.context_len),
+    }
+    assert sum(len(d) for d in seqs["docs"]) == len(docs)
+    write_parquet_atomic(pa.Table.from_pandas(docs, preserve_index=False), args.out / "documents.parquet")
+    write_parquet_atomic(pa.Table.from_pandas(seqs, preserve_index=False), args.out / "sequences.parquet")
+    write_json_atomic(args.out / "stats.json", stats)
+    write_manifest(args.out / "manifest.json", "pack",
+                   [args.out / "documents.parquet", args.out / "sequences.parquet", args.out / "stats.json"],
+                   {k: stats[k] for k in ("documents_in", "documents_packed", "sequences")},
+                   config_hash({k: str(v) for k, v in vars(args).items() if k != "out"}),
+                   inputs={"tokenizer.json": sha256_file(args.tokenizer / "tokenizer.json")})
+    print(f"{args.out}: {stats}")
+
+
+if __name__ == "__main__":
+    main()
