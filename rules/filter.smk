@@ -23,14 +23,13 @@ rule train_clip:
         train=CLIP["train"],
         seed=config["seed"],
         world=config["world"],
-        model=CLIP["model"],
     threads: 2
     log:
         "results/logs/filter/train_clip.log",
     benchmark:
         "results/benchmarks/filter/train_clip.tsv"
     shell:
-        "{PY} -m oqvl.filter.train_clip --out {TOY_CLIP_DIR} --model {params.model}"
+        "{PY} -m oqvl.filter.train_clip --out {TOY_CLIP_DIR}"
         " --n-pairs {params.train[n_pairs]} --steps {params.train[steps]}"
         " --batch-size {params.train[batch_size]} --lr {params.train[lr]} --seed {params.seed}"
         " --threads {threads} --image-size {params.world[image_size]}"

@@ -18,12 +18,14 @@ would then pick the SigLIP sentencepiece tokenizer, which needs the hub.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
 import open_clip
 import torch
 from PIL import Image
+from safetensors.torch import save_file
 
 TOY_MODEL = "toy-vit-p8-sigmoid"
 MODEL_CONFIG_DIR = Path(__file__).parent / "model_configs"
@@ -47,6 +49,21 @@ def model_config(model_name: str = TOY_MODEL) -> dict:
     return cfg
 
 
+def save_checkpoint(model, out_dir, meta: dict) -> None:
+    """Write OUT/model.safetensors, then OUT/config.json (meta plus the model's name and config);
+    config.json goes last, so its presence marks a complete checkpoint."""
+    if "model_name" not in meta:
+        raise ValueError("meta needs the model_name the weights belong to")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    save_file(state, str(out / WEIGHTS_FILE))
+    meta = {"model_cfg": model_config(meta["model_name"]), **meta}
+    tmp = out / (CONFIG_FILE + ".tmp")
+    tmp.write_text(json.dumps(meta, indent=2) + "\n")
+    os.replace(tmp, out / CONFIG_FILE)
+
+
 def _is_checkpoint_dir(path) -> bool:
     return path is not None and (Path(path) / CONFIG_FILE).is_file()
 
@@ -61,21 +78,23 @@ def load_clip(model_name: str, pretrained: str | None, device="cpu"):
     """
     if pretrained is None and _is_checkpoint_dir(model_name):
         model_name, pretrained = None, model_name
+    overrides, context_length = {}, None
     if _is_checkpoint_dir(pretrained):
         ckpt = Path(pretrained)
         meta = json.loads((ckpt / CONFIG_FILE).read_text())
         if model_name is not None and model_name != meta["model_name"]:
             raise ValueError(f"{ckpt} holds {meta['model_name']!r}, not {model_name!r}")
         model_name = meta["model_name"]
-        # The architecture comes from the registered config; refuse a checkpoint trained on another.
-        if model_config(model_name) != meta["model_cfg"]:
-            raise ValueError(f"{ckpt} was trained with a different {model_name!r} config; retrain it")
+        # Build the architecture the weights were trained with, even if the packaged JSON has
+        # changed since: open_clip lets constructor kwargs override the registered config.
+        overrides = {k: v for k, v in meta["model_cfg"].items() if k != "custom_text"}
+        context_length = meta["model_cfg"]["text_cfg"]["context_length"]
         pretrained = str(ckpt / WEIGHTS_FILE)  # .safetensors: open_clip loads it without pickle
     model, _, preprocess = open_clip.create_model_and_transforms(
-        model_name, pretrained=pretrained, device=device
+        model_name, pretrained=pretrained, device=device, **overrides
     )
     model.eval()
-    return model, preprocess, open_clip.get_tokenizer(model_name)
+    return model, preprocess, open_clip.get_tokenizer(model_name, context_length=context_length)
 
 
 def image_batch(preprocess, images: list[Image.Image]) -> torch.Tensor:

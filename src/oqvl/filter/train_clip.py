@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import time
 from pathlib import Path
 
@@ -30,14 +29,13 @@ import numpy as np
 import open_clip
 import torch
 import torch.nn.functional as F
-from safetensors.torch import save_file
 from tqdm import tqdm
 
 from ..world.captions import describe
 from ..world.corrupt import corrupt_scene
 from ..world.scene import render
 from ..world.source import WorldConfig, stream_rng, true_pair
-from .clip_model import CONFIG_FILE, TOY_MODEL, WEIGHTS_FILE, model_config
+from .clip_model import TOY_MODEL, model_config, save_checkpoint
 
 STREAM = "clip_seed"
 HARD_KINDS = ("wrong_attribute", "wrong_object", "wrong_count")
@@ -167,8 +165,6 @@ def train(args) -> dict:
           f"{args.steps * batch / seconds:.0f} images/s), final loss (ema) {ema:.4f}")
 
     model.eval()
-    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-    save_file(state, str(out / WEIGHTS_FILE))
     meta = {
         "model_name": TOY_MODEL,
         "model_cfg": model_config(TOY_MODEL),
@@ -179,9 +175,7 @@ def train(args) -> dict:
         "train_seconds": round(seconds, 2),
         "steps_per_s": round(args.steps / seconds, 3),
     }
-    tmp = out / (CONFIG_FILE + ".tmp")
-    tmp.write_text(json.dumps(meta, indent=2) + "\n")
-    os.replace(tmp, out / CONFIG_FILE)  # config.json last: its presence marks a complete checkpoint
+    save_checkpoint(model, out, meta)
     return meta
 
 

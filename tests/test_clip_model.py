@@ -1,0 +1,121 @@
+"""The toy CLIP-score filter model: open_clip registration, checkpoints, scoring, training CLI."""
+
+import json
+
+import numpy as np
+import open_clip
+import pytest
+import torch
+from safetensors import safe_open
+
+from oqvl.filter import train_clip
+from oqvl.filter.clip_model import (CONFIG_FILE, TOY_MODEL, WEIGHTS_FILE, image_batch, load_clip,
+                                    model_config, save_checkpoint, score_pairs)
+from oqvl.world.scene import render
+from oqvl.world.source import WorldConfig, true_pair
+
+WORLD = WorldConfig()
+
+
+def toy_pairs(n, stream="test_clip"):
+    scenes_captions = [true_pair(0, stream, i, WORLD) for i in range(n)]
+    return [render(s, WORLD.image_size) for s, _, _ in scenes_captions], [c for _, _, c in scenes_captions]
+
+
+@pytest.fixture(scope="module")
+def toy():
+    torch.manual_seed(0)
+    return load_clip(TOY_MODEL, None)  # random weights: enough for plumbing
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    out = tmp_path_factory.mktemp("clip")
+    train_clip.main(["--out", str(out), "--n-pairs", "48", "--steps", "3", "--batch-size", "16",
+                     "--lr", "1e-3", "--seed", "0", "--threads", "1", "--log-every", "1"])
+    return out
+
+
+def test_config_registered_and_model_builds(toy):
+    assert TOY_MODEL in open_clip.list_models()
+    model, preprocess, tokenizer = toy
+    cfg = model_config()
+    assert "timm_model_name" not in cfg["vision_cfg"]  # native open_clip ViT
+    assert isinstance(model.visual, open_clip.transformer.VisionTransformer)
+    assert model.visual.grid_size == (8, 8)
+    assert model.logit_bias is not None  # sigmoid loss
+    assert isinstance(tokenizer, open_clip.tokenizer.SimpleTokenizer)  # bundled BPE, offline
+    assert tokenizer(["a red circle"]).shape == (1, cfg["text_cfg"]["context_length"])
+
+
+def test_training_normalisation_matches_inference_preprocess(toy):
+    model, preprocess, _ = toy
+    images, _ = toy_pairs(4)
+    pp = model.visual.preprocess_cfg
+    arr = torch.from_numpy(np.stack([np.asarray(im) for im in images])).permute(0, 3, 1, 2)
+    x = (arr.float() / 255 - torch.tensor(pp["mean"]).view(1, 3, 1, 1)) / torch.tensor(pp["std"]).view(1, 3, 1, 1)
+    torch.testing.assert_close(x, image_batch(preprocess, images), atol=1e-6, rtol=0)
+
+
+def test_forward_intermediates_is_an_8x8_patch_grid(toy):
+    model, preprocess, _ = toy
+    images, _ = toy_pairs(2)
+    with torch.inference_mode():
+        out = model.visual.forward_intermediates(image_batch(preprocess, images), indices=1,
+                                                 output_fmt="NCHW", intermediates_only=True)
+    (grid,) = out["image_intermediates"]
+    assert grid.shape == (2, model_config()["vision_cfg"]["width"], 8, 8)
+
+
+def test_scores_are_deterministic_cosines(toy):
+    model, preprocess, tokenizer = toy
+    images, captions = toy_pairs(10)
+    a = score_pairs(model, preprocess, tokenizer, images, captions, "cpu")
+    b = score_pairs(model, preprocess, tokenizer, images, captions, "cpu")
+    c = score_pairs(model, preprocess, tokenizer, images, captions, "cpu", batch_size=3)
+    assert a.shape == (10,) and a.dtype == np.float32
+    assert np.array_equal(a, b)
+    np.testing.assert_allclose(a, c, atol=1e-5)
+    assert np.all(np.abs(a) <= 1 + 1e-5)
+
+
+def test_save_load_round_trip_gives_identical_scores(toy, tmp_path):
+    model, preprocess, tokenizer = toy
+    images, captions = toy_pairs(6)
+    before = score_pairs(model, preprocess, tokenizer, images, captions)
+    save_checkpoint(model, tmp_path, {"model_name": TOY_MODEL})
+    with safe_open(str(tmp_path / WEIGHTS_FILE), "pt") as f:  # plain tensors, no pickle
+        assert "visual.conv1.weight" in f.keys()
+    for args in [(str(tmp_path), None), (TOY_MODEL, str(tmp_path))]:
+        loaded, pre2, tok2 = load_clip(*args)
+        assert np.array_equal(before, score_pairs(loaded, pre2, tok2, images, captions))
+
+
+def test_checkpoint_of_another_config_is_refused(toy, tmp_path):
+    save_checkpoint(toy[0], tmp_path, {"model_name": TOY_MODEL})
+    meta = json.loads((tmp_path / CONFIG_FILE).read_text())
+    meta["model_cfg"]["embed_dim"] += 1
+    (tmp_path / CONFIG_FILE).write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match="different"):
+        load_clip(str(tmp_path), None)
+
+
+def test_short_training_run_writes_a_loadable_checkpoint(trained):
+    assert {p.name for p in trained.iterdir()} >= {WEIGHTS_FILE, CONFIG_FILE, "train_log.jsonl"}
+    meta = json.loads((trained / CONFIG_FILE).read_text())
+    assert meta["model_name"] == TOY_MODEL and meta["model_cfg"] == model_config()
+    assert meta["train_args"]["steps"] == 3 and np.isfinite(meta["final_loss"])
+    log = [json.loads(line) for line in (trained / "train_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [0, 1, 2]
+    model, preprocess, tokenizer = load_clip(str(trained), None)
+    images, captions = toy_pairs(4)
+    assert np.isfinite(score_pairs(model, preprocess, tokenizer, images, captions)).all()
+
+
+def test_hard_negatives_are_false_captions_of_their_image():
+    scenes, styles, captions, _ = train_clip.seed_set(0, 32, WORLD)
+    rng = np.random.default_rng(0)
+    idx = np.arange(32)
+    hard = train_clip.hard_negatives(idx, scenes, styles, 0.5, rng)
+    assert len(hard) == 16
+    assert not set(hard) & set(captions)  # not even another image's true caption, here
