@@ -11,6 +11,8 @@ they are) and OUT/manifest.json (pairs per part, sha256 per shard).
 from __future__ import annotations
 
 import argparse
+import os
+import shutil
 from pathlib import Path
 
 import pandas as pd
@@ -23,11 +25,13 @@ from .shards import ShardSink, iter_samples, sample_meta, shard_paths
 
 def build_mixture(parts: list[tuple[str, Path, Path]], out: Path, samples_per_shard: int) -> dict:
     counts: dict[str, int] = {}
+    # Write into a scratch folder and swap it in at the end: a failed run never leaves a
+    # half-written mixture where a complete one is expected, and never mixes two runs' shards.
     shards_out = out / "shards"
-    for old in shards_out.glob("*.tar"):  # a rerun starts clean; never mix two runs' shards
-        old.unlink()
+    scratch = out / "shards.partial"
+    shutil.rmtree(scratch, ignore_errors=True)
     seen: set[str] = set()
-    with ShardSink(shards_out, samples_per_shard) as sink:
+    with ShardSink(scratch, samples_per_shard) as sink:
         for name, shards, kept_path in parts:
             kept = set(pd.read_parquet(kept_path)["uid"].astype(str))
             n = 0
@@ -46,6 +50,8 @@ def build_mixture(parts: list[tuple[str, Path, Path]], out: Path, samples_per_sh
                 raise ValueError(f"{kept_path}: {len(kept)} kept uids but {n} found in {shards}")
             counts[name] = n
     counts["total"] = sum(counts.values())
+    shutil.rmtree(shards_out, ignore_errors=True)
+    os.replace(scratch, shards_out)
     return counts
 
 

@@ -72,12 +72,17 @@ def score_shard(path: Path, clip, batch_size: int, device: str, bar) -> tuple[pd
             pd.DataFrame(failed, columns=["uid", "reason"]))
 
 
+def parts_dir(out: Path, model: str, pretrained: str | None) -> Path:
+    """Where finished shards' scores wait; named by the model, so other weights start over."""
+    return out.with_name(f"{out.name}.parts-{config_hash({'model': model, 'pretrained': str(pretrained)})}")
+
+
 def score_source(shards: Path, model: str, pretrained: str | None, out: Path, failures: Path,
                  batch_size: int = 256, threads: int = 1, device: str = "cpu",
                  expected: int | None = None) -> dict:
     torch.set_num_threads(threads)
     clip = load_clip(model, pretrained, device)
-    parts = out.with_name(out.name + ".parts")
+    parts = parts_dir(out, model, pretrained)
     parts.mkdir(parents=True, exist_ok=True)
     paths = shard_paths(shards)
     with tqdm(total=expected, desc=f"clip score {shards.parent.name}", unit="pair", mininterval=2) as bar:

@@ -52,8 +52,10 @@ def read_uid_list(path: Path) -> set[str]:
 
 def shard_uids(shards: Path) -> pd.Series:
     """uids of the samples that made it into a raw source's shards (img2dataset's parquet)."""
-    rows = pd.concat([pd.read_parquet(p, columns=["uid", "status"])
-                      for p in sorted(shards.glob("*.parquet")) if p.stem != "failures"])
+    parts = [p for p in sorted(shards.glob("*.parquet")) if p.stem != "failures"]
+    if not parts:
+        raise FileNotFoundError(f"{shards}: no img2dataset shard tables (*.parquet)")
+    rows = pd.concat([pd.read_parquet(p, columns=["uid", "status"]) for p in parts])
     return rows.loc[rows["status"] == "success", "uid"].astype(str).reset_index(drop=True)
 
 
@@ -68,6 +70,10 @@ def main(argv=None):
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--stats", type=Path, required=True)
     args = ap.parse_args(argv)
+    if args.uid_list and not args.shards:
+        ap.error("--uid-list needs --shards (the source whose pairs it selects)")
+    if not args.uid_list and not (args.scores and args.failures):
+        ap.error("give --scores and --failures, or --uid-list and --shards")
     try:
         if args.uid_list:
             if not args.uid_list.exists():

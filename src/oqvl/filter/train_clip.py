@@ -39,6 +39,7 @@ from .clip_model import TOY_MODEL, model_config, save_checkpoint
 
 STREAM = "clip_seed"
 HARD_KINDS = ("wrong_attribute", "wrong_object", "wrong_count")
+HARD_KIND_P = (1 / 3, 1 / 3, 1 / 3)
 
 
 def seed_set(seed: int, n: int, world: WorldConfig):
@@ -59,7 +60,7 @@ def hard_negatives(idx, scenes, styles, frac: float, rng: np.random.Generator) -
     n_hard = int(round(frac * len(idx)))
     out = []
     for i in rng.choice(idx, size=n_hard, replace=False):
-        kind = HARD_KINDS[rng.integers(len(HARD_KINDS))]
+        kind = HARD_KINDS[rng.choice(len(HARD_KINDS), p=HARD_KIND_P)]
         wrong = corrupt_scene(kind, scenes[i], styles[i].mention_size, rng)
         out.append(describe(wrong, styles[i]))
     return out
@@ -127,7 +128,7 @@ def train(args) -> dict:
     model.train()
     t_train = time.time()
     ema = None
-    bar = tqdm(range(args.steps), desc="train clip", unit="step", mininterval=2)
+    bar = tqdm(range(args.steps), desc="train clip", unit="step", mininterval=5)
     for step in bar:
         if pos + batch > args.n_pairs:
             order, pos = rng.permutation(args.n_pairs), 0

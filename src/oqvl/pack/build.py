@@ -67,13 +67,17 @@ def fit_lengths(docs: pd.DataFrame, context_len: int, too_long: str) -> tuple[pd
     if too_long == "drop":
         return docs[~over].reset_index(drop=True), n_over
     docs = docs.copy()
+    # Build the column as a list: `docs.at[i, "text_ids"] = array` would store a length-1 array
+    # (a caption cut down to EOS alone) as a 0-d scalar array.
+    text_ids = docs["text_ids"].tolist()
     for i in np.flatnonzero(over.to_numpy()):
         cut = int(docs.at[i, "length"]) - context_len
-        ids = docs.at[i, "text_ids"]
+        ids = text_ids[i]
         if cut >= len(ids):  # not even the image fits: nothing sensible to keep
             raise ValueError(f"context_len {context_len} cannot hold one image plus BOS/EOS")
-        docs.at[i, "text_ids"] = np.concatenate([ids[: len(ids) - 1 - cut], ids[-1:]])
+        text_ids[i] = np.concatenate([ids[: len(ids) - 1 - cut], ids[-1:]])
         docs.at[i, "length"] = context_len
+    docs["text_ids"] = pd.Series(text_ids, index=docs.index, dtype=object)
     return docs, n_over
 
 
