@@ -201,3 +201,22 @@ def test_missing_tokenizer_names_the_path(shards, tmp_path):
                     "--context-len", "128", "--out", str(tmp_path / "out")])
     assert str(missing) in str(e.value.code)
     assert not (tmp_path / "out" / "stats.json").exists()
+
+
+def test_sequences_materialise_padded_with_the_real_pad_token(tmp_path_factory):
+    # The index round-trips into token ids: each document at its offset, the tail padded with
+    # the tokenizer's own pad token, doc ids -1 on padding.
+    from oqvl.model.tokenizer import IMAGE_TOKEN
+    from oqvl.pack.sequence import sequence_tokens
+
+    tok_dir = tmp_path_factory.getbasetemp() / "tok_materialise"
+    tok = build_qwen2_tokenizer(tok_dir, vocab_size=8192)
+    docs = pd.DataFrame({"text_ids": [np.array([10, 11, tok.pad_token_id], dtype=np.int32),
+                                      np.array([12, tok.pad_token_id], dtype=np.int32)]})
+    bos, img, pad = (tok.convert_tokens_to_ids(t) for t in (ENDOFTEXT, IMAGE_TOKEN, ENDOFTEXT))
+    assert pad == tok.pad_token_id
+    ids, doc_ids = sequence_tokens([1, 0], list(docs["text_ids"]), 16, 2, bos, img, pad)
+    assert ids.tolist() == [bos, img, img, 12, pad, bos, img, img, 10, 11, pad] + [pad] * 5
+    assert doc_ids.tolist() == [0] * 5 + [1] * 6 + [-1] * 5
+    with pytest.raises(ValueError, match="context_len"):
+        sequence_tokens([0, 1], list(docs["text_ids"]), 10, 2, bos, img, pad)
