@@ -38,7 +38,7 @@ def trained(tmp_path_factory):
 
 def test_config_registered_and_model_builds(toy):
     assert TOY_MODEL in open_clip.list_models()
-    model, preprocess, tokenizer = toy
+    model, _, tokenizer = toy
     cfg = model_config()
     assert "timm_model_name" not in cfg["vision_cfg"]  # native open_clip ViT
     assert isinstance(model.visual, open_clip.transformer.VisionTransformer)

@@ -6,7 +6,9 @@ name and a pretrained tag or weights file. Both end in `open_clip.create_model_a
 so the filter code path is the same.
 
 The toy model: 64 px images in 8 px patches (an 8x8 grid, so `model.visual` doubles as a frozen
-vision encoder with a patch grid), a small causal text tower on open_clip's bundled CLIP BPE
+vision encoder with a patch grid), its embedding the mean of the patch tokens (pool_type "avg",
+not a class token: the contrastive loss then trains the very tokens a VLM reads, and it learned
+faster here), a small causal text tower on open_clip's bundled CLIP BPE
 tokenizer (offline), and a SigLIP-style sigmoid loss (`init_logit_bias`). Sigmoid rather than
 softmax CLIP loss because every image-text cell is its own binary "does this caption fit" term:
 hard-negative captions join as extra columns labelled negative with no softmax to rebalance,
@@ -58,7 +60,8 @@ def save_checkpoint(model, out_dir, meta: dict) -> None:
     out.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     save_file(state, str(out / WEIGHTS_FILE))
-    meta = {"model_cfg": model_config(meta["model_name"]), **meta}
+    if "model_cfg" not in meta:
+        meta = {**meta, "model_cfg": model_config(meta["model_name"])}
     tmp = out / (CONFIG_FILE + ".tmp")
     tmp.write_text(json.dumps(meta, indent=2) + "\n")
     os.replace(tmp, out / CONFIG_FILE)
