@@ -1,0 +1,86 @@
+"""Conversations as token ids: the Qwen2 chat template, image placeholders and assistant-only labels.
+
+One function per use, shared by SFT, the MLM-Filter and evaluation, so a prompt is encoded the same
+way everywhere:
+
+    encode_conversation(tok, [{"role": "user", "content": "<image>\\nWhat colour is the circle?"},
+                              {"role": "assistant", "content": "red"}], visual_tokens=64)
+        -> (input_ids, labels)   labels: -100 except the assistant turns' content and <|im_end|>
+    encode_prompt(tok, "<image>\\nIs there a cross?", visual_tokens=64)
+        -> input_ids ending with "<|im_start|>assistant\\n" (the generation prompt)
+
+The text is rendered exactly as the tokenizer's chat template renders it (a test checks this), with
+the newline before `<|im_start|>assistant` that the reference code lacked. Each `<image>` in a
+message becomes `visual_tokens` copies of `<|image_pad|>`, the slots the model writes visual tokens
+into.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .tokenizer import DEFAULT_SYSTEM, IM_END, IM_START, IMAGE_TOKEN
+
+IMAGE_PLACEHOLDER = "<image>"
+IGNORE_INDEX = -100
+ROLES = ("system", "user", "assistant")
+
+
+def render(messages: list[dict], add_generation_prompt: bool = False) -> tuple[str, list[tuple[int, int]]]:
+    """The chat-template text, and the character spans that carry a loss (assistant content and
+    its <|im_end|>). A missing system turn gets Qwen's default system prompt, as the template does."""
+    if not messages:
+        raise ValueError("empty conversation")
+    for m in messages:
+        if m.get("role") not in ROLES:
+            raise ValueError(f"unsupported role {m.get('role')!r}")
+        if not isinstance(m.get("content"), str):
+            raise ValueError(f"message content must be a string, got {type(m.get('content')).__name__}")
+    if messages[0]["role"] != "system":
+        messages = [{"role": "system", "content": DEFAULT_SYSTEM}, *messages]
+    text, spans = "", []
+    for m in messages:
+        text += f"{IM_START}{m['role']}\n"
+        start = len(text)
+        text += m["content"] + IM_END
+        if m["role"] == "assistant":
+            spans.append((start, len(text)))
+        text += "\n"
+    if add_generation_prompt:
+        text += f"{IM_START}assistant\n"
+    return text, spans
+
+
+def expand_images(text: str, visual_tokens: int) -> str:
+    return text.replace(IMAGE_PLACEHOLDER, IMAGE_TOKEN * visual_tokens)
+
+
+def encode_conversation(tokenizer, messages: list[dict], visual_tokens: int) -> tuple[np.ndarray, np.ndarray]:
+    """(input_ids, labels) as int64 arrays; labels keep only the assistant turns' tokens."""
+    text, spans = render(messages)
+    # Expand placeholders span by span so the loss spans move with the text.
+    pieces, new_spans, pos = [], [], 0
+    for start, end in spans:
+        pieces.append(expand_images(text[pos:start], visual_tokens))
+        offset = sum(map(len, pieces))
+        body = expand_images(text[start:end], visual_tokens)
+        pieces.append(body)
+        new_spans.append((offset, offset + len(body)))
+        pos = end
+    pieces.append(expand_images(text[pos:], visual_tokens))
+    full = "".join(pieces)
+    enc = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
+    ids = np.asarray(enc["input_ids"], dtype=np.int64)
+    labels = np.full_like(ids, IGNORE_INDEX)
+    for i, (a, b) in enumerate(enc["offset_mapping"]):
+        if any(s <= a and b <= e for s, e in new_spans) and b > a:
+            labels[i] = ids[i]
+    return ids, labels
+
+
+def encode_prompt(tokenizer, prompt: str, visual_tokens: int, system: str | None = None) -> list[int]:
+    """Token ids of a single user turn followed by the assistant generation prompt."""
+    messages = ([{"role": "system", "content": system}] if system is not None else []) + \
+        [{"role": "user", "content": prompt}]
+    text, _ = render(messages, add_generation_prompt=True)
+    return tokenizer(expand_images(text, visual_tokens), add_special_tokens=False)["input_ids"]
