@@ -1,0 +1,108 @@
+"""Questions about a toy scene with their true answers: the facts SFT data and benchmarks ask about.
+
+`ask(scene, kind, rng)` returns a `Question` (text, answer, distractors) or None when the kind does
+not apply to the scene (e.g. "what colour is the circle?" needs exactly one circle). The formats
+(direct answer, yes/no, lettered options, benchmark schemas) are built on top of this by SFT data
+and the toy benchmarks; the facts live here once, so training and evaluation ask the same world.
+
+Kinds:
+- colour     "What colour is the circle?"               red     (the shape occurs exactly once)
+- shape      "What shape is the red object?"            circle  (the colour occurs exactly once)
+- position   "Where is the red circle?"                 top left
+- count      "How many objects are there?"              2
+- character  "Which character is shown in the image?"   K       (the scene has a glyph)
+- exists     "Is there a red circle in the image?"      yes|no  (a true object, or one absent)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .scene import CELLS, COLOURS, GLYPHS, SHAPES, Scene
+
+KINDS = ("colour", "shape", "position", "count", "character", "exists")
+COUNT_CHOICES = ("1", "2", "3", "4")
+
+
+@dataclass(frozen=True)
+class Question:
+    kind: str
+    question: str
+    answer: str
+    distractors: tuple[str, ...] = ()
+    """Wrong answers of the same type (for multiple choice); empty for yes/no."""
+    meta: dict = field(default_factory=dict, compare=False)
+    """What the question is about (e.g. {"object": "red circle"}), for benchmark metadata."""
+
+    def options(self, rng: np.random.Generator, n: int = 4, answer_index: int | None = None
+                ) -> tuple[list[str], int]:
+        """n options holding the answer at answer_index (random if None) and n-1 distractors."""
+        if len(self.distractors) < n - 1:
+            raise ValueError(f"{self.kind} question has {len(self.distractors)} distractors, needs {n - 1}")
+        picked = [self.distractors[i] for i in rng.permutation(len(self.distractors))[: n - 1]]
+        k = int(rng.integers(n)) if answer_index is None else answer_index
+        return picked[:k] + [self.answer] + picked[k:], k
+
+
+def _others(values, keep) -> tuple[str, ...]:
+    return tuple(v for v in values if v != keep)
+
+
+def ask(scene: Scene, kind: str, rng: np.random.Generator, exists_answer: bool | None = None
+        ) -> Question | None:
+    """A question of `kind` about `scene`, or None if the scene cannot answer it.
+
+    exists_answer: for "exists", force a yes (True) or no (False) question (balanced sets ask for
+    each half); None draws one.
+    """
+    objs = scene.objects
+    if kind == "colour":
+        shapes = [o.shape for o in objs]
+        unique = [o for o in objs if shapes.count(o.shape) == 1]
+        if not unique:
+            return None
+        o = unique[rng.integers(len(unique))]
+        return Question(kind, f"What colour is the {o.shape}?", o.colour, _others(COLOURS, o.colour),
+                        {"object": o.shape})
+    if kind == "shape":
+        colours = [o.colour for o in objs]
+        unique = [o for o in objs if colours.count(o.colour) == 1]
+        if not unique:
+            return None
+        o = unique[rng.integers(len(unique))]
+        return Question(kind, f"What shape is the {o.colour} object?", o.shape, _others(SHAPES, o.shape),
+                        {"object": f"{o.colour} object"})
+    if kind == "position":
+        names = [(o.colour, o.shape) for o in objs]
+        unique = [o for o in objs if names.count((o.colour, o.shape)) == 1]
+        if not unique:
+            return None
+        o = unique[rng.integers(len(unique))]
+        return Question(kind, f"Where is the {o.colour} {o.shape}?", o.cell, _others(CELLS, o.cell),
+                        {"object": f"{o.colour} {o.shape}"})
+    if kind == "count":
+        n = str(len(objs))
+        return Question(kind, "How many objects are there?", n, _others(COUNT_CHOICES, n), {"count": len(objs)})
+    if kind == "character":
+        if scene.glyph is None:
+            return None
+        c = scene.glyph.char
+        return Question(kind, "Which character is shown in the image?", c, _others(GLYPHS, c),
+                        {"object": c})
+    if kind == "exists":
+        yes = bool(rng.random() < 0.5) if exists_answer is None else exists_answer
+        present = {(o.colour, o.shape) for o in objs}
+        if yes:
+            colour, shape = sorted(present)[rng.integers(len(present))]
+        else:
+            absent = [(c, s) for c in COLOURS for s in SHAPES if (c, s) not in present]
+            colour, shape = absent[rng.integers(len(absent))]
+        return Question(kind, f"Is there a {colour} {shape} in the image?", "yes" if yes else "no", (),
+                        {"object": f"{colour} {shape}"})
+    raise ValueError(f"unknown question kind {kind!r}; known: {KINDS}")
+
+
+def letters(n: int) -> list[str]:
+    return [chr(ord("A") + i) for i in range(n)]
