@@ -31,3 +31,30 @@ def snakemake(workdir: Path, *args: str, configfile: Path | None = None, check=T
 @pytest.fixture(scope="session")
 def repo() -> Path:
     return REPO
+
+
+def toy_mixture(root: Path, n_pairs: int, mix_per_shard: int, seed: int = 11, rates: dict | None = None,
+                samples_per_shard: int = 20) -> Path:
+    """A real mixture of one toy source (every pair kept): raw generation, img2dataset, reshard.
+    Returns the mixture's shard folder."""
+    import json
+
+    import pandas as pd
+
+    from oqvl import mixture
+    from oqvl.raw import download, generate
+    from oqvl.shards import iter_samples, sample_meta, shard_paths
+
+    options = {"image_size": 512, "resize_mode": "keep_ratio", "resize_only_if_bigger": True,
+               "encode_format": "jpg", "encode_quality": 95, "samples_per_shard": samples_per_shard,
+               "processes": 1, "threads": 4, "timeout_s": 10, "retries": 0}
+    raw = root / "ccs"
+    generate.main(["--source", "ccs", "--n-pairs", str(n_pairs), "--rates", json.dumps(rates or {}),
+                   "--seed", str(seed), "--out", str(raw)])
+    download.main(["--pairs", str(raw / "pairs.parquet"), "--out", str(raw / "shards"),
+                   "--options", json.dumps(options), "--accounting", str(raw / "accounting.json")])
+    uids = [str(sample_meta(s)["uid"]) for s in iter_samples(shard_paths(raw / "shards"))]
+    pd.DataFrame({"uid": uids}).to_parquet(root / "kept.parquet", index=False)
+    counts = mixture.build_mixture([("ccs", raw / "shards", root / "kept.parquet")], root / "mix", mix_per_shard)
+    assert counts["total"] == len(uids)
+    return root / "mix" / "shards"

@@ -5,16 +5,12 @@ import json
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import toy_mixture
 
-from oqvl import mixture
 from oqvl.model.tokenizer import ENDOFTEXT, build_qwen2_tokenizer
 from oqvl.pack import build
-from oqvl.raw import download, generate
 from oqvl.shards import iter_samples, sample_caption, sample_meta, shard_paths
 
-OPTIONS = {"image_size": 512, "resize_mode": "keep_ratio", "resize_only_if_bigger": True,
-           "encode_format": "jpg", "encode_quality": 95, "samples_per_shard": 20, "processes": 1,
-           "threads": 4, "timeout_s": 10, "retries": 0}
 RATES = {"empty_caption": 0.05, "generic_caption": 0.05, "wrong_count": 0.1}
 N_PAIRS = 40
 VISUAL = 16
@@ -37,17 +33,7 @@ def tokenizer(tokenizer_dir):
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):
     """A real mixture of one toy source (40 pairs, every pair kept) in 5 small shards."""
-    root = tmp_path_factory.mktemp("packsrc")
-    raw = root / "ccs"
-    generate.main(["--source", "ccs", "--n-pairs", str(N_PAIRS), "--rates", json.dumps(RATES),
-                   "--seed", "11", "--out", str(raw)])
-    download.main(["--pairs", str(raw / "pairs.parquet"), "--out", str(raw / "shards"),
-                   "--options", json.dumps(OPTIONS), "--accounting", str(raw / "accounting.json")])
-    uids = [str(sample_meta(s)["uid"]) for s in iter_samples(shard_paths(raw / "shards"))]
-    pd.DataFrame({"uid": uids}).to_parquet(root / "kept.parquet", index=False)
-    counts = mixture.build_mixture([("ccs", raw / "shards", root / "kept.parquet")], root / "mix", 9)
-    assert counts["total"] == N_PAIRS
-    return root / "mix" / "shards"
+    return toy_mixture(tmp_path_factory.mktemp("packsrc"), N_PAIRS, 9, rates=RATES)
 
 
 @pytest.fixture(scope="module")

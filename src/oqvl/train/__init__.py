@@ -1,0 +1,1 @@
+"""Pretraining and SFT: data, the FSDP2 training loop, checkpoints, SFT data."""

@@ -1,0 +1,176 @@
+"""Instruction data for SFT: records of (image, conversation) at both scales.
+
+    python -m oqvl.train.sft_data --out results/sft_data/toy.parquet --n 6000 --seed 0
+
+Paper scale reads LLaVA-format JSON (LLaVA-665k, MAmmoTH-VL): a list of {"id", "image": relative
+path, "conversations": [{"from": "human"|"gpt", "value": ...}]} with images under an image root;
+a record without "image" is text-only.
+
+Toy scale generates the same format from the toy world (stream "sft": its images are never
+those of the web sources, the CLIP seed set or the benchmarks), stored as parquet with the image
+bytes inline. Each conversation has one image and a few turns, each a question about a true fact
+of the scene (colours, shapes, positions, counts, characters, existence) asked in one of the
+formats evaluation uses: a short direct answer, a yes/no answer, or lettered options answered with
+the letter. Some turns ask for a caption, so captioning is not forgotten. Answer letters and yes/no
+are drawn uniformly, so no answer bias is learned.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from tqdm import tqdm
+
+from ..config import config_hash
+from ..manifest import write_manifest
+from ..world.captions import describe, sample_style
+from ..world.questions import KINDS, ask, letters
+from ..world.scene import png_bytes, render, sample_scene
+from ..world.source import WorldConfig, stream_rng
+
+STREAM = "sft"
+SHORT = "Answer the question using a single word or phrase."
+LETTER = "Answer with the option's letter from the given choices directly."
+INTEGER = "Answer the question using a single integer number."
+CAPTION_PROMPTS = ("Describe the image briefly.", "What is in this picture?",
+                   "Write a short caption for this image.")
+ROLE = {"human": "user", "gpt": "assistant", "system": "system"}
+
+
+@dataclass
+class Record:
+    id: str
+    messages: list[dict]
+    """[{"role": "user"|"assistant"|"system", "content": str}], "<image>" where the image goes."""
+    image: Callable[[], bytes] | None
+    """Reads the image bytes (lazily: paper-scale sets are large); None for text-only records."""
+
+
+def to_messages(conversations: list[dict], where: str) -> list[dict]:
+    out = []
+    for turn in conversations:
+        role = ROLE.get(turn.get("from"))
+        if role is None or not isinstance(turn.get("value"), str):
+            raise ValueError(f"{where}: bad turn {turn!r} (need from=human|gpt|system and a string value)")
+        out.append({"role": role, "content": turn["value"]})
+    return out
+
+
+# --------------------------------------------------------------------------------- formats
+
+def options_block(options: list[str], style: str) -> str:
+    ls = letters(len(options))
+    if style == "inline":  # MMStar writes its options into the question
+        return "Options: " + ", ".join(f"{l}: {o}" for l, o in zip(ls, options))
+    return "\n".join(f"{l}. {o}" for l, o in zip(ls, options))
+
+
+def question_turn(q, rng: np.random.Generator) -> tuple[str, str]:
+    """(user text, assistant answer) for one question in a randomly chosen format."""
+    if q.kind == "exists":
+        return f"{q.question}\n{SHORT}", q.answer.capitalize()
+    fmt = rng.choice(["short", "letter", "letter"])
+    if fmt == "short":
+        hint = INTEGER if q.kind == "count" else SHORT
+        return f"{q.question}\n{hint}", q.answer
+    options, k = q.options(rng)
+    style = rng.choice(["lines", "lines_spaced", "inline"])
+    block = options_block(options, "inline" if style == "inline" else "lines")
+    sep = " There are several options:\n" if style == "lines_spaced" else "\n"
+    text = f"{q.question}{sep}{block}\n{LETTER}"
+    if rng.random() < 0.5:  # the paper protocol's prompt ends with "Answer:"
+        text += "\nAnswer:"
+    return text, letters(len(options))[k]
+
+
+def toy_conversation(seed: int, i: int, world: WorldConfig, turns: int) -> tuple[bytes, list[dict]]:
+    rng = stream_rng(seed, STREAM, i)
+    scene = sample_scene(rng, world.max_objects, world.glyph_prob)
+    conv = []
+    for t in range(turns):
+        if rng.random() < 0.15:
+            user = str(rng.choice(CAPTION_PROMPTS))
+            answer = describe(scene, sample_style(rng, world.max_objects + 1))
+        else:
+            q = None
+            while q is None:
+                q = ask(scene, KINDS[rng.integers(len(KINDS))], rng)
+            user, answer = question_turn(q, rng)
+        if t == 0:
+            user = "<image>\n" + user
+        conv += [{"from": "human", "value": user}, {"from": "gpt", "value": answer}]
+    return png_bytes(render(scene, world.image_size)), conv
+
+
+def generate(out: Path, n: int, seed: int, world: WorldConfig, turns: int) -> dict:
+    rows = []
+    for i in tqdm(range(n), desc="sft data", unit="conv", mininterval=5):
+        image, conv = toy_conversation(seed, i, world, turns)
+        rows.append({"id": f"{STREAM}-{i:07d}", "image": image, "conversations": json.dumps(conv)})
+    df = pd.DataFrame(rows)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    df.to_parquet(tmp, index=False)
+    os.replace(tmp, out)
+    n_turns = sum(len(json.loads(c)) // 2 for c in df["conversations"])
+    return {"conversations": n, "turns": n_turns}
+
+
+# ---------------------------------------------------------------------------------- loading
+
+def load_records(path, image_root=None) -> list[Record]:
+    """Records from a toy parquet (images inline) or a LLaVA-format JSON (+ image_root)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: SFT data not found")
+    if path.suffix == ".parquet":
+        df = pd.read_parquet(path)
+        missing = {"id", "image", "conversations"} - set(df.columns)
+        if missing:
+            raise ValueError(f"{path}: missing columns {sorted(missing)}")
+        return [Record(str(r.id), to_messages(json.loads(r.conversations), f"{path} id {r.id}"),
+                       (lambda b=r.image: b) if r.image is not None else None)
+                for r in df.itertuples()]
+    if path.suffix == ".json":
+        items = json.loads(path.read_text())
+        if not isinstance(items, list):
+            raise ValueError(f"{path}: expected a JSON list of LLaVA records")
+        root = Path(image_root) if image_root else path.parent
+        records = []
+        for item in items:
+            where = f"{path} id {item.get('id')}"
+            img = item.get("image")
+            reader = (lambda p=root / img: p.read_bytes()) if img else None
+            records.append(Record(str(item.get("id")), to_messages(item["conversations"], where), reader))
+        return records
+    raise ValueError(f"{path}: SFT data must be .parquet (toy) or .json (LLaVA format)")
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--n", type=int, required=True, help="conversations")
+    ap.add_argument("--turns", type=int, default=3, help="question turns per conversation")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--image-size", type=int, default=64)
+    ap.add_argument("--max-objects", type=int, default=3)
+    ap.add_argument("--glyph-prob", type=float, default=0.25)
+    args = ap.parse_args(argv)
+    if args.n < 1 or args.turns < 1:
+        raise SystemExit("error: --n and --turns must be at least 1")
+    world = WorldConfig(args.image_size, args.max_objects, args.glyph_prob)
+    counts = generate(args.out, args.n, args.seed, world, args.turns)
+    write_manifest(args.out.parent / "manifest.json", "sft_data", [args.out], counts,
+                   config_hash({k: str(v) for k, v in vars(args).items() if k != "out"}))
+    print(f"{args.out}: {counts}")
+
+
+if __name__ == "__main__":
+    main()

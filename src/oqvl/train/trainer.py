@@ -1,0 +1,374 @@
+"""Pretraining and SFT of Open-Qwen2VL: one loop, torchrun + FSDP2, checkpoints that resume exactly.
+
+    torchrun --standalone --nproc-per-node 2 -m oqvl.train pretrain --out results/runs/R/pretrain \\
+        --packed results/packed/M --shards results/mixtures/M/shards --tokenizer results/model/tokenizer \\
+        --preset toy --vision-weights results/filter/clip_model --steps 150 --global-batch 8 ...
+    torchrun --standalone --nproc-per-node 1 -m oqvl.train sft --out results/runs/R/sft \\
+        --init-from results/runs/R/pretrain/final --sft-data results/sft_data/toy.parquet ...
+
+Both stages: the model is wrapped with FSDP2 (`fully_shard` on every decoder layer, then the
+whole model), bf16 mixed precision on CUDA and fp32 on the CPU (gloo); AdamW without weight decay
+on 1-D parameters (biases, norms), linear warmup then cosine, gradient clipping. The loss of a
+global batch is the mean over all its loss tokens, whatever the number of processes and micro
+batches (each micro batch's summed loss is divided by the global token count), so 1 and 2
+processes train the same model up to float rounding.
+
+Outputs in --out: train_log.jsonl (one line per step: step, loss, lr, tokens, tokens_per_s,
+grad_norm, ...), loss.png, checkpoints/ (sharded, every --save-every steps; see checkpoint.py),
+final/ (the consolidated model + tokenizer: config.json, model.safetensors, tokenizer files) and
+summary.json (steps, tokens, seconds, throughput, device) written last.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from tqdm import tqdm
+
+from ..manifest import write_json_atomic, write_manifest
+from ..model.tokenizer import ENDOFTEXT, load_tokenizer
+from ..model.vlm import OpenQwen2VL
+from . import checkpoint as ckpt
+from .data import Conversations, PackedCaptions, rank_micro_batches, step_indices
+from .plot import plot_loss
+from .sft_data import load_records
+
+FAULT_ENV = "OQVL_FAULT_AFTER_STEP"  # tests: exit abruptly after this step (a crash mid-run)
+
+
+@dataclass
+class TrainConfig:
+    stage: str
+    """pretrain or sft."""
+    out: str
+    """Run stage directory (train_log.jsonl, checkpoints/, final/, summary.json)."""
+    tokenizer: str
+    """Tokenizer directory (copied into final/)."""
+    # data
+    packed: str | None = None
+    """pretrain: the packed mixture directory (oqvl.pack output)."""
+    shards: str | None = None
+    """pretrain: the mixture's webdataset shards (images are read from there by key)."""
+    sft_data: str | None = None
+    """sft: toy parquet or LLaVA-format JSON."""
+    image_root: str | None = None
+    """sft: folder that LLaVA records' image paths are relative to (default: the JSON's folder)."""
+    # model
+    preset: str = "toy"
+    """pretrain: model preset (oqvl/model/model_configs/NAME.json)."""
+    vision_weights: str | None = None
+    """pretrain: vision tower weights (toy CLIP checkpoint dir, or open_clip .safetensors)."""
+    lm_path: str | None = None
+    """pretrain: local Hugging Face directory of the LLM (paper scale)."""
+    init_from: str | None = None
+    """sft: the pretrained model directory (pretrain's final/)."""
+    freeze_vision: bool = True
+    doc_isolation: bool = True
+    """pretrain: block-diagonal attention + per-document positions in packed sequences."""
+    grad_checkpointing: bool = False
+    max_len: int = 2048
+    """sft: longest conversation in tokens (longer ones are an error, not silently cut)."""
+    # optimisation
+    steps: int = 0
+    """Optimizer steps; 0 = derive from epochs."""
+    epochs: float = 1.0
+    global_batch: int = 8
+    """Sequences (pretrain) or conversations (sft) per optimizer step, over all processes."""
+    micro_batch: int = 8
+    """Per process per forward/backward (gradient accumulation makes up the rest)."""
+    lr: float = 1e-3
+    min_lr_ratio: float = 0.0
+    weight_decay: float = 0.0
+    warmup_frac: float = 0.03
+    grad_clip: float = 1.0
+    betas: tuple[float, float] = (0.9, 0.95)
+    # bookkeeping
+    seed: int = 0
+    save_every: int = 50
+    keep_last: int = 2
+    threads: int = 0
+    """torch CPU threads per process (0: leave torch's default)."""
+
+    def __post_init__(self):
+        if self.stage not in ("pretrain", "sft"):
+            raise ValueError(f"stage must be pretrain or sft, got {self.stage!r}")
+        need = ("packed", "shards") if self.stage == "pretrain" else ("sft_data", "init_from")
+        missing = [k for k in need if not getattr(self, k)]
+        if missing:
+            raise ValueError(f"{self.stage} needs --{' --'.join(k.replace('_', '-') for k in missing)}")
+        for k in ("global_batch", "micro_batch", "save_every"):
+            if getattr(self, k) < 1:
+                raise ValueError(f"{k} must be at least 1")
+        self.betas = tuple(self.betas)
+
+    def resume_key(self) -> dict:
+        """What must match for a checkpoint to be resumed (not paths, threads or save cadence)."""
+        skip = {"out", "save_every", "keep_last", "threads", "tokenizer", "packed", "shards",
+                "sft_data", "image_root", "vision_weights", "lm_path", "init_from"}
+        return {k: v for k, v in asdict(self).items() if k not in skip}
+
+
+# --------------------------------------------------------------------------------- distributed
+
+def init_distributed() -> tuple[int, int, torch.device]:
+    """(rank, world, device). Under torchrun the env tells all; a plain `python -m` run is a
+    one-process group, so FSDP2 and the checkpoint code take the same path either way."""
+    cuda = torch.cuda.is_available()
+    if "RANK" not in os.environ:
+        store = tempfile.NamedTemporaryFile(prefix="oqvl-pg-", delete=False).name
+        dist.init_process_group("nccl" if cuda else "gloo", init_method=f"file://{store}",
+                                rank=0, world_size=1)
+    else:
+        dist.init_process_group("nccl" if cuda else "gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    if cuda:
+        local = int(os.environ.get("LOCAL_RANK", 0))
+        torch.cuda.set_device(local)
+        return rank, world, torch.device("cuda", local)
+    return rank, world, torch.device("cpu")
+
+
+def shard_model(model: OpenQwen2VL, device: torch.device) -> None:
+    """FSDP2: each decoder layer its own unit (all-gathered just in time), then the rest (vision
+    tower, projector, embeddings + tied head, final norm) as the root unit."""
+    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+    mp = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+          if device.type == "cuda" else MixedPrecisionPolicy())
+    for layer in model.lm.model.layers:
+        fully_shard(layer, mesh=mesh, mp_policy=mp)
+    fully_shard(model, mesh=mesh, mp_policy=mp)
+
+
+def all_sum(x: float | int, device) -> float:
+    t = torch.tensor(float(x), dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return float(t)
+
+
+# ------------------------------------------------------------------------------ optimisation
+
+def param_groups(model, weight_decay: float) -> list[dict]:
+    """Decay on matrices only: biases, norm gains and other 1-D parameters get none."""
+    decay, no_decay = [], []
+    for _, p in model.named_parameters():
+        if p.requires_grad:
+            (decay if p.dim() >= 2 else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def warmup_cosine(warmup: int, total: int, min_ratio: float):
+    def f(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, total - warmup)
+        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+    return f
+
+
+# ----------------------------------------------------------------------------------- building
+
+def build_model(cfg: TrainConfig) -> tuple[OpenQwen2VL, int]:
+    """(model, visual tokens per image for this stage)."""
+    if cfg.stage == "pretrain":
+        model = OpenQwen2VL.from_preset(cfg.preset, vision_weights=cfg.vision_weights, lm_path=cfg.lm_path,
+                                        freeze_vision=cfg.freeze_vision)
+        return model, model.config.visual_tokens_pretrain
+    model = OpenQwen2VL.from_pretrained(cfg.init_from)
+    model.set_vision_frozen(cfg.freeze_vision)
+    return model, model.config.visual_tokens_sft
+
+
+def build_data(cfg: TrainConfig, model: OpenQwen2VL, tokenizer, visual_tokens: int):
+    transform = model.image_transform()
+    pad_id = tokenizer.convert_tokens_to_ids(ENDOFTEXT)
+    if cfg.stage == "pretrain":
+        ds = PackedCaptions(cfg.packed, cfg.shards, transform, bos_id=pad_id,
+                            image_token_id=model.config.image_token_id, pad_id=pad_id,
+                            doc_isolation=cfg.doc_isolation)
+        if ds.visual_tokens != visual_tokens:
+            raise ValueError(f"{cfg.packed} was packed with {ds.visual_tokens} visual tokens per image, "
+                             f"the model pretrains with {visual_tokens}")
+        return ds
+    return Conversations(load_records(cfg.sft_data, cfg.image_root), tokenizer, transform,
+                         visual_tokens=visual_tokens, max_len=cfg.max_len, pad_id=pad_id)
+
+
+def total_steps(cfg: TrainConfig, n_examples: int) -> int:
+    return cfg.steps if cfg.steps > 0 else max(1, math.ceil(cfg.epochs * n_examples / cfg.global_batch))
+
+
+# ------------------------------------------------------------------------------------ the loop
+
+def train(cfg: TrainConfig) -> dict:
+    rank, world, device = init_distributed()
+    try:
+        return _train(cfg, rank, world, device)
+    finally:
+        dist.destroy_process_group()
+
+
+def _train(cfg: TrainConfig, rank: int, world: int, device: torch.device) -> dict:
+    if cfg.global_batch % (world * cfg.micro_batch):
+        raise ValueError(f"global_batch {cfg.global_batch} is not a multiple of "
+                         f"processes ({world}) x micro_batch ({cfg.micro_batch})")
+    if cfg.threads > 0:
+        torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    out = Path(cfg.out)
+    ckpt_root = out / "checkpoints"
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+
+    tokenizer = load_tokenizer(cfg.tokenizer)
+    model, visual_tokens = build_model(cfg)
+    data = build_data(cfg, model, tokenizer, visual_tokens)
+    steps = total_steps(cfg, len(data))
+    config = model.config
+    if cfg.grad_checkpointing:
+        model.lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    shard_model(model, device)
+
+    opt = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas, eps=1e-8)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, warmup_cosine(max(1, round(cfg.warmup_frac * steps)), steps, cfg.min_lr_ratio))
+
+    start = 0
+    resume_from = ckpt.latest(ckpt_root)
+    if resume_from is not None:
+        state = ckpt.load(resume_from, model, opt, sched)
+        if state["train_config"] != _jsonable(cfg.resume_key()):
+            raise ValueError(f"{resume_from} was made with another training config; delete "
+                             f"{ckpt_root} to start over.\n saved: {state['train_config']}\n now: "
+                             f"{_jsonable(cfg.resume_key())}")
+        start = state["step"]
+    log_path = out / "train_log.jsonl"
+    if rank == 0:
+        _truncate_log(log_path, start)
+        print(f"{cfg.stage}: {len(data)} examples, {steps} steps of {cfg.global_batch}, {world} process(es) "
+              f"on {device}, {'resuming at step ' + str(start) if start else 'from scratch'}", flush=True)
+
+    fault = int(os.environ.get(FAULT_ENV, "0"))
+    params = [p for p in model.parameters() if p.requires_grad]
+    bar = tqdm(total=steps, initial=start, desc=cfg.stage, unit="step", mininterval=5, disable=rank != 0)
+    totals = {"tokens": 0.0, "loss_tokens": 0.0, "seconds": 0.0}
+    loss_value = float("nan")
+    for step in range(start, steps):
+        t0 = time.perf_counter()
+        micro = [data.batch(mb) for mb in rank_micro_batches(
+            step_indices(cfg.seed, step, cfg.global_batch, len(data)), rank, world, cfg.micro_batch)]
+        n_loss = all_sum(sum(b.n_loss_tokens for b in micro), device)
+        loss_sum = torch.zeros((), device=device)
+        for i, b in enumerate(micro):
+            model.set_requires_gradient_sync(i == len(micro) - 1)  # reduce-scatter once per step
+            res = model(b.input_ids.to(device), None if b.images is None else b.images.to(device),
+                        labels=b.labels.to(device), doc_ids=None if b.doc_ids is None else b.doc_ids.to(device),
+                        visual_tokens=visual_tokens, reduction="sum")
+            # FSDP averages gradients over processes; x world makes the result the global mean.
+            (res.loss * (world / max(n_loss, 1.0))).backward()
+            loss_sum += res.loss.detach()
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
+        opt.step()
+        lr = sched.get_last_lr()[0]
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+
+        dist.all_reduce(loss_sum)
+        loss_value = float(loss_sum) / max(n_loss, 1.0)
+        tokens = all_sum(sum(b.n_tokens for b in micro), device)
+        seconds = time.perf_counter() - t0
+        totals["tokens"] += tokens
+        totals["loss_tokens"] += n_loss
+        totals["seconds"] += seconds
+        if rank == 0:
+            record = {"step": step + 1, "loss": round(loss_value, 6), "lr": lr, "tokens": int(tokens),
+                      "loss_tokens": int(n_loss), "tokens_per_s": round(tokens / seconds, 1),
+                      "grad_norm": round(grad_norm, 6), "seconds": round(seconds, 4)}
+            with open(log_path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+            bar.set_postfix(loss=f"{loss_value:.3f}", refresh=False)
+            bar.update(1)
+        if (step + 1) % cfg.save_every == 0 or step + 1 == steps:
+            ckpt.save(ckpt_root, step + 1, model, opt, sched,
+                      {"train_config": _jsonable(cfg.resume_key())}, cfg.keep_last)
+        if fault and step + 1 == fault:
+            os._exit(17)  # no cleanup, no flush: what a killed process leaves behind
+    bar.close()
+
+    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    summary = {}
+    if rank == 0:
+        summary = _finish(cfg, out, config, full, tokenizer, steps, world, device, totals, loss_value,
+                          log_path)
+    dist.barrier()
+    return summary
+
+
+def _finish(cfg, out, config, full_state, tokenizer, steps, world, device, totals, loss_value, log_path):
+    """Consolidated model, loss curve, summary and manifest (rank 0)."""
+    final, tmp = out / "final", out / "final.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model = OpenQwen2VL(config)
+    model.load_state_dict(full_state, strict=True)
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    plot_loss(log_path, out / "loss.png", title=f"{cfg.stage}: {out.parent.name}")
+    log = [json.loads(line) for line in log_path.read_text().splitlines()]
+    counted = {"tokens": sum(r["tokens"] for r in log), "loss_tokens": sum(r["loss_tokens"] for r in log),
+               "seconds": sum(r["seconds"] for r in log)}  # over every run segment, resumes included
+    summary = {
+        "stage": cfg.stage, "run": out.parent.name, "steps": steps, "examples_per_step": cfg.global_batch,
+        "sequences": steps * cfg.global_batch, **counted,
+        "tokens_per_s": round(counted["tokens"] / max(counted["seconds"], 1e-9), 1),
+        "final_loss": log[-1]["loss"] if log else loss_value, "world_size": world,
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "gpus": world if device.type == "cuda" else 0,
+        "threads": torch.get_num_threads(), "params": model.num_parameters(),
+        "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
+        "train_config": _jsonable(asdict(cfg)),
+    }
+    write_json_atomic(out / "summary.json", summary)
+    write_manifest(out / "manifest.json", cfg.stage,
+                   [final / "config.json", final / "model.safetensors", log_path, out / "summary.json"],
+                   {"steps": steps, "tokens": summary["tokens"]}, _config_hash(cfg))
+    print(f"{cfg.stage}: {steps} steps, final loss {summary['final_loss']:.4f}, "
+          f"{summary['tokens_per_s']:.0f} tokens/s -> {final}", flush=True)
+    return summary
+
+
+def _truncate_log(path: Path, step: int) -> None:
+    """Keep the log lines up to the checkpoint being resumed (later ones are redone)."""
+    if not path.exists():
+        return
+    keep = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(line + "\n" for line in keep))
+    os.replace(tmp, path)
+
+
+def _jsonable(d: dict) -> dict:
+    return json.loads(json.dumps(d))
+
+
+def _config_hash(cfg: TrainConfig) -> str:
+    from ..config import config_hash
+    return config_hash(_jsonable(cfg.resume_key()))
+
+
+def config_fields() -> list:
+    return list(fields(TrainConfig))

@@ -1,0 +1,210 @@
+"""Training: FSDP2 loop on gloo with 1 and 2 processes, exact resume after a crash, checkpoints, SFT."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import open_clip
+import pytest
+import torch
+from conftest import toy_mixture
+from safetensors.torch import load_file
+
+from oqvl.filter.clip_model import TOY_MODEL, save_checkpoint
+from oqvl.model.chat import IGNORE_INDEX
+from oqvl.model.tokenizer import build_qwen2_tokenizer, load_tokenizer
+from oqvl.model.vlm import OpenQwen2VL
+from oqvl.pack import build
+from oqvl.train import sft_data
+from oqvl.train.data import rank_micro_batches, step_indices
+from oqvl.train.trainer import FAULT_ENV, param_groups, warmup_cosine
+
+VISUAL = 16
+CONTEXT = 160
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+    """Everything pretraining reads: a packed toy mixture, its shards, a tokenizer, a CLIP tower."""
+    root = tmp_path_factory.mktemp("train_inputs")
+    shards = toy_mixture(root, 48, 16, seed=5)
+    build_qwen2_tokenizer(root / "tok", vocab_size=8192)
+    build.main(["--shards", str(shards), "--tokenizer", str(root / "tok"), "--visual-tokens", str(VISUAL),
+                "--context-len", str(CONTEXT), "--out", str(root / "packed")])
+    torch.manual_seed(0)
+    save_checkpoint(open_clip.create_model(TOY_MODEL), root / "clip", {"model_name": TOY_MODEL})
+    sft_data.main(["--out", str(root / "sft" / "toy.parquet"), "--n", "24", "--seed", "3"])
+    return {"shards": shards, "tokenizer": root / "tok", "packed": root / "packed", "clip": root / "clip",
+            "sft": root / "sft" / "toy.parquet"}
+
+
+def pretrain_args(inputs, out, **kw):
+    opts = {"steps": 4, "global_batch": 4, "micro_batch": 2, "lr": 3e-3, "save_every": 2,
+            "warmup_frac": 0.25, "threads": 1, **kw}
+    args = ["pretrain", "--out", str(out), "--tokenizer", str(inputs["tokenizer"]),
+            "--packed", str(inputs["packed"]), "--shards", str(inputs["shards"]),
+            "--preset", "toy", "--vision-weights", str(inputs["clip"])]
+    for k, v in opts.items():
+        args += [f"--{k.replace('_', '-')}", str(v)]
+    return args
+
+
+def launch(args, nproc=None, env=None, check=True):
+    """Run the trainer as a user would: `python -m oqvl.train` or under torchrun."""
+    cmd = ([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+            "-m", "oqvl.train"] if nproc else [sys.executable, "-m", "oqvl.train"]) + args
+    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **(env or {})})
+    if check and proc.returncode != 0:
+        raise AssertionError(f"trainer failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+    return proc
+
+
+def log(out):
+    return [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+
+
+def weights(out):
+    return load_file(str(out / "final" / "model.safetensors"))
+
+
+@pytest.fixture(scope="module")
+def one_proc(inputs, tmp_path_factory):
+    out = tmp_path_factory.mktemp("run1") / "pretrain"
+    launch(pretrain_args(inputs, out), nproc=1)
+    return out
+
+
+def test_pretrain_outputs_and_log(one_proc):
+    rows = log(one_proc)
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    for r in rows:
+        assert {"step", "loss", "lr", "tokens", "tokens_per_s", "grad_norm"} <= set(r)
+        assert np.isfinite(r["loss"]) and r["tokens"] > 0 and r["grad_norm"] > 0
+    assert rows[-1]["loss"] < rows[0]["loss"]  # lr 3e-3 on a tiny model: it learns at once
+    summary = json.loads((one_proc / "summary.json").read_text())
+    assert summary["steps"] == 4 and summary["tokens"] == sum(r["tokens"] for r in rows)
+    assert summary["device"] == "cpu" and summary["gpus"] == 0
+    assert (one_proc / "loss.png").stat().st_size > 1000
+    model = OpenQwen2VL.from_pretrained(one_proc / "final")  # consolidated, loads without FSDP
+    assert load_tokenizer(one_proc / "final").convert_tokens_to_ids("<|image_pad|>") == model.config.image_token_id
+    ckpts = sorted(p.name for p in (one_proc / "checkpoints").iterdir())
+    assert ckpts == ["latest.json", "step_000002", "step_000004"]
+
+
+def test_frozen_vision_tower_unchanged(one_proc, inputs):
+    final = weights(one_proc)
+    clip = load_file(str(inputs["clip"] / "model.safetensors"))
+    for k, v in clip.items():
+        if k.startswith("visual."):
+            assert torch.equal(final["vision." + k[len("visual."):]], v), k
+
+
+def test_two_processes_train_the_same_model(one_proc, inputs, tmp_path):
+    """Global batch 4: one process runs 2 micro batches of 2, two run one each; same losses."""
+    out = tmp_path / "pretrain"
+    launch(pretrain_args(inputs, out), nproc=2)
+    one, two = log(one_proc), log(out)
+    np.testing.assert_allclose([r["loss"] for r in two], [r["loss"] for r in one], rtol=2e-4)
+    assert [r["tokens"] for r in two] == [r["tokens"] for r in one]
+    assert sorted(p.name for p in (out / "checkpoints" / "step_000004").iterdir()) == [
+        "rank00000-of-00002.safetensors", "rank00001-of-00002.safetensors", "state.json"]
+    a, b = weights(one_proc), weights(out)
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-3
+
+
+def test_killed_run_resumes_to_bitwise_identical_weights(one_proc, inputs, tmp_path):
+    out = tmp_path / "pretrain"
+    crashed = launch(pretrain_args(inputs, out), env={FAULT_ENV: "3"}, check=False)
+    assert crashed.returncode == 17
+    assert json.loads((out / "checkpoints" / "latest.json").read_text())["step"] == 2
+    assert not (out / "final").exists() and len(log(out)) == 3  # step 3 done but not checkpointed
+    resumed = launch(pretrain_args(inputs, out))
+    assert "resuming at step 2" in resumed.stdout
+    assert [r["step"] for r in log(out)] == [1, 2, 3, 4]  # step 3 redone, logged once
+    assert [r["loss"] for r in log(out)] == [r["loss"] for r in log(one_proc)]
+    a, b = weights(one_proc), weights(out)
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resume_refuses_another_config_or_world_size(one_proc, inputs, tmp_path):
+    out = tmp_path / "pretrain"
+    launch(pretrain_args(inputs, out), env={FAULT_ENV: "2"}, check=False)
+    bad = launch(pretrain_args(inputs, out, lr=1e-3), check=False)
+    assert bad.returncode != 0 and "another training config" in bad.stderr
+    bad = launch(pretrain_args(inputs, out), nproc=2, check=False)
+    assert bad.returncode != 0 and "saved by 1 processes, resuming with 2" in (bad.stderr + bad.stdout)
+
+
+def test_interrupted_save_leaves_previous_checkpoint(one_proc, inputs, tmp_path):
+    from oqvl.train import checkpoint as ckpt
+
+    root = one_proc / "checkpoints"
+    partial = root / "step_000006.tmp"
+    partial.mkdir()  # what a crash mid-save leaves
+    try:
+        assert ckpt.latest(root).name == "step_000004"
+    finally:
+        partial.rmdir()
+
+
+def test_sft_from_pretrained(one_proc, inputs, tmp_path):
+    out = tmp_path / "sft"
+    launch(["sft", "--out", str(out), "--tokenizer", str(inputs["tokenizer"]), "--init-from",
+            str(one_proc / "final"), "--sft-data", str(inputs["sft"]), "--steps", "3",
+            "--global-batch", "4", "--micro-batch", "4", "--lr", "1e-3", "--threads", "1"])
+    rows = log(out)
+    assert len(rows) == 3 and all(np.isfinite(r["loss"]) for r in rows)
+    model = OpenQwen2VL.from_pretrained(out / "final")
+    assert model.config.visual_tokens_sft == 64
+    pre, post = weights(one_proc), weights(out)
+    assert not torch.equal(pre["projector.fc1.weight"], post["projector.fc1.weight"])
+
+
+def test_sft_labels_cover_only_assistant_answers(inputs):
+    from oqvl.train.data import Conversations
+
+    tok = load_tokenizer(inputs["tokenizer"])
+    records = sft_data.load_records(inputs["sft"])
+    ds = Conversations(records, tok, lambda im: torch.zeros(3, 64, 64), visual_tokens=64, max_len=1024,
+                       pad_id=tok.convert_tokens_to_ids("<|endoftext|>"))
+    b = ds.batch([0, 1])
+    assert b.images.shape == (2, 3, 64, 64)
+    assert int((b.input_ids == tok.convert_tokens_to_ids("<|image_pad|>")).sum()) == 2 * 64
+    for row in range(2):
+        kept = b.labels[row][b.labels[row] != IGNORE_INDEX].tolist()
+        answers = [m["content"] for m in records[row].messages if m["role"] == "assistant"]
+        assert tok.decode(kept) == "<|im_end|>".join(answers) + "<|im_end|>"
+
+
+def test_data_order_is_a_function_of_the_step():
+    n, g = 10, 4
+    seen = np.concatenate([step_indices(0, s, g, n) for s in range(5)])  # 20 = two epochs
+    assert sorted(seen[:10]) == list(range(10)) and sorted(seen[10:]) == list(range(10))
+    assert np.array_equal(step_indices(0, 3, g, n), seen[12:16])
+    mb = rank_micro_batches(np.arange(8), rank=1, world=2, micro_batch=2)
+    assert [m.tolist() for m in mb] == [[4, 5], [6, 7]]
+
+
+def test_schedule_and_no_decay_on_1d_params():
+    f = warmup_cosine(warmup=10, total=110, min_ratio=0.1)
+    assert f(0) == pytest.approx(0.1) and f(9) == pytest.approx(1.0)
+    assert f(60) == pytest.approx(0.55) and f(110) == pytest.approx(0.1)
+    lin = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.LayerNorm(4))
+    decay, no_decay = param_groups(lin, 0.01)
+    assert [p.shape for p in decay["params"]] == [torch.Size([4, 3])]
+    assert decay["weight_decay"] == 0.01 and no_decay["weight_decay"] == 0.0
+    assert len(no_decay["params"]) == 3
+
+
+def test_bad_sft_data_names_the_file(tmp_path):
+    bad = tmp_path / "data.json"
+    bad.write_text(json.dumps([{"id": 1, "conversations": [{"from": "robot", "value": "hi"}]}]))
+    with pytest.raises(ValueError, match="data.json id 1: bad turn"):
+        sft_data.load_records(bad)
+    with pytest.raises(FileNotFoundError, match="missing.parquet"):
+        sft_data.load_records(tmp_path / "missing.parquet")
