@@ -21,6 +21,7 @@ include: "rules/raw.smk"
 include: "rules/filter.smk"
 include: "rules/mixture.smk"
 include: "rules/pack.smk"
+include: "rules/train.smk"
 include: "rules/report.smk"
 
 

@@ -82,6 +82,20 @@ def _check_semantics(config: dict) -> None:
         for src in mix["sources"]:
             if src not in config["sources"]:
                 raise ConfigError(f"mixtures.{name}.sources: no source named {src!r}")
+    for name, run in config["runs"].items():
+        if run["mixture"] not in config["mixtures"]:
+            raise ConfigError(f"runs.{name}.mixture: no mixture named {run['mixture']!r}")
+        if "/" in name:
+            raise ConfigError(f"runs.{name}: a run name is a directory name, no '/'")
+    if config["table4_run"] not in config["runs"]:
+        raise ConfigError(f"table4_run: no run named {config['table4_run']!r}")
+    for stage in ("pretrain", "sft"):
+        opt = config["train"][stage]
+        if opt["global_batch"] % (config["train"]["nproc"] * opt["micro_batch"]):
+            raise ConfigError(f"train.{stage}.global_batch {opt['global_batch']} is not a multiple of "
+                              f"train.nproc x micro_batch")
+    if config["model"]["preset"] == "open-qwen2vl" and not config["model"]["lm_path"]:
+        raise ConfigError("model.lm_path: the open-qwen2vl preset needs the local Qwen2.5-1.5B-Instruct directory")
 
 
 def load(path: str | Path) -> dict:

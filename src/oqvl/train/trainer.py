@@ -74,6 +74,10 @@ class TrainConfig:
     """pretrain: local Hugging Face directory of the LLM (paper scale)."""
     init_from: str | None = None
     """sft: the pretrained model directory (pretrain's final/)."""
+    visual_tokens_pretrain: int = 0
+    """pretrain: visual tokens per image in pretraining (0: the preset's)."""
+    visual_tokens_sft: int = 0
+    """pretrain: visual tokens per image the model will use in SFT (0: the preset's)."""
     freeze_vision: bool = True
     doc_isolation: bool = True
     """pretrain: block-diagonal attention + per-document positions in packed sequences."""
@@ -182,8 +186,9 @@ def warmup_cosine(warmup: int, total: int, min_ratio: float):
 def build_model(cfg: TrainConfig) -> tuple[OpenQwen2VL, int]:
     """(model, visual tokens per image for this stage)."""
     if cfg.stage == "pretrain":
+        tokens = {k: getattr(cfg, k) for k in ("visual_tokens_pretrain", "visual_tokens_sft") if getattr(cfg, k)}
         model = OpenQwen2VL.from_preset(cfg.preset, vision_weights=cfg.vision_weights, lm_path=cfg.lm_path,
-                                        freeze_vision=cfg.freeze_vision)
+                                        freeze_vision=cfg.freeze_vision, **tokens)
         return model, model.config.visual_tokens_pretrain
     model = OpenQwen2VL.from_pretrained(cfg.init_from)
     model.set_vision_frozen(cfg.freeze_vision)
