@@ -7,7 +7,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(workflow.basedir) / "src"))
 from oqvl.config import ConfigError, validate
 
-configfile: "config/default.yaml"
+# The toy config unless one is given: a --configfile replaces it rather than being merged over it,
+# so config/full.yaml and config/ci.yaml each say everything they mean.
+if not workflow.overwrite_configfiles:
+    configfile: "config/default.yaml"
 
 try:
     validate(config)
