@@ -305,13 +305,7 @@ def pretrain_labels(input_ids: torch.Tensor, image_token_id: int, pad_id: int,
         ignore |= bos | padding
     labels[ignore] = IGNORE_INDEX
     return labels
-
-
-def sft_labels(input_ids: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-    """Hook for SFT: keep only the assistant turns' tokens (their content and <|im_end|>), mask the
-    system/user turns, image tokens and padding. Comes with the SFT data (chat template in
-    oqvl.model.tokenizer); the model's forward takes any labels with -100 where no loss is due."""
-    raise NotImplementedError("SFT label masking comes with the SFT data")
+# SFT labels (assistant turns only) come from oqvl.model.chat.encode_conversation.
 
 
 # -------------------------------------------------------------------------------------- model
