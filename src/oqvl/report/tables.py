@@ -1,50 +1,303 @@
 """Result tables beside the paper's published numbers.
 
-    python -m oqvl.report.tables table4 --scale toy --out results/table4.csv
+    python -m oqvl.report.tables table4 --out results/table4.csv --html results/report/table4.html \
+        --results results --config-json '{...}'
 
 Rows carry their scale and protocol explicitly: the paper's rows are `scale=paper,
-protocol=paper`; reproduced rows say which scale and protocol produced them. Rows of runs that
-the workflow has not evaluated yet are absent, never filled in.
+protocol=paper`; reproduced rows say which scale and protocol produced them (one row per protocol
+an evaluation wrote). Rows of runs that the workflow has not evaluated are absent, never filled in;
+a benchmark a run has no score for stays empty and its average with it.
+
+table4: the final model (config `table4_run`) beside the paper's Table 4. table3: the data-mixture
+ablation (1+2, 1+3, 1+2+3, 1+4), each mixture's runs beside the paper's row of the same id.
+Every reproduced row carries its provenance: code version, config hash, lock-file hash, container
+image id (when one ran), and the sha256 of the files it was computed from.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import math
+import os
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
-from ..manifest import REPO_ROOT
+from ..config import config_hash
+from ..manifest import REPO_ROOT, code_version, sha256_file
+from . import html as html_page
+from .compute import job_rows, report_settings
 
 PAPER_TABLES = REPO_ROOT / "results" / "reference" / "paper_tables.csv"
+LOCK_FILE = REPO_ROOT / "requirements.lock"
 BENCHMARKS = ["MMBench", "SEEDBench", "MMStar", "MathVista", "POPE"]
-COLUMNS = ["table", "row", "scale", "protocol", "pretrain_data", "pretrain_tokens", *BENCHMARKS,
-           "source"]
+PROTOCOLS = ["paper", "lmms"]
+TABLE3_IDS = ["1+2", "1+3", "1+2+3", "1+4"]
+PROVENANCE = ["code_version", "config_hash", "lock_hash", "container_image", "input_hashes"]
+COLUMNS = ["table", "row", "run", "scale", "protocol", "pretrain_data", "pretrain_tokens", *BENCHMARKS,
+           "avg_5", "paper_avg_8", "pretrain_gpu_hours", "pretrain_wall_hours", "pretrain_device",
+           "not_above_chance", "source", *PROVENANCE]
+SOURCE = "Wang et al. 2025, Open-Qwen2VL"
 
 
-def paper_rows(table: str) -> pd.DataFrame:
-    ref = pd.read_csv(PAPER_TABLES, dtype={"pretrain_tokens": str})
+# ------------------------------------------------------------------------------------ paper rows
+
+def paper_rows(table: str, config: dict | None = None) -> pd.DataFrame:
+    ref = pd.read_csv(PAPER_TABLES, dtype={"pretrain_tokens": str, "row": str})
     rows = ref[ref["table"] == table].copy()
     if rows.empty:
         raise ValueError(f"{PAPER_TABLES}: no rows for table {table!r}")
     rows["scale"] = "paper"
     rows["protocol"] = "paper"
-    rows["source"] = "Wang et al. 2025, Open-Qwen2VL, " + ("Table 4" if table == "table4" else "Table 3")
-    return rows[COLUMNS]
+    rows["run"] = ""
+    rows["paper_avg_8"] = rows["Avg"]  # the paper's average is over 8 benchmarks, 3 not reproduced
+    rows["source"] = f"{SOURCE}, " + ("Table 4" if table == "table4" else "Table 3")
+    if table == "table4":
+        rep = report_settings(config or {})
+        hours = rep["paper_gpu_hours"]
+        ours = rows["row"] == "Open-Qwen2VL-2B"
+        latest = list(hours)[-1]
+        rows.loc[ours, "pretrain_gpu_hours"] = float(hours[latest])
+        rows.loc[ours, "pretrain_device"] = rep["paper_device"]
+        rows.loc[ours, "source"] += "; GPU-hours " + ", ".join(f"{v} ({k})" for k, v in hours.items())
+    return rows.reindex(columns=COLUMNS)
 
 
-def build(table: str) -> pd.DataFrame:
-    # Reproduced rows join here once the evaluation stage writes them.
-    return paper_rows(table).reset_index(drop=True)
+# ----------------------------------------------------------------------------- reproduced rows
+
+def canonical_benchmark(name: str) -> str | None:
+    for b in BENCHMARKS:
+        if b.lower() == str(name).lower():
+            return b
+    return None
+
+
+def load_eval(run: str, results: Path) -> pd.DataFrame:
+    """All tidy evaluation rows of a run (results/runs/<run>/eval/*.json), with their file."""
+    frames = []
+    for path in sorted((results / "runs" / run / "eval").glob("*.json")):
+        rows = json.loads(path.read_text())
+        if not isinstance(rows, list):
+            raise TypeError(f"{path}: an evaluation file holds a JSON list of rows")
+        df = pd.DataFrame(rows)
+        if df.empty:
+            continue
+        df["file"] = str(path)
+        frames.append(df)
+    if not frames:
+        return pd.DataFrame(columns=["run", "benchmark", "protocol", "metric", "value", "n", "chance",
+                                     "control", "above_chance", "file"])
+    df = pd.concat(frames, ignore_index=True)
+    df["benchmark"] = df["benchmark"].map(canonical_benchmark)
+    return df[df["benchmark"].notna()]
+
+
+def pick_metric(rows: pd.DataFrame, preferred: str | None) -> pd.Series:
+    """The one score shown for a benchmark: the preferred metric (config report.metrics) if the
+    file has it, else the protocol's first row, its headline metric."""
+    if preferred is not None and (rows["metric"] == preferred).any():
+        return rows[rows["metric"] == preferred].iloc[0]
+    return rows.iloc[0]
+
+
+def score_rows(run: str, ev: pd.DataFrame, metrics: dict) -> list[dict]:
+    """One dict per protocol: benchmark -> score, and the benchmarks not above chance. Scores are
+    percentages (0-100), as the evaluation stage writes them and the paper prints them."""
+    if ev.empty:
+        return []
+    out = []
+    protocols = [p for p in PROTOCOLS if p in set(ev["protocol"])] + sorted(set(ev["protocol"]) - set(PROTOCOLS))
+    for protocol in protocols:
+        sub = ev[ev["protocol"] == protocol]
+        row = {"protocol": protocol, "files": sorted(set(sub["file"]))}
+        below = []
+        for bench in BENCHMARKS:
+            rows = sub[sub["benchmark"] == bench]
+            if rows.empty:
+                continue
+            chosen = pick_metric(rows, metrics.get(bench))
+            row[bench] = round(float(chosen["value"]), 2)
+            # False is a verdict; None (a metric with no chance level) is none.
+            if chosen.get("above_chance") is False or chosen.get("above_chance") is np.False_:
+                below.append(bench)
+        row["not_above_chance"] = ";".join(below)
+        out.append(row)
+    return out
+
+
+def human_count(n) -> str:
+    if n is None or (isinstance(n, float) and math.isnan(n)):
+        return ""
+    for unit, div in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(n) >= div:
+            return f"{n / div:.3g}{unit}"
+    return f"{int(n)}"
+
+
+def _json(path: Path):
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def run_files(run: str, mixture: str | None, results: Path) -> list[Path]:
+    """The files a run's rows are computed from: its evaluations, summaries and every manifest
+    upstream (run, packed mixture, mixture)."""
+    base = results / "runs" / run
+    files = sorted(base.glob("eval/*.json")) + sorted(base.glob("*/summary.json")) + sorted(base.rglob("manifest.json"))
+    if mixture:
+        files += [p for p in (results / "packed" / mixture / "manifest.json",
+                              results / "mixtures" / mixture / "manifest.json") if p.is_file()]
+    return files
+
+
+def provenance(run: str, mixture: str | None, results: Path, config: dict) -> dict:
+    files = run_files(run, mixture, results)
+    manifests = [m for p in files if p.name == "manifest.json" and (m := _json(p)) and isinstance(m, dict)]
+    summaries = [s for p in files if p.name == "summary.json" and (s := _json(p))]
+    versions = sorted({m["code_version"] for m in manifests if m.get("code_version")}) or [code_version()]
+    images = sorted({str(d[k]) for d in manifests + summaries for k in ("container_image", "image_id") if d.get(k)})
+    images = images or ([os.environ["OQVL_CONTAINER_IMAGE"]] if os.environ.get("OQVL_CONTAINER_IMAGE") else [])
+
+    def rel(p):
+        return os.path.relpath(p, results.parent)
+
+    return {
+        "code_version": ";".join(versions),
+        # The report section only changes how results are shown, not what was computed.
+        "config_hash": config_hash({k: v for k, v in config.items() if k != "report"}),
+        "lock_hash": sha256_file(LOCK_FILE)[:16] if LOCK_FILE.is_file() else "",
+        "container_image": ";".join(images),
+        "input_hashes": " ".join(f"{rel(p)}:{sha256_file(p)[:16]}" for p in files),
+    }
+
+
+def pretrain_compute(run: str, results: Path, jobs: pd.DataFrame | None) -> dict:
+    if jobs is None:
+        jobs = job_rows(results / "benchmarks", results)
+    mine = jobs[(jobs["run"] == run) & (jobs["stage"] == "pretrain")] if len(jobs) else jobs
+    if mine.empty:
+        return {}
+    return {"pretrain_gpu_hours": round(float(mine["gpu_h"].sum()), 6),
+            "pretrain_wall_hours": round(float(mine["wall_h"].sum()), 6),
+            "pretrain_device": ";".join(sorted(set(mine["device"].dropna().astype(str)) - {""}))}
+
+
+def reproduced_rows(table: str, runs: list[str], config: dict, results: Path, label=None,
+                    jobs: pd.DataFrame | None = None) -> pd.DataFrame:
+    """Rows of the runs that were evaluated; a run without evaluation files gives none."""
+    rep = report_settings(config)
+    metrics = rep.get("metrics") or {}
+    all_runs = config.get("runs") or {}
+    mixtures = config.get("mixtures") or {}
+    out = []
+    for run in runs:
+        ev = load_eval(run, results)
+        scores = score_rows(run, ev, metrics)
+        if not scores:
+            continue
+        mixture = (all_runs.get(run) or {}).get("mixture")
+        mix_cfg = mixtures.get(mixture) or {}
+        summary = _json(results / "runs" / run / "pretrain" / "summary.json") or {}
+        pairs = (_json(results / "mixtures" / mixture / "manifest.json") or {}).get("counts", {}).get("total") if mixture else None
+        data = f"{mixture} ({mix_cfg.get('paper_id', '?')})" if mixture else ""
+        if pairs:
+            data += f", {human_count(pairs)} pairs"
+        base = {
+            "table": table, "run": run, "scale": config.get("scale", "toy"),
+            "row": label(run, mix_cfg) if label else run,
+            "pretrain_data": data, "pretrain_tokens": human_count(summary.get("tokens")),
+            "source": f"this workflow, {config.get('scale', 'toy')} scale",
+            **pretrain_compute(run, results, jobs),
+            **provenance(run, mixture, results, config),
+        }
+        for s in scores:
+            row = {**base, **{k: v for k, v in s.items() if k != "files"}}
+            out.append(row)
+    return pd.DataFrame(out).reindex(columns=COLUMNS)
+
+
+def with_average(df: pd.DataFrame) -> pd.DataFrame:
+    vals = df[BENCHMARKS].apply(pd.to_numeric, errors="coerce")
+    # The mean of the five reproduced benchmarks, only where all five exist (never a partial mean).
+    df["avg_5"] = vals.mean(axis=1).where(vals.notna().all(axis=1)).round(2)
+    return df
+
+
+def table3_runs(config: dict) -> list[str]:
+    rep = report_settings(config)
+    if rep.get("table3_runs"):
+        return list(rep["table3_runs"])
+    mixtures = config.get("mixtures") or {}
+    return [name for name, run in (config.get("runs") or {}).items()
+            if (mixtures.get(run.get("mixture")) or {}).get("paper_id") in TABLE3_IDS]
+
+
+def build(table: str, config: dict | None = None, results: Path | None = None) -> pd.DataFrame:
+    config = config or {}
+    results = Path(results) if results is not None else REPO_ROOT / "results"
+    paper = paper_rows(table, config)
+    jobs = job_rows(results / "benchmarks", results) if (results / "benchmarks").is_dir() else None
+    if table == "table4":
+        run = config.get("table4_run")
+        ours = reproduced_rows(table, [run] if run else [], config, results, jobs=jobs)
+        df = pd.concat([paper, ours], ignore_index=True) if len(ours) else paper
+    else:
+        ours = reproduced_rows(table, table3_runs(config), config, results,
+                               label=lambda run, mix: str(mix.get("paper_id", "")), jobs=jobs)
+        # Each paper row, then the reproduced rows of the same mixture id; others after.
+        parts = []
+        for pid in paper["row"]:
+            parts.append(paper[paper["row"] == pid])
+            if len(ours):
+                parts.append(ours[ours["row"] == pid])
+        if len(ours):
+            parts.append(ours[~ours["row"].isin(paper["row"])])
+        df = pd.concat([p for p in parts if len(p)], ignore_index=True)
+    return with_average(df.reindex(columns=COLUMNS)).reset_index(drop=True)
+
+
+# ------------------------------------------------------------------------------------------ HTML
+
+def to_html(df: pd.DataFrame, title: str, note: str = "") -> str:
+    """A standalone page: the table, paper rows white and reproduced rows tinted, provenance in a
+    second table below (its hashes are too wide for the main one)."""
+    shown = [c for c in COLUMNS if c not in PROVENANCE and c != "table"]
+    hours = {c: (lambda v: f"{v:.4g}") for c in ("pretrain_gpu_hours", "pretrain_wall_hours")}
+    body = html_page.table(df, shown, row_class=lambda r: "paper" if r["scale"] == "paper" else "repro",
+                           table_id="results", fmt=hours)
+    prov = df[df["scale"] != "paper"]
+    if len(prov):
+        body += ("<h2>Provenance of reproduced rows</h2>"
+                 + html_page.table(prov, ["row", "run", "protocol", *PROVENANCE], css_class="prov"))
+    return html_page.page(title, note, body)
+
+
+TITLES = {
+    "table4": ("Table 4: the final model beside the paper's",
+               ("Scores in percent on five benchmarks the workflow reproduces; scale and protocol on every "
+                "row; tinted rows are this workflow's. avg_5 averages those five (paper_avg_8 is the "
+                "paper's own average over eight).")),
+    "table3": ("Table 3: data-mixture ablation beside the paper's",
+               ("Each paper row (1 = CCS, 2 = DataComp-DFN, 3 = LAION, 4 = DataComp-MLM-Filter&DFN) is "
+                "followed by the reproduced runs of the same mixture (tinted).")),
+}
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("table", choices=["table3", "table4"])
     ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--html", type=Path, default=None, help="also write the table as a standalone page")
+    ap.add_argument("--results", type=Path, default=Path("results"))
+    ap.add_argument("--config-json", default="{}", help="the resolved workflow config as JSON")
     args = ap.parse_args(argv)
-    df = build(args.table)
+    df = build(args.table, json.loads(args.config_json), args.results)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
     df.to_csv(args.out, index=False)
+    if args.html:
+        args.html.parent.mkdir(parents=True, exist_ok=True)
+        args.html.write_text(to_html(df, *TITLES[args.table]))
     n_repro = int((df["scale"] != "paper").sum())
     print(f"{args.out}: {len(df)} rows ({n_repro} reproduced)")
 

@@ -1,0 +1,435 @@
+"""Report stage: compute accounting from benchmark files, the paper-scale projection, result tables
+with provenance, plots, and the report rules in the DAG."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from conftest import REPO, snakemake
+from PIL import Image
+
+from oqvl.report import compute, plots, tables
+from oqvl.report.compute import ModelCost, flop_factors, flops_per_token, project_hours
+
+HEADER = ("s\th:m:s\tmax_rss\tmax_vms\tmax_uss\tmax_pss\tio_in\tio_out\tmean_load\tcpu_time\tjobid\t"
+          "rule_name\twildcards\tparams\tthreads\tcpu_usage\tresources\tinput_size_mb")
+TOY_HEAD = 8214 * 128  # toy preset: vocab x hidden, tied
+
+
+def bench(path: Path, s, cpu, rss, rule, wildcards, params, threads, resources):
+    """One extended benchmark record, as Snakemake 9 writes it (Python reprs for the dicts)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rec = [f"{s:.2f}", "0:00:00", rss, "1.0", "1.0", "1.0", "0.00", "0.00", "0.00", cpu, "3", rule,
+           repr(wildcards), repr(params), str(threads), "10.0", repr(resources), "{}"]
+    path.write_text(HEADER + "\n" + "\t".join(map(str, rec)) + "\n")
+
+
+def eval_file(path: Path, run, bench_name, scores, chance=25.0, below=()):
+    """An evaluation file as oqvl.evaluate writes it: percentages, both protocols, the headline
+    accuracy first, then a descriptive metric with no chance level."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for proto, v in scores.items():
+        rows.append({"run": run, "benchmark": bench_name, "protocol": proto, "metric": "accuracy", "value": v,
+                     "n": 200, "chance": chance, "control": chance + 1, "above_chance": bench_name not in below})
+        rows.append({"run": run, "benchmark": bench_name, "protocol": proto, "metric": "yes_ratio", "value": 51.5,
+                     "n": 200, "chance": None, "control": None, "above_chance": None})
+    path.write_text(json.dumps(rows))
+
+
+TOY_PARAMS = {"vision": 820_000, "projector": 33_000, "lm": 1_788_000, "total": 2_641_000}
+
+
+def summary(run, stage, **over):
+    s = {"stage": stage, "run": run, "steps": 50, "tokens": 400_000, "loss_tokens": 100_000,
+         "sequences": 800, "seconds": 100.0, "tokens_per_s": 4000.0, "world_size": 1, "device": "cpu",
+         "gpus": 0, "threads": 2, "params": TOY_PARAMS,
+         "trainable_params": TOY_PARAMS["projector"] + TOY_PARAMS["lm"], "final_loss": 3.2}
+    s.update(over)
+    return s
+
+
+def write_json(path: Path, obj):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(obj))
+
+
+SCORES = {"MMBench": (62.0, 60.0), "SEEDBench": (55.0, 54.0), "MMStar": (41.0, 40.0),
+          "MathVista": (30.0, 29.0), "POPE": (81.0, 80.0)}
+
+
+@pytest.fixture
+def world(tmp_path):
+    """A results tree: data-stage jobs, a GPU pretraining job, a CPU-only GPU rule, an evaluated run
+    (r12, mixture 1+2) and a trained but unevaluated run (r13, mixture 1+3)."""
+    res = tmp_path / "results"
+    b = res / "benchmarks"
+    res_ = {"tmpdir": "/tmp", "_nodes": 1, "_cores": 2}
+    bench(b / "raw" / "download_ccs.tsv", 36.0, 18.0, 1030.25, "download", {"source": "ccs"},
+          {"options": "{}"}, 2, {**res_, "mem_mb": 4000})
+    write_json(res / "raw" / "ccs" / "accounting.json",
+               {"pairs_in": 300, "samples_in_shards": 291, "failures": 9, "shards": 3})
+    # A GPU rule run under --resources gpu=0: Snakemake records gpu 0.
+    bench(b / "filter" / "clip_score_ccs.tsv", 72.0, 130.0, 900.0, "clip_score", {"source": "ccs"},
+          {"model": "toy"}, 2, {**res_, "gpu": 0})
+    write_json(res / "filter" / "ccs" / "clip_score_stats.json", {"scored": 280, "failed": 8})
+    # A job faster than Snakemake's sampling interval: memory and CPU time are NA.
+    (b / "report").mkdir(parents=True)
+    (b / "report" / "table4.tsv").write_text(
+        HEADER + "\n0.40\t0:00:00\tNA\tNA\tNA\tNA\tNA\tNA\tNA\tNA\t0\ttable4\t{}\t{}\t1\tNA\t"
+        "{'tmpdir': '/tmp', '_nodes': 1, '_cores': 1}\t{}\n")
+    bench(b / "pack" / "ccs+datacomp.tsv", 18.0, 17.0, 500.0, "pack", {"mixture": "ccs+datacomp"}, {}, 1, res_)
+    write_json(res / "packed" / "ccs+datacomp" / "stats.json",
+               {"sequences": 40, "documents_packed": 100, "text_tokens": 2000, "real_tokens": 3800})
+    write_json(res / "packed" / "ccs+laion" / "stats.json",
+               {"sequences": 30, "documents_packed": 80, "text_tokens": 1600, "real_tokens": 3040})
+    write_json(res / "mixtures" / "ccs+datacomp" / "manifest.json",
+               {"stage": "mixture", "counts": {"ccs": 60, "datacomp": 40, "total": 100},
+                "code_version": "abc123", "files": {}})
+    # r12: pretrained on 2 GPUs (granted and reported), evaluated on both protocols.
+    bench(b / "train" / "pretrain_r12.tsv", 3600.0, 3500.0, 20000.0, "pretrain", {"run": "r12"}, {}, 8,
+          {**res_, "gpu": 2})
+    write_json(res / "runs" / "r12" / "pretrain" / "summary.json",
+               summary("r12", "pretrain", device="NVIDIA H100 80GB HBM3", gpus=2, world_size=2,
+                       tokens=7_200_000, loss_tokens=1_800_000, tokens_per_s=2400.0))
+    for name, (p, l) in SCORES.items():
+        eval_file(res / "runs" / "r12" / "eval" / f"{name}.json", "r12", name, {"paper": p, "lmms": l},
+                  below=("MathVista",))
+    bench(b / "eval" / "eval_r12_POPE.tsv", 60.0, 55.0, 3000.0, "evaluate", {"run": "r12", "benchmark": "POPE"},
+          {}, 1, res_)
+    # r13: pretrained on the CPU, never evaluated.
+    bench(b / "train" / "pretrain_r13.tsv", 120.0, 230.0, 2500.0, "pretrain", {"run": "r13"}, {}, 2, res_)
+    write_json(res / "runs" / "r13" / "pretrain" / "summary.json", summary("r13", "pretrain"))
+    return res
+
+
+CONFIG = {
+    "scale": "toy",
+    "model": {"visual_tokens_pretrain": 16, "visual_tokens_sft": 64},
+    "mixtures": {"ccs+datacomp": {"paper_id": "1+2", "sources": ["ccs", "datacomp"]},
+                 "ccs+laion": {"paper_id": "1+3", "sources": ["ccs", "laion"]}},
+    "runs": {"r12": {"mixture": "ccs+datacomp"}, "r13": {"mixture": "ccs+laion"}},
+    "table4_run": "r12",
+}
+
+
+# ------------------------------------------------------------------------------------ accounting
+
+def jobs_of(res):
+    return compute.job_rows(res / "benchmarks", res).set_index("job")
+
+
+def test_job_recorded_with_gpu_0_costs_no_gpu_hours(world):
+    row = jobs_of(world).loc["clip_score[source=ccs]"]
+    assert row["gpus"] == 0 and row["gpu_h"] == 0
+    assert row["device"] == "cpu"
+    assert row["wall_h"] == pytest.approx(72 / 3600)
+    assert row["cpu_h"] == pytest.approx(130 / 3600)
+    assert row["peak_mem_mb"] == pytest.approx(900.0)
+    # Per core: 288 pairs (scored + failed) over 72 s on 2 threads.
+    assert row["work"] == 288 and row["work_unit"] == "pairs"
+    assert row["throughput"] == pytest.approx(288 / (72 * 2))
+    assert row["throughput_unit"] == "pairs/s/core"
+    assert row["stage"] == "filter"
+
+
+def test_gpu_job_hours_and_throughput_per_gpu(world):
+    row = jobs_of(world).loc["pretrain[run=r12]"]
+    assert row["gpus"] == 2
+    assert row["gpu_h"] == pytest.approx(2.0)  # 2 GPUs x 1 h
+    assert row["device"] == "NVIDIA H100 80GB HBM3"
+    assert row["stage"] == "pretrain" and row["run"] == "r12"
+    assert row["throughput"] == pytest.approx(7_200_000 / (3600 * 2))
+    assert row["throughput_unit"] == "tokens/s/gpu"
+
+
+def test_work_done_per_stage_and_missing_values(world):
+    jobs = jobs_of(world)
+    assert jobs.loc["download[source=ccs]", "work"] == 300
+    assert jobs.loc["pack[mixture=ccs+datacomp]", "work_unit"] == "sequences"
+    assert jobs.loc["pack[mixture=ccs+datacomp]", "work"] == 40
+    assert jobs.loc["evaluate[benchmark=POPE,run=r12]", "work"] == 200  # both protocols, same 200 questions
+    fast = jobs.loc["table4"]
+    assert fast["wall_h"] == pytest.approx(0.4 / 3600)
+    assert math.isnan(fast["cpu_h"]) and math.isnan(fast["peak_mem_mb"]) and math.isnan(fast["work"])
+    assert fast["gpu_h"] == 0
+
+
+def test_repeated_benchmark_is_averaged(tmp_path):
+    path = tmp_path / "b" / "raw" / "x.tsv"
+    bench(path, 10.0, 5.0, 100.0, "generate_pairs", {"source": "ccs"}, {"n_pairs": 50}, 1, {"_cores": 1})
+    lines = path.read_text().splitlines()
+    path.write_text("\n".join([lines[0], lines[1], lines[1].replace("10.00", "20.00", 1)]) + "\n")
+    row = compute.job_rows(tmp_path / "b", tmp_path).iloc[0]
+    assert row["wall_h"] == pytest.approx(15 / 3600)
+    assert row["work"] == 50 and row["throughput"] == pytest.approx(50 / 15)
+    assert "2 repeats" in row["note"]
+
+
+def test_reads_a_record_snakemake_wrote(tmp_path):
+    # Copied from a real benchmark file of this workflow (rule download, default config).
+    real = (HEADER + "\n39.74\t0:00:39\t1030.25\t6795.86\t621.76\t733.71\t3.91\t0.89\t19.78\t8.37\t5\tdownload\t"
+            "{'source': 'laion'}\t{'options': '{\"encode_format\":\"jpg\",\"threads\":8}'}\t2\t786.09\t"
+            "{'tmpdir': '/tmp', '_nodes': 1, 'mem_mb': 4000, 'mem': '4 GB', 'mem_mib': 3815, '_cores': 2}\t"
+            "{'results/raw/laion/pairs.parquet': 0.1616373062133789}\n")
+    path = tmp_path / "benchmarks" / "raw" / "download_laion.tsv"
+    path.parent.mkdir(parents=True)
+    path.write_text(real)
+    job = compute.parse_job(path, tmp_path / "benchmarks")
+    assert (job.rule, job.wildcards, job.threads, job.gpus) == ("download", {"source": "laion"}, 2, 0)
+    assert (job.wall_s, job.cpu_s, job.peak_mem_mb, job.stage) == (39.74, 8.37, 1030.25, "raw")
+
+
+def test_compute_csv(world, tmp_path):
+    out = tmp_path / "compute.csv"
+    compute.main(["--benchmarks", str(world / "benchmarks"), "--results", str(world),
+                  "--config-json", json.dumps(CONFIG), "--out", str(out), "--html", str(tmp_path / "c.html")])
+    df = pd.read_csv(out)
+    assert list(df.columns) == compute.COLUMNS
+    assert (df["row_type"] == "job").sum() == 7
+    assert (df["row_type"] == "projection").sum() == 2  # r12 and r13 pretrained
+    paper = df[df["row_type"] == "paper"].set_index("job")
+    assert paper.loc["Open-Qwen2VL v1", "gpu_h"] == 442 and paper.loc["Open-Qwen2VL v2", "gpu_h"] == 220
+    assert paper["device"].eq("A100-40G").all()
+    assert "442" in (tmp_path / "c.html").read_text()
+
+
+# ------------------------------------------------------------------------------------ projection
+
+def test_flop_factors():
+    assert flop_factors(("projector", "lm")) == {"vision": 2, "projector": 6, "lm": 6}
+    assert flop_factors(("lm",)) == {"vision": 2, "projector": 2, "lm": 6}
+    # Frozen below a trained part: the input gradient is still computed (4 per parameter).
+    assert flop_factors(("vision",)) == {"vision": 6, "projector": 4, "lm": 4}
+    assert flop_factors(("vision", "projector", "lm")) == {"vision": 6, "projector": 6, "lm": 6}
+
+
+def test_flops_per_token_by_hand():
+    m = ModelCost(vision_params=10, projector_params=3, lm_params=100, lm_head_params=40,
+                  patches_per_image=4, visual_tokens=2)
+    # L = 2 + 6 + 2 = 10; head on (6 + 1) / 10 of tokens; vision frozen (2), projector trained (6).
+    lm = 6 * (60 + 40 * 0.7)
+    per_image = 2 * 10 * 4 + 6 * 3 * 2
+    assert flops_per_token(m, 6) == pytest.approx(lm + per_image / 10)
+    assert flops_per_token(m, 6, loss_fraction=1.0) == pytest.approx(6 * 100 + per_image / 10)
+
+
+def test_project_hours():
+    # 1000 tokens/s at 1e9 FLOP/token = 1e12 FLOP/s; 5e9 tokens at 1e10 FLOP/token = 5e19 FLOPs.
+    assert project_hours(1000, 1e9, 1e10, 5e9) == pytest.approx(5e19 / 1e12 / 3600)
+    # Same model: just tokens over throughput.
+    assert project_hours(2500, 7e9, 7e9, 5e9) == pytest.approx(5e9 / 2500 / 3600)
+    assert project_hours(2000, 1e9, 1e10, 5e9) == pytest.approx(project_hours(1000, 1e9, 1e10, 5e9) / 2)
+
+
+def test_paper_model_numbers():
+    proj = compute.report_settings({})["projection"]
+    assert proj["lm_head_params"] == 151936 * 1536
+    assert proj["projector_params"] == (1152 * 1536 + 1536) + (1536 * 1536 + 1536)
+    assert compute.patches_from_open_clip_config("ViT-SO400M-14-SigLIP-384") == proj["patches_per_image"] == 729
+    assert compute.patches_from_open_clip_config("toy-vit-p8-sigmoid") == 64
+    assert proj["visual_tokens"] == 144 and proj["tokens"] == 5e9
+    # The config files carry the same numbers as the defaults.
+    import yaml
+
+    for name in ("default", "ci", "full"):
+        rep = yaml.safe_load((REPO / "config" / f"{name}.yaml").read_text())["report"]
+        assert rep["paper_gpu_hours"] == {"v1": 442, "v2": 220}
+        assert {k: rep["projection"][k] for k in rep["projection"]} == {k: proj[k] for k in rep["projection"]}
+
+
+def test_projection_rows_by_hand(world):
+    rows = {r["run"]: r for r in compute.projection_rows(CONFIG, world)}
+    proj = compute.report_settings({})["projection"]
+    # r13: toy model on the CPU, 4000 tokens/s; captions 1600 / 80 = 20 tokens; L = 16 + 20 + 2.
+    p = TOY_PARAMS
+    f_toy = 6 * ((p["lm"] - TOY_HEAD) + TOY_HEAD * 100_000 / 400_000) + (2 * p["vision"] * 64 + 6 * p["projector"] * 16) / 38
+    L = 144 + 20 + 2
+    f_paper = (6 * ((proj["lm_params"] - proj["lm_head_params"]) + proj["lm_head_params"] * 21 / L)
+               + (2 * proj["vision_params"] * 729 + 6 * proj["projector_params"] * 144) / L)
+    hours = 5e9 * f_paper / (4000 * f_toy) / 3600
+    r13 = rows["r13"]
+    assert r13["wall_h"] == pytest.approx(hours, rel=1e-9)
+    assert r13["gpu_h"] == 0 and r13["cpu_h"] == pytest.approx(hours * 2)  # 2 threads
+    assert r13["device"] == "cpu"
+    # r12 ran on 2 GPUs: 1200 tokens/s per GPU; captions 2000 / 100 = 20 tokens.
+    f_toy12 = 6 * ((p["lm"] - TOY_HEAD) + TOY_HEAD * 0.25) + (2 * p["vision"] * 64 + 6 * p["projector"] * 16) / 38
+    r12 = rows["r12"]
+    assert r12["gpu_h"] == pytest.approx(5e9 * f_paper / (1200 * f_toy12) / 3600, rel=1e-9)
+    assert r12["device"] == "NVIDIA H100 80GB HBM3"
+    paper = [r for r in compute.projection_rows(CONFIG, world) if r["row_type"] == "paper"]
+    v2 = next(r for r in paper if r["job"].endswith("v2"))
+    rate = 5e9 * f_paper / (220 * 3600)
+    assert f"{rate / 312e12:.0%}" in v2["note"]
+
+
+def test_projection_from_a_paper_scale_run_is_tokens_over_throughput(world):
+    # A run of the paper's own model (preset with a released LM): the FLOP ratio is 1, so the
+    # projection is 5B tokens at the measured rate per GPU.
+    path = world / "runs" / "r12" / "pretrain" / "summary.json"
+    s = json.loads(path.read_text())
+    s["train_config"] = {"preset": "open-qwen2vl"}
+    s["loss_tokens"] = s["tokens"] * 21 / 166  # caption + EOS of 144 + 20 + 2, as the formula assumes
+    path.write_text(json.dumps(s))
+    cfg = {**CONFIG, "report": {"projection": {"text_tokens_per_image": 20}}}
+    r12 = next(r for r in compute.projection_rows(cfg, world) if r["run"] == "r12")
+    assert r12["gpu_h"] == pytest.approx(5e9 / 1200 / 3600)
+
+
+def test_projection_without_packed_stats_says_so(world):
+    cfg = {**CONFIG, "runs": {"r12": {"mixture": "gone"}, "r13": {"mixture": "ccs+laion"}}}
+    rows = {r["run"]: r for r in compute.projection_rows(cfg, world) if r["row_type"] == "projection"}
+    assert rows["r12"]["note"].startswith("not projected")
+    assert math.isnan(rows["r12"]["gpu_h"])
+
+
+def test_measured_trained_parts():
+    s = summary("r", "pretrain")
+    assert compute.trained_parts(s, ["lm"]) == ("projector", "lm")
+    s["trainable_params"] = sum(TOY_PARAMS[k] for k in ("vision", "projector", "lm"))
+    assert compute.trained_parts(s, ["lm"]) == ("vision", "projector", "lm")
+    del s["trainable_params"]
+    assert compute.trained_parts(s, ["lm"]) == ("lm",)
+
+
+# ---------------------------------------------------------------------------------------- tables
+
+def test_table4_paper_rows_only_without_a_run(world):
+    df = tables.build("table4", {k: v for k, v in CONFIG.items() if k not in ("runs", "table4_run")}, world)
+    assert list(df.columns) == tables.COLUMNS
+    assert (df["scale"] == "paper").all() and (df["protocol"] == "paper").all()
+    ours = df.set_index("row").loc["Open-Qwen2VL-2B"]
+    assert ours["MMBench"] == 80.9 and ours["pretrain_gpu_hours"] == 220 and ours["pretrain_device"] == "A100-40G"
+    assert "442 (v1)" in ours["source"]
+    assert df[tables.PROVENANCE].isna().all().all()  # provenance belongs to reproduced rows
+
+
+def test_table4_reproduced_rows_with_provenance(world):
+    df = tables.build("table4", CONFIG, world)
+    ours = df[df["scale"] == "toy"].set_index("protocol")
+    assert list(ours.index) == ["paper", "lmms"]
+    assert (ours["run"] == "r12").all() and (ours["row"] == "r12").all()
+    for name, (p, l) in SCORES.items():
+        assert ours.loc["paper", name] == pytest.approx(p)
+        assert ours.loc["lmms", name] == pytest.approx(l)
+    assert ours.loc["paper", "avg_5"] == pytest.approx(np.mean([v[0] for v in SCORES.values()]), abs=0.01)
+    # The headline metric's verdict; a descriptive metric's null verdict lists nothing.
+    assert ours.loc["paper", "not_above_chance"] == "MathVista"
+    assert ours.loc["paper", "pretrain_tokens"] == "7.2M"
+    assert ours.loc["paper", "pretrain_gpu_hours"] == pytest.approx(2.0)
+    assert ours.loc["paper", "pretrain_device"] == "NVIDIA H100 80GB HBM3"
+    assert ours.loc["paper", "pretrain_data"] == "ccs+datacomp (1+2), 100 pairs"
+    # Provenance on every reproduced row.
+    assert ours["code_version"].eq("abc123").all()  # from the upstream manifest
+    assert ours["config_hash"].str.fullmatch(r"[0-9a-f]{16}").all()
+    lock = hashlib.sha256((REPO / "requirements.lock").read_bytes()).hexdigest()[:16]
+    assert ours["lock_hash"].eq(lock).all()
+    assert ours["container_image"].fillna("").eq("").all()  # none ran here: empty, not guessed
+    pope = world / "runs" / "r12" / "eval" / "POPE.json"
+    assert f"results/runs/r12/eval/POPE.json:{hashlib.sha256(pope.read_bytes()).hexdigest()[:16]}" in ours.loc["paper", "input_hashes"]
+    assert "results/mixtures/ccs+datacomp/manifest.json:" in ours.loc["paper", "input_hashes"]
+    # The report section is presentation only: it does not change the config hash.
+    other = tables.build("table4", {**CONFIG, "report": {"paper_device": "x"}}, world)
+    assert other.loc[other["scale"] == "toy", "config_hash"].tolist() == ours["config_hash"].tolist()
+
+
+def test_preferred_metric_from_config(world):
+    cfg = {**CONFIG, "report": {"metrics": {"POPE": "yes_ratio"}}}
+    df = tables.build("table4", cfg, world)
+    ours = df[df["scale"] == "toy"].set_index("protocol")
+    assert ours.loc["paper", "POPE"] == 51.5 and ours.loc["paper", "MMBench"] == 62.0
+
+
+def test_missing_benchmark_is_empty_and_no_partial_average(world):
+    (world / "runs" / "r12" / "eval" / "MathVista.json").unlink()
+    df = tables.build("table4", CONFIG, world)
+    ours = df[df["scale"] == "toy"]
+    assert len(ours) == 2 and ours["MathVista"].isna().all() and ours["avg_5"].isna().all()
+
+
+def test_table3_rows_of_evaluated_runs_beside_the_paper(world):
+    df = tables.build("table3", CONFIG, world)
+    assert list(df["row"]) == ["1+2", "1+2", "1+2", "1+3", "1+2+3", "1+4"]
+    assert list(df["scale"]) == ["paper", "toy", "toy", "paper", "paper", "paper"]
+    assert not (df["run"] == "r13").any()  # trained, never evaluated: absent, not filled in
+    paper12 = df.iloc[0]
+    assert paper12["avg_5"] == pytest.approx(np.mean([75.6, 68.9, 39.6, 28.6, 79.2]), abs=0.01)
+    assert paper12["paper_avg_8"] == 55.3
+    assert df.iloc[1][tables.PROVENANCE[:3]].notna().all()
+
+
+def test_table_cli_and_html(world, tmp_path):
+    out, page = tmp_path / "t4.csv", tmp_path / "t4.html"
+    tables.main(["table4", "--results", str(world), "--config-json", json.dumps(CONFIG),
+                 "--out", str(out), "--html", str(page)])
+    df = pd.read_csv(out)
+    text = page.read_text()
+    assert text.count('<tr class="paper">') == (df["scale"] == "paper").sum() == 4
+    assert text.count('<tr class="repro">') == (df["scale"] == "toy").sum() == 2
+    assert "Provenance of reproduced rows" in text and "80.9" in text
+
+
+# ----------------------------------------------------------------------------------------- plots
+
+def test_plots(world, tmp_path):
+    for stage, base in (("pretrain", 5.0), ("sft", 2.0)):
+        log = world / "runs" / "r12" / stage / "train_log.jsonl"
+        log.parent.mkdir(parents=True, exist_ok=True)
+        log.write_text("".join(json.dumps({"step": i + 1, "loss": base / (1 + i), "lr": 1e-3, "tokens": 1000,
+                                           "tokens_per_s": 900.0, "grad_norm": 1.0}) + "\n" for i in range(20)))
+    t3, c = tmp_path / "t3.csv", tmp_path / "c.csv"
+    tables.build("table3", CONFIG, world).to_csv(t3, index=False)
+    compute.build(world / "benchmarks", world, CONFIG).to_csv(c, index=False)
+    out = tmp_path / "plots"
+    plots.main(["--table3", str(t3), "--compute", str(c), "--results", str(world),
+                "--config-json", json.dumps(CONFIG), "--out-dir", str(out)])
+    for name in plots.PLOTS.values():
+        img = np.asarray(Image.open(out / name).convert("RGB"))
+        assert img.shape[0] > 200 and img.shape[1] > 600
+        assert img.std() > 10  # something was drawn, not a blank canvas
+    # The loss panels draw r12's curve (matplotlib's first colour); the scores panel both bar colours.
+    loss = np.asarray(Image.open(out / plots.PLOTS["loss"]).convert("RGB")).reshape(-1, 3)
+    assert (np.abs(loss.astype(int) - (0x1F, 0x77, 0xB4)).sum(axis=1) < 6).sum() > 300
+    scores = np.asarray(Image.open(out / plots.PLOTS["scores"]).convert("RGB")).reshape(-1, 3)
+    for rgb in ((0x9B, 0xB7, 0xD4), (0xE3, 0xA1, 0x3B)):
+        assert (np.abs(scores.astype(int) - rgb).sum(axis=1) < 6).sum() > 200, rgb
+
+
+def test_plots_before_any_run(tmp_path):
+    t3, c = tmp_path / "t3.csv", tmp_path / "c.csv"
+    tables.build("table3", {}, tmp_path).to_csv(t3, index=False)
+    pd.DataFrame(columns=compute.COLUMNS).to_csv(c, index=False)
+    plots.main(["--table3", str(t3), "--compute", str(c), "--results", str(tmp_path), "--out-dir", str(tmp_path)])
+    assert all((tmp_path / n).stat().st_size > 1000 for n in plots.PLOTS.values())
+
+
+# ----------------------------------------------------------------------------------------- rules
+
+def effective_config(configfile):
+    """The config Snakemake runs with: the given file merged over config/default.yaml, validated."""
+    import yaml
+    from snakemake.utils import update_config
+
+    from oqvl.config import validate
+
+    cfg = yaml.safe_load((REPO / "config" / "default.yaml").read_text())
+    update_config(cfg, yaml.safe_load(configfile.read_text()))
+    return validate(cfg)
+
+
+
+def test_report_rules_in_the_dag(tmp_path):
+    ci = REPO / "config" / "ci.yaml"
+    proc = snakemake(tmp_path, "-n", "results/table3.csv", "results/compute.csv",
+                     "results/plots/compute_by_stage.png", configfile=ci)
+    out = proc.stdout + proc.stderr
+    # The tables and the accounting wait for every packed mixture, whatever runs are configured.
+    n_mixtures = len(effective_config(ci)["mixtures"])
+    for rule, count in (("compute", 1), ("table3", 1), ("plots", 1), ("pack", n_mixtures)):
+        assert out.count(f"rule {rule}:") == count, rule
