@@ -12,6 +12,8 @@ from oqvl.config import ConfigError, validate
 if not workflow.overwrite_configfiles:
     configfile: "config/default.yaml"
 
+report: "report/workflow.rst"
+
 try:
     validate(config)
 except ConfigError as e:
