@@ -31,6 +31,10 @@ def ci():
      "sources.ccs.corruption: fractions sum to"),
     (lambda c: c.update(scale="huge"), "scale: 'huge' is not one of"),
     (lambda c: c["world"].update(image_size=8), "world.image_size: 8 is less than the minimum of 16"),
+    (lambda c: c["runs"].update(extra={"mixture": "ccs+nothing"}), "runs.extra.mixture: no mixture named"),
+    (lambda c: c.update(table4_run="nope"), "table4_run: no run named 'nope'"),
+    (lambda c: c["train"]["pretrain"].update(global_batch=6), "train.pretrain.global_batch 6 is not a multiple"),
+    (lambda c: c["train"]["sft"].update(lr=0), "train.sft.lr: 0 is less than or equal to the minimum of 0"),
 ])
 def test_bad_values_name_the_key(mutate, message):
     cfg = ci()

@@ -34,8 +34,29 @@ def test_paper_config_plans_the_same_dag(tmp_path):
     out = proc.stdout + proc.stderr
     assert "import_pairs" in out and "generate_pairs" not in out
     # Paper scale uses released weights and tokenizer: nothing toy is trained or built.
-    for toy_rule in ("train_clip", "tokenizer", "filter_quality"):
+    for toy_rule in ("train_clip", "tokenizer", "filter_quality", "sft_data"):
         assert f"rule {toy_rule}:" not in out
+
+
+def test_paper_config_trains_on_8_processes_from_the_released_models(tmp_path):
+    cfg = tmp_path / "full.yaml"
+    cfg.write_text((REPO / "config" / "full.yaml").read_text())
+    for path in ("results/packed/ccs+datacomp/sequences.parquet", "data/llava_v1_5_mix665k.json"):
+        (tmp_path / path).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / path).write_text("")
+    (tmp_path / "results/mixtures/ccs+datacomp/shards").mkdir(parents=True)
+    proc = snakemake(tmp_path, "-n", "-p", "results/runs/ccs+datacomp/sft/final/config.json",
+                     "--allowed-rules", "pretrain", "sft", configfile=cfg)
+    out = proc.stdout + proc.stderr
+    pretrain = next(line for line in out.splitlines() if " -m oqvl.train pretrain " in line)
+    sft = next(line for line in out.splitlines() if " -m oqvl.train sft " in line)
+    for flag in ("--nproc-per-node 8", "--preset open-qwen2vl", "--lm-path models/Qwen2.5-1.5B-Instruct",
+                 "--visual-tokens-pretrain 144", "--visual-tokens-sft 729", "--grad-checkpointing",
+                 "--lr 5e-05", "--epochs 1", "--freeze-vision", "--doc-isolation"):
+        assert flag in pretrain, flag
+    for flag in ("--global-batch 128", "--micro-batch 2", "--lr 2e-05", "--weight-decay 0.1",
+                 "--sft-data data/llava_v1_5_mix665k.json", "--image-root data/llava_images"):
+        assert flag in sft, flag
 
 
 @pytest.mark.slow
