@@ -28,6 +28,9 @@ def test_paper_config_plans_the_same_dag(tmp_path):
         pd.DataFrame({"url": ["http://127.0.0.1:9/x.jpg"], "caption": ["c"], "text": ["c"],
                       "uid": ["u"]}).to_parquet(tmp_path / rel)
     (tmp_path / "data" / "datacomp" / "datacomp_medium_dfn_20m_inds.npy").write_bytes(b"")
+    for bench in ("MMBench/en", "SEED-Bench/data", "MMStar", "MathVista/data", "POPE/data"):
+        (tmp_path / "data" / "benchmarks" / bench).mkdir(parents=True)
+    (tmp_path / "data" / "llava_v1_5_mix665k.json").write_text("[]")
     cfg = tmp_path / "full.yaml"
     cfg.write_text(cfg_text)
     proc = snakemake(tmp_path, "-n", "results/table4.csv", configfile=cfg)

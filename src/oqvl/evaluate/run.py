@@ -1,0 +1,186 @@
+"""Evaluate one checkpoint on one benchmark: both protocols, the shuffled-image control, tidy rows.
+
+    python -m oqvl.evaluate --checkpoint results/runs/RUN/sft/final --run RUN --benchmark POPE \
+        --data-dir results/eval_data --protocols paper,lmms --batch-size 32 --max-new-tokens 32 \
+        --out results/runs/RUN/eval/POPE.json
+
+Writes, beside OUT (here results/runs/RUN/eval/POPE/):
+    tasks/                      the lmms-eval task YAMLs used, bound to DATA_DIR
+    <protocol>/results.json     lmms-eval's results JSON (the task and its _shuffled control)
+    <protocol>/samples_<task>.jsonl   lmms-eval's per-sample log of each task
+and OUT: a JSON list of tidy rows (oqvl.evaluate.tidy).
+
+lmms-eval runs in this process through its Python API (`simple_evaluate` with an
+`EvaluationTracker`, the calls its CLI makes), offline, with the model loaded once for both
+protocols. Its task index holds only our tasks: indexing its ~2,000 built-in tasks costs more than
+a toy evaluation. The `lmms-eval` command itself works too (see adapter.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from . import BENCHMARKS, PROTOCOLS
+
+
+def _offline_env() -> None:
+    # Before lmms_eval / datasets are imported: both read these at import.
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def cli_args(**overrides) -> argparse.Namespace:
+    """The lmms-eval CLI's default arguments (what its evaluator reads from them), overridden."""
+    from lmms_eval.__main__ import parse_eval_args
+
+    argv = sys.argv
+    sys.argv = ["lmms-eval"]
+    try:
+        _, args = parse_eval_args()
+    finally:
+        sys.argv = argv
+    for k, v in overrides.items():
+        setattr(args, k, v)
+    return args
+
+
+def run_protocol(lm, model_args: str, tasks: list[str], task_dir: Path, out_dir: Path,
+                 batch_size: int, verbosity: str) -> dict:
+    """lmms-eval on these tasks; its results JSON and samples JSONL end up in out_dir."""
+    from lmms_eval import evaluator, utils
+    from lmms_eval.loggers import EvaluationTracker
+    from lmms_eval.tasks import TaskManager
+
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    out_dir.mkdir(parents=True)
+    args = cli_args(model="oqvl", model_args=model_args, tasks=",".join(tasks),
+                    include_path=str(task_dir), batch_size=str(batch_size), log_samples=True,
+                    output_path=str(out_dir), verbosity=verbosity)
+    tracker = EvaluationTracker(output_path=str(out_dir))
+    stamp = utils.get_datetime_str()
+    results = evaluator.simple_evaluate(
+        model=lm, model_args=model_args, tasks=tasks, batch_size=batch_size, log_samples=True,
+        evaluation_tracker=tracker, verbosity=verbosity, bootstrap_iters=0, cli_args=args,
+        task_manager=TaskManager(verbosity, include_path=str(task_dir), include_defaults=False),
+        datetime_str=stamp)
+    if results is None:
+        raise RuntimeError(f"lmms-eval returned no results for {tasks}")
+    samples = results.pop("samples")
+    tracker.save_results_aggregated(results=results, samples=samples, datetime_str=stamp)
+    for task in tasks:
+        tracker.save_results_samples(task_name=task, samples=samples[task])
+    # Stable names instead of <model>/<timestamp>_*; files lmms-eval's own aggregations write
+    # (submissions/) stay where they are.
+    written = out_dir / tracker.general_config_tracker.model_name_sanitized
+    for src in [f"{tracker.date_id}_results.json", *(f"{tracker.date_id}_samples_{t}.jsonl" for t in tasks)]:
+        if (written / src).is_file():
+            os.replace(written / src, out_dir / src.replace(f"{tracker.date_id}_", "", 1))
+    if written.is_dir() and not any(written.iterdir()):
+        written.rmdir()
+    missing = [f for f in ["results.json", *(f"samples_{t}.jsonl" for t in tasks)]
+               if not (out_dir / f).is_file()]
+    if missing:  # lmms-eval logs a failed save and carries on
+        raise RuntimeError(f"lmms-eval did not write {missing} in {out_dir}")
+    with open(out_dir / "results.json") as f:
+        return json.load(f)
+
+
+def evaluate(checkpoint: Path, run: str, benchmark: str, data_dir: Path, protocols: list[str],
+             control: bool, batch_size: int, max_new_tokens: int | None, device: str,
+             out: Path, verbosity: str = "WARNING", lm=None) -> list[dict]:
+    """lm: an lmms-eval model to use instead of loading the checkpoint (tests)."""
+    work = out.with_suffix("")
+    work.mkdir(parents=True, exist_ok=True)
+    _offline_env()
+    # lmms-eval's datasets cache (arrow copies of the parquet files) lives and dies with this call.
+    cache = Path(tempfile.mkdtemp(prefix=".hf_datasets_", dir=work))
+    previous_cache = os.environ.get("LMMS_EVAL_DATASETS_CACHE")
+    os.environ["LMMS_EVAL_DATASETS_CACHE"] = str(cache)
+    try:
+        from .adapter import OQVL  # after _offline_env: it imports lmms_eval
+        from .schemas import check_schema, data_file
+        from .tasks import task_name, write_task_dir
+        from .tidy import read_answers, rows_for
+
+        for shuffled in ((False, True) if control else (False,)):
+            check_schema(data_file(data_dir, benchmark, shuffled), benchmark)
+        task_dir = work / "tasks"
+        write_task_dir(task_dir, data_dir, [benchmark], protocols, control)
+        if lm is None:
+            t0 = time.time()
+            lm = OQVL(pretrained=str(checkpoint), device=device, batch_size=batch_size,
+                      max_new_tokens=max_new_tokens)
+            print(f"model {checkpoint} loaded in {time.time() - t0:.1f}s", flush=True)
+        model_args = f"pretrained={checkpoint}"
+        if max_new_tokens:
+            model_args += f",max_new_tokens={max_new_tokens}"
+        answers = read_answers(data_file(data_dir, benchmark), benchmark)
+        rows = []
+        for protocol in protocols:
+            t0 = time.time()
+            tasks = [task_name(benchmark, protocol)]
+            if control:
+                tasks.append(task_name(benchmark, protocol, shuffled=True))
+            results = run_protocol(lm, model_args, tasks, task_dir, work / protocol, batch_size, verbosity)
+            for task in tasks:
+                got = results["n-samples"][task]["effective"]
+                if got != len(answers):
+                    raise RuntimeError(f"{task}: lmms-eval scored {got} rows, the data has {len(answers)}")
+            protocol_rows = rows_for(run, benchmark, protocol, results, answers, control)
+            if not protocol_rows:
+                raise RuntimeError(f"{tasks[0]}: lmms-eval reported none of its metrics")
+            rows += protocol_rows
+            head = protocol_rows[0]
+            print(f"{benchmark} {protocol}: {head['metric']} {head['value']:.2f} (chance "
+                  f"{head['chance']}, control {head['control']}, above chance {head['above_chance']}) "
+                  f"in {time.time() - t0:.1f}s", flush=True)
+    finally:
+        shutil.rmtree(cache, ignore_errors=True)
+        if previous_cache is None:
+            os.environ.pop("LMMS_EVAL_DATASETS_CACHE", None)
+        else:
+            os.environ["LMMS_EVAL_DATASETS_CACHE"] = previous_cache
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_text(json.dumps(rows, indent=1) + "\n")
+    os.replace(tmp, out)
+    return rows
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--checkpoint", type=Path, required=True,
+                    help="checkpoint directory (config.json, weights, tokenizer)")
+    ap.add_argument("--run", required=True, help="run name written into every row")
+    ap.add_argument("--benchmark", required=True, choices=BENCHMARKS)
+    ap.add_argument("--data-dir", type=Path, default=Path("results/eval_data"))
+    ap.add_argument("--protocols", default=",".join(PROTOCOLS))
+    ap.add_argument("--no-control", action="store_true", help="skip the shuffled-image control")
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--max-new-tokens", type=int, default=None,
+                    help="cap on generation length (default: each task's own)")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    ap.add_argument("--verbosity", default="WARNING")
+    ap.add_argument("--out", type=Path, required=True, help="tidy rows (JSON list)")
+    args = ap.parse_args(argv)
+    protocols = [p for p in args.protocols.split(",") if p]
+    unknown = set(protocols) - set(PROTOCOLS)
+    if unknown or not protocols:
+        raise SystemExit(f"--protocols: choose from {PROTOCOLS}, got {args.protocols!r}")
+    if args.threads:
+        import torch
+        torch.set_num_threads(args.threads)
+    t0 = time.time()
+    rows = evaluate(args.checkpoint, args.run, args.benchmark, args.data_dir, protocols,
+                    not args.no_control, args.batch_size, args.max_new_tokens, args.device, args.out,
+                    args.verbosity)
+    print(f"{len(rows)} rows -> {args.out} in {time.time() - t0:.1f}s")

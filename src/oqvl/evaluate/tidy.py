@@ -1,0 +1,174 @@
+"""Tidy result rows: one per (benchmark, protocol, metric), with chance level and control.
+
+    {"run": "ccs+laion", "benchmark": "POPE", "protocol": "paper", "metric": "accuracy",
+     "value": 71.2, "n": 1800, "chance": 50.0, "control": 50.4, "above_chance": true}
+
+Values, chance levels and controls are percentages (0-100). The first row of a protocol is its
+headline metric. `chance` is the best score an answerer that never looks at the image can expect
+on this data: 1/options for lettered questions ((1/k)^k for MMBench's circular scoring, which
+needs all k copies right); for MathVista's free-form questions the share of the most common answer
+of their answer type (integer, float, ...); for POPE the majority answer's share (accuracy) and the
+F1 of always answering "yes"; 50 for AUC. What a model can learn from the question text alone
+(e.g. that "How many red objects are there?" is most often 0) is what the control measures.
+Metrics that describe rather than score (precision, recall, yes-ratio) have no chance level and
+`above_chance` null. `control` is the same metric with every
+image moved to another question (null when the control was not run).
+
+`above_chance` is true only if the value beats both the chance level and the control by more than
+two standard errors (binomial, n questions): a model that ignores the image, or an answer bias,
+cannot pass it.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections import Counter, defaultdict
+
+import pyarrow.parquet as pq
+
+from .schemas import CIRCULAR_OFFSET
+from .tasks import task_name
+
+Z = 2.0
+
+# (lmms-eval metric key, tidy metric name, factor to percent, chance rule); the first is the headline.
+METRICS: dict[tuple[str, str], list[tuple[str, str, float, str | None]]] = {
+    ("MMBench", "paper"): [("accuracy", "accuracy", 1, "options")],
+    ("SEEDBench", "paper"): [("accuracy", "accuracy", 1, "options")],
+    ("MMStar", "paper"): [("accuracy", "accuracy", 1, "options")],
+    ("MathVista", "paper"): [("accuracy", "accuracy", 1, "mathvista")],
+    ("POPE", "paper"): [
+        ("accuracy", "accuracy", 1, "majority"), ("f1", "f1", 1, "yes_f1"), ("auc", "auc", 1, "auc"),
+        ("precision", "precision", 1, None), ("recall", "recall", 1, None),
+        ("yes_ratio", "yes_ratio", 1, None),
+        ("accuracy_adversarial", "accuracy_adversarial", 1, "majority:adversarial"),
+        ("accuracy_popular", "accuracy_popular", 1, "majority:popular"),
+        ("accuracy_random", "accuracy_random", 1, "majority:random"),
+    ],
+    ("MMBench", "lmms"): [("gpt_eval_score", "circular_accuracy", 1, "circular")],
+    ("SEEDBench", "lmms"): [("seed_image", "accuracy", 100, "options")],
+    ("MMStar", "lmms"): [("average", "accuracy", 100, "options")],
+    ("MathVista", "lmms"): [("llm_as_judge_eval", "accuracy", 1, "mathvista")],
+    ("POPE", "lmms"): [
+        ("pope_accuracy", "accuracy", 100, "majority"), ("pope_f1_score", "f1", 100, "yes_f1"),
+        ("pope_precision", "precision", 100, None), ("pope_recall", "recall", 100, None),
+        ("pope_yes_ratio", "yes_ratio_ground_truth", 100, None),
+    ],
+}
+
+TEXT_COLUMNS = {
+    "MMBench": ["index", "A", "B", "C", "D"],
+    "SEEDBench": ["choice_a", "choice_b", "choice_c", "choice_d"],
+    "MMStar": ["question"],
+    "MathVista": ["choices", "answer", "answer_type"],
+    "POPE": ["answer", "category"],
+}
+
+
+def _present(v) -> bool:
+    return v is not None and str(v).strip() not in ("", "nan")
+
+
+def read_answers(path, benchmark: str) -> list[dict]:
+    """The benchmark's rows without images (enough for chance levels and counts)."""
+    return pq.read_table(path, columns=TEXT_COLUMNS[benchmark]).to_pylist()
+
+
+def n_options(benchmark: str, row: dict) -> int:
+    if benchmark == "MMBench":
+        return sum(_present(row[c]) for c in "ABCD")
+    if benchmark == "SEEDBench":
+        return sum(_present(row[f"choice_{c}"]) for c in "abcd")
+    if benchmark == "MMStar":
+        inline = row["question"].rsplit("Options:", 1)[-1]
+        return len(set(re.findall(r"(?:^|[\s,])([A-H]):", inline))) or 4
+    raise ValueError(benchmark)
+
+
+def chance_level(rule: str | None, benchmark: str, rows: list[dict]) -> float | None:
+    """The chance level in percent of one metric (see the module docstring)."""
+    if rule is None:
+        return None
+    if rule == "options":
+        return 100 * sum(1 / n_options(benchmark, r) for r in rows) / len(rows)
+    if rule == "circular":
+        groups = defaultdict(list)
+        for r in rows:
+            groups[r["index"] % CIRCULAR_OFFSET].append(n_options(benchmark, r))
+        return 100 * sum((1 / ks[0]) ** len(ks) for ks in groups.values()) / len(groups)
+    if rule == "mathvista":
+        by_type = defaultdict(Counter)  # best constant answer per answer type
+        for r in rows:
+            if not r["choices"]:
+                by_type[r["answer_type"]][r["answer"]] += 1
+        total = 0.0
+        for r in rows:
+            if r["choices"]:
+                total += 1 / len(r["choices"])
+            else:
+                answers = by_type[r["answer_type"]]
+                total += max(answers.values()) / sum(answers.values())
+        return 100 * total / len(rows)
+    if rule.startswith("majority"):
+        _, _, category = rule.partition(":")
+        chosen = [r for r in rows if not category or r["category"] == category]
+        if not chosen:
+            return None
+        yes = sum(r["answer"].strip().lower() == "yes" for r in chosen) / len(chosen)
+        return 100 * max(yes, 1 - yes)
+    if rule == "yes_f1":
+        p = sum(r["answer"].strip().lower() == "yes" for r in rows) / len(rows)
+        return 100 * 2 * p / (1 + p)
+    if rule == "auc":
+        return 50.0
+    raise ValueError(f"unknown chance rule {rule!r}")
+
+
+def scored_items(rule: str | None, benchmark: str, rows: list[dict]) -> int:
+    """Questions a metric is computed over (MMBench circular: questions, not rows)."""
+    if rule == "circular":
+        return len({r["index"] % CIRCULAR_OFFSET for r in rows})
+    if rule and rule.startswith("majority:"):
+        return sum(r["category"] == rule.split(":", 1)[1] for r in rows)
+    return len(rows)
+
+
+def beats(value: float, reference: float, n: int, reference_noisy: bool) -> bool:
+    """value > reference by more than Z standard errors (binomial, n items; both noisy if the
+    reference is itself measured, as the control is)."""
+    v, r = value / 100, reference / 100
+    var = r * (1 - r) / n + (v * (1 - v) / n if reference_noisy else 0.0)
+    return v - r > Z * math.sqrt(max(var, 1e-12))
+
+
+def metric_value(results: dict, task: str, key: str, factor: float) -> float | None:
+    block = results["results"].get(task)
+    if block is None:
+        raise KeyError(f"lmms-eval results have no task {task}")
+    raw = block.get(f"{key},none")
+    if raw is None or raw == "N/A":
+        # lmms-eval's MathVista aggregation reports an accuracy of 0 as None.
+        return 0.0 if key == "llm_as_judge_eval" else None
+    return float(raw) * factor
+
+
+def rows_for(run: str, benchmark: str, protocol: str, results: dict, answers: list[dict],
+             control: bool) -> list[dict]:
+    task, shuffled = task_name(benchmark, protocol), task_name(benchmark, protocol, shuffled=True)
+    out = []
+    for key, name, factor, rule in METRICS[(benchmark, protocol)]:
+        value = metric_value(results, task, key, factor)
+        if value is None:
+            continue
+        ctrl = metric_value(results, shuffled, key, factor) if control else None
+        chance = chance_level(rule, benchmark, answers)
+        n = scored_items(rule, benchmark, answers)
+        above = None
+        if chance is not None and ctrl is not None:
+            above = beats(value, chance, n, False) and beats(value, ctrl, n, True)
+        out.append({"run": run, "benchmark": benchmark, "protocol": protocol, "metric": name,
+                    "value": round(value, 4), "n": n,
+                    "chance": None if chance is None else round(chance, 4),
+                    "control": None if ctrl is None else round(ctrl, 4), "above_chance": above})
+    return out

@@ -1,0 +1,270 @@
+"""Both protocols' scorers on hand-written model outputs with known right answers, lmms-eval's
+known quirks pinned in the `lmms` protocol, and the tidy rows' chance levels and verdicts."""
+
+import argparse
+import math
+import random
+
+import pytest
+
+from oqvl.evaluate import paper
+from oqvl.evaluate.tidy import beats, chance_level, scored_items
+
+# ---------------------------------------------------------------------------- paper: letters
+
+MMBENCH_DOC = {"index": 7, "question": "What colour is the circle?", "hint": None,
+               "A": "red", "B": "blue", "C": "green", "D": "yellow", "answer": "B"}
+
+
+@pytest.mark.parametrize("output, answer, right", [
+    ("B", "B", True),
+    ("b", "B", True),
+    ("(b)", "B", True),
+    ("The answer is B", "B", True),
+    ("The answer is B", "A", True),   # substring rule: "a" occurs in "answer"
+    ("The answer is B", "C", False),
+    ("C", "B", False),
+    ("", "B", False),
+])
+def test_paper_letter_match_is_a_case_insensitive_substring_test(output, answer, right):
+    doc = dict(MMBENCH_DOC, answer=answer)
+    assert paper.mmbench_process_results(doc, [output])["accuracy"]["correct"] is right
+    seed = {"answer": answer, "question_id": "1"}
+    assert paper.seedbench_process_results(seed, [output])["accuracy"]["correct"] is right
+
+
+@pytest.mark.parametrize("output, answer, right", [
+    ("B", "B", True),
+    ("(b)", "B", False),             # case-sensitive for MMStar
+    ("b", "B", False),
+    ("The answer is B", "B", True),
+    ("The answer is B", "A", False),  # no capital A in it
+    ("(B) blue", "B", True),
+])
+def test_paper_mmstar_is_case_sensitive(output, answer, right):
+    doc = {"index": 1, "answer": answer}
+    assert paper.mmstar_process_results(doc, [output])["accuracy"]["correct"] is right
+
+
+def test_paper_prompts_end_with_answer_and_list_options():
+    text = paper.mmbench_doc_to_text(dict(MMBENCH_DOC, hint="A hint.", D=None))
+    assert text == ("A hint.\nWhat colour is the circle?\nA. red\nB. blue\nC. green\n"
+                    "Answer with the option's letter from the given choices directly.\nAnswer:")
+    assert paper.mmbench_doc_to_text(dict(MMBENCH_DOC, hint="nan")).startswith("What colour")
+    seed = {"question": "Q?", "choice_a": "1", "choice_b": "2", "choice_c": "3", "choice_d": "4"}
+    assert paper.seedbench_doc_to_text(seed).split("\n")[1:5] == ["A. 1", "B. 2", "C. 3", "D. 4"]
+    mv = {"question": "How many?", "unit": None, "choices": None}
+    assert paper.mathvista_doc_to_text(mv) == ("How many?\nAnswer the question using a single word or "
+                                               "phrase.\nAnswer:")
+    assert paper.accuracy([{"correct": True}, {"correct": False}, {"correct": True}, {"correct": True}]) == 75.0
+
+
+# ------------------------------------------------------------------------- paper: MathVista
+
+def mv_doc(answer, answer_type, choices=None, pid="1"):
+    return {"pid": pid, "answer": answer, "answer_type": answer_type, "choices": choices,
+            "question_type": "multi_choice" if choices else "free_form"}
+
+
+@pytest.mark.parametrize("output, doc, right", [
+    ("3", mv_doc("3", "integer"), True),
+    ("The answer is 3.", mv_doc("3", "integer"), True),
+    ("There are 3 objects", mv_doc("2", "integer"), False),
+    ("0.50", mv_doc("0.5", "float"), True),       # numbers compared after rounding to 2 decimals
+    ("0.5", mv_doc("0.75", "float"), False),
+    ("1,000", mv_doc("1000", "integer"), True),
+    ("[1, 2]", mv_doc("[1, 2]", "list"), True),
+    ("[2, 1]", mv_doc("[1, 2]", "list"), False),
+    ("B", mv_doc("3", "text", ["2", "3", "4", "1"]), True),
+    ("(B) 3", mv_doc("3", "text", ["2", "3", "4", "1"]), True),
+    ("The answer is (C)", mv_doc("3", "text", ["2", "3", "4", "1"]), False),
+    ("I think the correct option is the one that says blue", mv_doc("blue", "text", ["red", "blue", "green", "yellow"]), True),
+])
+def test_paper_mathvista_uses_mmmu_rules(output, doc, right):
+    assert paper.mathvista_process_results(doc, [output])["accuracy"]["correct"] is right
+
+
+def test_paper_mathvista_unparsed_choice_is_a_seeded_random_letter():
+    doc = mv_doc("3", "text", ["2", "3", "4", "1"], pid="42")
+    got = {paper.mathvista_process_results(doc, ["(b)"])["accuracy"]["parsed"] for _ in range(5)}
+    assert len(got) == 1  # the same guess every time for a question
+    expected = random.Random("mathvista-42").choice(list("ABCD"))
+    assert got == {expected}
+    picks = {paper.mathvista_process_results(mv_doc("3", "text", ["2", "3", "4", "1"], pid=str(i)),
+                                             ["no idea"])["accuracy"]["parsed"] for i in range(40)}
+    assert picks == set("ABCD")  # but not one fixed letter across questions
+
+
+def test_mmmu_parsers_directly():
+    assert paper.parse_multi_choice_response("(A) or (C)? (C)", list("ABCD"), {}, random.Random(0)) == "C"
+    assert paper.parse_multi_choice_response("A B", list("ABCD"), {}, random.Random(0)) == "B"
+    assert paper.normalize_str("2.345") == [2.35] and paper.normalize_str("b") == [" b", "b "]
+    # MMMU's three patterns, pieces of "1,234" and "1e3" included
+    assert paper.extract_numbers("1,234 and 5.5 and 1e3") == ["1,234", "1e3", "234", "5.5", "3"]
+    assert 12.0 in paper.parse_open_response("so the result is 12")
+
+
+# ------------------------------------------------------------------------------ paper: POPE
+
+def pope_item(answer, ll_yes, ll_no, category="random", as_str=False):
+    res = [(ll_yes, False), (ll_no, False)]
+    if as_str:  # what lmms-eval 0.7.3 hands over
+        res = [str(r) for r in res]
+    doc = {"question_id": "1", "category": category, "answer": answer}
+    return paper.pope_process_results(doc, res)["accuracy"]
+
+
+def test_paper_pope_compares_yes_and_no_likelihoods():
+    assert pope_item("yes", -0.1, -2.0)["pred"] == "yes"
+    assert pope_item("yes", -2.0, -0.1)["pred"] == "no"
+    assert pope_item("no", -0.25, -3.5, as_str=True) == pope_item("no", -0.25, -3.5)
+    assert paper.loglikelihood_result("(-1.2345678901234567, True)") == (-1.2345678901234567, True)
+    items = [pope_item("yes", 0, -1), pope_item("yes", -1, 0), pope_item("no", 0, -1),
+             pope_item("no", -1, 0, "adversarial")]
+    assert paper.pope_accuracy(items) == 50.0
+    assert paper.pope_precision(items) == 50.0 and paper.pope_recall(items) == 50.0
+    assert paper.pope_f1(items) == 50.0
+    assert paper.pope_yes_ratio(items) == 50.0  # the model's answers
+    assert paper.pope_accuracy_adversarial(items) == 100.0 and paper.pope_accuracy_popular(items) is None
+    all_yes = [pope_item(a, 0, -1) for a in ("yes", "no", "yes", "no")]
+    assert paper.pope_yes_ratio(all_yes) == 100.0
+    assert paper.pope_f1(all_yes) == pytest.approx(200 / 3)
+
+
+def test_paper_pope_auc():
+    perfect = [pope_item("yes", 0, -m) for m in (1, 2)] + [pope_item("no", -m, 0) for m in (1, 2)]
+    assert paper.pope_auc(perfect) == 100.0
+    tied = [pope_item(a, 0, 0) for a in ("yes", "no")]
+    assert paper.pope_auc(tied) == 50.0
+    assert paper.pope_auc([pope_item("yes", 0, 1)]) is None
+
+
+# -------------------------------------------------------------------- lmms: reused, quirks kept
+
+def test_lmms_seedbench_credits_only_the_first_character():
+    from lmms_eval.tasks.seedbench.utils import (
+        seed_aggregation_result,
+        seed_process_result,
+    )
+
+    doc = {"answer": "B", "data_type": "image", "question_id": "1"}
+    score = [seed_aggregation_result([seed_process_result(doc, [o])["seed_image"]])
+             for o in ("B", "b", "B. blue", "The answer is B", "(B)")]
+    assert score == [1.0, 1.0, 1.0, 0.0, 0.0]
+
+
+def test_lmms_pope_needs_the_exact_word_and_reports_the_ground_truths_yes_ratio():
+    from lmms_eval.tasks.pope import utils as pope
+
+    items = [pope.pope_process_results({"answer": a, "question_id": str(i)}, [o])["pope_accuracy"]
+             for i, (a, o) in enumerate([("yes", "Yes."), ("yes", "yes"), ("no", "No"), ("no", "yes")])]
+    assert pope.pope_aggregate_accuracy(items) == 0.5     # "Yes." is wrong
+    assert pope.pope_aggregate_precision(items) == 0.5
+    assert pope.pope_aggregate_recall(items) == 1.0       # "Yes." is not a false negative either
+    assert pope.pope_aggregate_yes_ratio(items) == 0.5    # the ground truth's share, not the model's
+
+
+def test_lmms_mmstar_extracts_letters():
+    from lmms_eval.tasks.mmstar.utils import (
+        mmstar_aggregate_results,
+        mmstar_process_results,
+    )
+
+    doc = {"answer": "B", "category": "fine-grained perception", "l2_category": "recognition", "index": 1}
+    got = [mmstar_process_results(doc, [o])["average"]["score"]
+           for o in ("(B)", "The answer is B", "B. blue", "b", "(b)")]
+    assert got == [1.0, 1.0, 1.0, 0.0, 0.0]
+    items = [{"score": s, "l2_category": c} for s, c in [(1, "x"), (0, "x"), (1, "y")]]
+    assert mmstar_aggregate_results(items) == 0.75  # mean of the l2 means, not of the items
+
+
+def test_lmms_mmbench_circular_static_scoring(tmp_path):
+    from lmms_eval.tasks.mmbench import en_utils
+
+    def rows(q, answers_and_outputs):
+        out = []
+        for k, (answer, output) in enumerate(answers_and_outputs):
+            doc = {"index": q + k * 1_000_000, "question": "Q?", "answer": answer, "hint": None,
+                   "source": "t", "split": "dev", "category": "c", "L2-category": "l",
+                   "A": "red", "B": "blue", "C": "green", "D": "yellow"}
+            out.append(en_utils.mmbench_process_results(doc, [output])["gpt_eval_score"])
+        return out
+
+    right = rows(0, [("B", "B"), ("A", "The answer is A"), ("D", "D."), ("C", "(C)")])
+    one_wrong = rows(1, [("B", "B"), ("A", "A"), ("D", "B"), ("C", "C")])
+    unreadable = rows(2, [("B", "B"), ("A", "A"), ("D", "D"), ("C", "no idea")])
+    args = argparse.Namespace(output_path=str(tmp_path))
+    score = en_utils.mmbench_aggregate_dev_results_static(right + one_wrong + unreadable, args)
+    assert score == pytest.approx(100 / 3)
+
+
+def mv_lmms_doc(answer, answer_type, choices=None, precision=None):
+    return {"pid": "1", "question_type": "multi_choice" if choices else "free_form",
+            "answer_type": answer_type, "query": "q", "choices": choices, "answer": answer,
+            "precision": precision, "metadata": {"split": "testmini"}}
+
+
+@pytest.mark.parametrize("output, doc, right", [
+    ("3", mv_lmms_doc("3", "integer"), True),
+    ("3 objects", mv_lmms_doc("3", "integer"), False),           # would need the judge
+    ("0.5", mv_lmms_doc("0.5", "float", precision=2.0), False),  # round(x, 2.0) raises: quirk
+    ("0.5", mv_lmms_doc("0.5", "float", precision=2), True),     # ... with an int it would pass
+    ("[1, 2]", mv_lmms_doc("[1, 2]", "list"), False),            # lists go to the judge
+    ("blue", mv_lmms_doc("blue", "text", ["red", "blue", "green", "yellow"]), True),
+    ("B", mv_lmms_doc("blue", "text", ["red", "blue", "green", "yellow"]), False),  # -> "red"
+    ("B", mv_lmms_doc("red", "text", ["red", "blue", "green", "yellow"]), True),    # shortest wins
+    ("C", mv_lmms_doc("1", "text", ["1", "2", "3", "4"]), True),  # equal lengths: the first
+])
+def test_lmms_mathvista_without_judge_keeps_its_quirks(output, doc, right):
+    from oqvl.evaluate import lmms
+
+    assert lmms.mathvista_process_results(doc, [output])["llm_as_judge_eval"]["true_false"] is right
+
+
+def test_lmms_mathvista_reports_zero_accuracy_as_none():
+    from oqvl.evaluate import lmms
+
+    wrong = lmms.mathvista_process_results(mv_lmms_doc("3", "integer"), ["4"])["llm_as_judge_eval"]
+    wrong["metadata"] = {k: "x" for k in ("split", "language", "source", "category", "task", "context", "grade")}
+    wrong["metadata"]["skills"] = ["s"]
+    assert lmms.mathvista_aggregate_results([wrong], None) is None
+
+
+def test_levenshtein_stand_in_is_exact():
+    from oqvl.evaluate.lmms import _edit_distance
+
+    assert _edit_distance("kitten", "sitting") == 3 and _edit_distance("", "abc") == 3
+    assert _edit_distance("flaw", "lawn") == 2 and _edit_distance("same", "same") == 0
+
+
+# --------------------------------------------------------------------------------- tidy rows
+
+def test_chance_levels():
+    mc = [{"index": i + k * 1_000_000, "A": "a", "B": "b", "C": "c", "D": "d"} for i in range(3) for k in range(4)]
+    assert chance_level("options", "MMBench", mc) == 25.0
+    assert chance_level("circular", "MMBench", mc) == pytest.approx(100 / 256)
+    assert scored_items("circular", "MMBench", mc) == 3
+    three = [dict(r, D=None) for r in mc[:3]]
+    assert chance_level("options", "MMBench", three) == pytest.approx(100 / 3)
+    star = [{"question": "Q?\nOptions: A: x, B: y"}]
+    assert chance_level("options", "MMStar", star) == 50.0
+    mv = [{"choices": ["1", "2", "3", "4"], "answer": "1", "answer_type": "text"},
+          {"choices": None, "answer": "2", "answer_type": "integer"},
+          {"choices": None, "answer": "2", "answer_type": "integer"},
+          {"choices": None, "answer": "3", "answer_type": "integer"},
+          {"choices": None, "answer": "0.5", "answer_type": "float"}]
+    assert chance_level("mathvista", "MathVista", mv) == pytest.approx(100 * (0.25 + 3 * 2 / 3 + 1) / 5)
+    pope = [{"answer": a, "category": c} for a, c in [("yes", "random"), ("no", "random"), ("yes", "popular"), ("yes", "popular")]]
+    assert chance_level("majority", "POPE", pope) == 75.0
+    assert chance_level("majority:random", "POPE", pope) == 50.0
+    assert chance_level("yes_f1", "POPE", pope[:2]) == pytest.approx(200 / 3)
+    assert chance_level(None, "POPE", pope) is None
+
+
+def test_above_chance_needs_a_margin_over_chance_and_control():
+    assert beats(60.0, 50.0, 1000, False)               # 10 points, se 1.6
+    assert not beats(52.0, 50.0, 1000, False)           # within two standard errors
+    assert not beats(60.0, 50.0, 50, False)             # too few questions for 10 points
+    assert beats(60.0, 50.0, 1000, True) and not beats(54.0, 50.0, 1000, True)
+    se = math.sqrt(0.25 / 400)
+    assert beats(50 + 100 * 2.01 * se, 50.0, 400, False) and not beats(50 + 100 * 1.99 * se, 50.0, 400, False)
