@@ -131,13 +131,14 @@ def test_killed_run_resumes_to_bitwise_identical_weights(one_proc, inputs, tmp_p
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_resume_refuses_another_config_or_world_size(one_proc, inputs, tmp_path):
+def test_changed_config_starts_over_and_other_world_size_is_refused(one_proc, inputs, tmp_path):
     out = tmp_path / "pretrain"
     launch(pretrain_args(inputs, out), env={FAULT_ENV: "2"}, check=False)
-    bad = launch(pretrain_args(inputs, out, lr=1e-3), check=False)
-    assert bad.returncode != 0 and "another training config" in bad.stderr
     bad = launch(pretrain_args(inputs, out), nproc=2, check=False)
     assert bad.returncode != 0 and "saved by 1 processes, resuming with 2" in (bad.stderr + bad.stdout)
+    redo = launch(pretrain_args(inputs, out, lr=1e-3))
+    assert "checkpoints of another training config, starting over" in redo.stdout
+    assert "from scratch" in redo.stdout and [r["step"] for r in log(out)] == [1, 2, 3, 4]
 
 
 def test_interrupted_save_leaves_previous_checkpoint(one_proc, inputs, tmp_path):

@@ -64,9 +64,10 @@ def test_paper_config_trains_on_8_processes_from_the_released_models(tmp_path):
 
 @pytest.mark.slow
 def test_ci_config_end_to_end(tmp_path):
-    snakemake(tmp_path, "results/table4.csv", configfile=CI_CONFIG)
-    results = tmp_path / "results"
     cfg = json.loads(json.dumps(__import__("yaml").safe_load(CI_CONFIG.read_text())))
+    packed = [f"results/packed/{name}/stats.json" for name in cfg["mixtures"]]
+    snakemake(tmp_path, "results/table4.csv", *packed, configfile=CI_CONFIG)
+    results = tmp_path / "results"
     for source, scfg in cfg["sources"].items():
         acc = json.loads((results / "raw" / source / "accounting.json").read_text())
         assert acc["pairs_in"] == scfg["n_pairs"]
@@ -92,9 +93,24 @@ def test_ci_config_end_to_end(tmp_path):
                    for s in mix["sources"])
         assert stats["documents_in"] == kept and stats["documents_packed"] == kept
         assert 0.5 < stats["fill_ratio"] <= 1
+    # The table4 run was pretrained and fine-tuned on 2 processes, and evaluated everywhere.
+    run = results / "runs" / cfg["table4_run"]
+    for stage in ("pretrain", "sft"):
+        summary = json.loads((run / stage / "summary.json").read_text())
+        assert summary["world_size"] == cfg["train"]["nproc"] == 2
+        assert summary["steps"] == cfg["train"][stage]["steps"] and summary["tokens"] > 0
+        log = (run / stage / "train_log.jsonl").read_text().splitlines()
+        assert len(log) == summary["steps"]
+        assert (run / stage / "final" / "model.safetensors").is_file() and (run / stage / "loss.png").is_file()
+    for bench in ("MMBench", "SEEDBench", "MMStar", "MathVista", "POPE"):
+        rows = json.loads((run / "eval" / f"{bench}.json").read_text())
+        assert {r["protocol"] for r in rows} == {"paper", "lmms"}
+        assert all(r["run"] == cfg["table4_run"] and r["n"] > 0 for r in rows)
     table = pd.read_csv(results / "table4.csv")
     assert {"scale", "protocol", "MMBench", "POPE"} <= set(table.columns)
     assert (table.loc[table["row"] == "Open-Qwen2VL-2B", "MMBench"] == 80.9).all()
+    toy = table[table["scale"] == "toy"]
+    assert set(toy["protocol"]) == {"paper", "lmms"} and toy["MMBench"].notna().all()
     # A second run has nothing to do: outputs are complete and up to date.
-    proc = snakemake(tmp_path, "-n", "results/table4.csv", configfile=CI_CONFIG)
+    proc = snakemake(tmp_path, "-n", "results/table4.csv", *packed, configfile=CI_CONFIG)
     assert "Nothing to be done" in proc.stdout + proc.stderr

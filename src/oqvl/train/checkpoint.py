@@ -144,6 +144,10 @@ def latest(root) -> Path | None:
     return done[-1] if done else None
 
 
+def saved_config(ckpt: Path) -> dict:
+    return json.loads((ckpt / STATE).read_text()).get("train_config", {})
+
+
 def load(ckpt: Path, model, optimizer, scheduler) -> dict:
     """Restore model, optimizer, scheduler and this rank's RNG; returns state.json."""
     rank = dist.get_rank() if dist.is_initialized() else 0

@@ -252,13 +252,15 @@ def _train(cfg: TrainConfig, rank: int, world: int, device: torch.device) -> dic
 
     start = 0
     resume_from = ckpt.latest(ckpt_root)
+    if resume_from is not None and ckpt.saved_config(resume_from) != _jsonable(cfg.resume_key()):
+        # A changed config makes the old checkpoints another run's: start over, say so.
+        if rank == 0:
+            print(f"{ckpt_root}: checkpoints of another training config, starting over", flush=True)
+            shutil.rmtree(ckpt_root)
+        dist.barrier()
+        resume_from = None
     if resume_from is not None:
-        state = ckpt.load(resume_from, model, opt, sched)
-        if state["train_config"] != _jsonable(cfg.resume_key()):
-            raise ValueError(f"{resume_from} was made with another training config; delete "
-                             f"{ckpt_root} to start over.\n saved: {state['train_config']}\n now: "
-                             f"{_jsonable(cfg.resume_key())}")
-        start = state["step"]
+        start = ckpt.load(resume_from, model, opt, sched)["step"]
     log_path = out / "train_log.jsonl"
     if rank == 0:
         _truncate_log(log_path, start)
