@@ -33,3 +33,9 @@ lock:
 
 clean:
 	rm -rf .snakemake results/raw results/logs results/benchmarks results/table*.csv
+
+# Container images (as root): installs podman, runc and debootstrap when missing, then builds the
+# base and every stage image under its content tag (containers/README.md).
+.PHONY: containers
+containers: env
+	$(BIN)/python containers/build.py build

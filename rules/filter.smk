@@ -24,6 +24,7 @@ rule train_clip:
         seed=config["seed"],
         world=config["world"],
     threads: 2
+    container: config["containers"]["model"]
     log:
         "results/logs/filter/train_clip.log",
     benchmark:
@@ -55,6 +56,7 @@ rule clip_score:
     threads: 2
     resources:
         gpu=1 if config["scale"] == "paper" else 0,
+    container: config["containers"]["model"]
     log:
         "results/logs/filter/clip_score_{source}.log",
     benchmark:
@@ -92,6 +94,7 @@ rule keep:
     params:
         spec=lambda w: filter_spec(w.source),
         args=keep_args,
+    container: config["containers"]["data"]
     log:
         "results/logs/filter/keep_{source}.log",
     benchmark:
@@ -114,6 +117,7 @@ rule filter_quality:
         entries=lambda w, input: " ".join(
             f"--entry {s} {filter_spec(s)['method']} {t} {sc} {k}"
             for s, t, sc, k in zip(GENERATED, input.truth, input.scores, input.kept)),
+    container: config["containers"]["data"]
     log:
         "results/logs/filter/quality.log",
     benchmark:

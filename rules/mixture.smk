@@ -20,6 +20,7 @@ rule mixture:
             f"--part {s} {sh} {k}" for s, sh, k in
             zip(config["mixtures"][w.mixture]["sources"], input.shards, input.kept)),
         per_shard=lambda w: config["mixtures"][w.mixture]["samples_per_shard"],
+    container: config["containers"]["data"]
     log:
         "results/logs/mixture/{mixture}.log",
     benchmark:

@@ -15,6 +15,7 @@ rule tokenizer:
         f"{TOY_TOKENIZER_DIR}/tokenizer_config.json",
     params:
         vocab_size=TOKENIZER["vocab_size"],
+    container: config["containers"]["model"]
     log:
         "results/logs/model/tokenizer.log",
     benchmark:
@@ -39,6 +40,7 @@ rule pack:
         too_long=config["pack"]["too_long"],
     resources:
         mem_mb=8000,
+    container: config["containers"]["model"]
     log:
         "results/logs/pack/{mixture}.log",
     benchmark:

@@ -14,6 +14,7 @@ rule generate_pairs:
         rates=lambda w: as_json(config["sources"][w.source]["corruption"]),
         seed=config["seed"],
         world=config["world"],
+    container: config["containers"]["data"]
     log:
         "results/logs/raw/generate_pairs_{source}.log",
     benchmark:
@@ -37,6 +38,7 @@ rule import_pairs:
         url_col=lambda w: config["sources"][w.source]["url_col"],
         caption_col=lambda w: config["sources"][w.source]["caption_col"],
         uid_col=lambda w: config["sources"][w.source]["uid_col"] or "",
+    container: config["containers"]["data"]
     log:
         "results/logs/raw/import_pairs_{source}.log",
     benchmark:
@@ -59,6 +61,7 @@ rule download:
     threads: 2
     resources:
         mem_mb=4000,
+    container: config["containers"]["data"]
     log:
         "results/logs/raw/download_{source}.log",
     benchmark:

@@ -40,6 +40,7 @@ rule sft_data:
         turns=SFT_DATA["turns"],
         seed=config["seed"],
         world=config["world"],
+    container: config["containers"]["model"]
     log:
         "results/logs/train/sft_data.log",
     benchmark:
@@ -73,6 +74,7 @@ rule pretrain:
     resources:
         gpu=TRAIN["gpus"],
     threads: max(1, TRAIN["nproc"] * max(1, TRAIN["threads"]))
+    container: config["containers"]["model"]
     log:
         "results/logs/train/{run}/pretrain.log",
     benchmark:
@@ -101,6 +103,7 @@ rule sft:
     resources:
         gpu=TRAIN["gpus"],
     threads: max(1, TRAIN["nproc"] * max(1, TRAIN["threads"]))
+    container: config["containers"]["model"]
     log:
         "results/logs/train/{run}/sft.log",
     benchmark:
