@@ -65,7 +65,8 @@ def test_paper_config_trains_on_8_processes_from_the_released_models(tmp_path):
 @pytest.mark.slow
 def test_ci_config_end_to_end(tmp_path):
     cfg = json.loads(json.dumps(__import__("yaml").safe_load(CI_CONFIG.read_text())))
-    packed = [f"results/packed/{name}/stats.json" for name in cfg["mixtures"]]
+    packed = [f"results/packed/{name}/stats.json" for name in cfg["mixtures"]] + [
+        "results/filter/quality/report.md"]
     snakemake(tmp_path, "results/table4.csv", *packed, configfile=CI_CONFIG)
     results = tmp_path / "results"
     for source, scfg in cfg["sources"].items():
