@@ -9,6 +9,7 @@ import argparse
 import ast
 import dataclasses
 import inspect
+import itertools
 import sys
 import typing
 
@@ -19,7 +20,7 @@ def field_docs() -> dict[str, str]:
     """The string literal after each dataclass field: its help text."""
     tree = ast.parse(inspect.getsource(TrainConfig))
     body, docs = tree.body[0].body, {}
-    for a, b in zip(body, body[1:]):
+    for a, b in itertools.pairwise(body):
         if isinstance(a, ast.AnnAssign) and isinstance(b, ast.Expr) and isinstance(b.value, ast.Constant):
             docs[a.target.id] = " ".join(str(b.value.value).split())
     return docs

@@ -27,16 +27,20 @@ import os
 import shutil
 import tempfile
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+)
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from tqdm import tqdm
 
+from ..config import config_hash
 from ..manifest import write_json_atomic, write_manifest
 from ..model.tokenizer import ENDOFTEXT, load_tokenizer
 from ..model.vlm import OpenQwen2VL
@@ -131,14 +135,15 @@ def init_distributed() -> tuple[int, int, torch.device]:
     one-process group, so FSDP2 and the checkpoint code take the same path either way."""
     cuda = torch.cuda.is_available()
     if "RANK" not in os.environ:
-        store = tempfile.NamedTemporaryFile(prefix="oqvl-pg-", delete=False).name
+        with tempfile.NamedTemporaryFile(prefix="oqvl-pg-", delete=False) as f:
+            store = f.name
         dist.init_process_group("nccl" if cuda else "gloo", init_method=f"file://{store}",
                                 rank=0, world_size=1)
     else:
         dist.init_process_group("nccl" if cuda else "gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     if cuda:
-        local = int(os.environ.get("LOCAL_RANK", 0))
+        local = int(os.environ.get("LOCAL_RANK", "0"))
         torch.cuda.set_device(local)
         return rank, world, torch.device("cuda", local)
     return rank, world, torch.device("cpu")
@@ -155,7 +160,7 @@ def shard_model(model: OpenQwen2VL, device: torch.device) -> None:
     fully_shard(model, mesh=mesh, mp_policy=mp)
 
 
-def all_sum(x: float | int, device) -> float:
+def all_sum(x: float, device) -> float:
     t = torch.tensor(float(x), dtype=torch.float64, device=device)
     dist.all_reduce(t)
     return float(t)
@@ -373,9 +378,4 @@ def _jsonable(d: dict) -> dict:
 
 
 def _config_hash(cfg: TrainConfig) -> str:
-    from ..config import config_hash
     return config_hash(_jsonable(cfg.resume_key()))
-
-
-def config_fields() -> list:
-    return list(fields(TrainConfig))
