@@ -27,6 +27,7 @@ include: "rules/filter.smk"
 include: "rules/mixture.smk"
 include: "rules/pack.smk"
 include: "rules/train.smk"
+include: "rules/mlm_filter.smk"
 include: "rules/evaluate.smk"
 include: "rules/report.smk"
 

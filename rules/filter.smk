@@ -103,20 +103,31 @@ rule keep:
         "{PY} -m oqvl.filter.keep {params.args} --out {output.kept} --stats {output.stats} > {log} 2>&1"
 
 
+def quality_entries():
+    """(source, filter name, scores or '-', kept set) of every filter to judge (toy sources)."""
+    out = [(s, filter_spec(s)["method"], f"results/filter/{s}/clip_scores.parquet",
+            f"results/filter/{s}/kept.parquet") for s in GENERATED]
+    mlm = config["filter"].get("mlm")
+    for s in (mlm["sources"] if mlm else []):
+        if s in GENERATED:
+            out += [(s, "mlm", f"results/filter/{s}/mlm_scores.parquet", f"results/filter/{s}/kept_mlm.parquet"),
+                    (s, "union", "-", f"results/filter/{s}/kept_union.parquet")]
+    return out
+
+
 rule filter_quality:
     """Toy scale: precision/recall of every filter against the truth tables, by corruption kind."""
     input:
         truth=expand("results/raw/{source}/truth.parquet", source=GENERATED),
-        scores=expand("results/filter/{source}/clip_scores.parquet", source=GENERATED),
-        kept=expand("results/filter/{source}/kept.parquet", source=GENERATED),
+        scores=[e[2] for e in quality_entries() if e[2] != "-"],
+        kept=[e[3] for e in quality_entries()],
     output:
         summary="results/filter/quality/summary.csv",
         by_kind="results/filter/quality/by_corruption.csv",
         report="results/filter/quality/report.md",
     params:
-        entries=lambda w, input: " ".join(
-            f"--entry {s} {filter_spec(s)['method']} {t} {sc} {k}"
-            for s, t, sc, k in zip(GENERATED, input.truth, input.scores, input.kept)),
+        entries=" ".join(f"--entry {s} {f} results/raw/{s}/truth.parquet {sc} {k}"
+                         for s, f, sc, k in quality_entries()),
     container: config["containers"]["data"]
     log:
         "results/logs/filter/quality.log",

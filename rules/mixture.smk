@@ -2,9 +2,14 @@
 
 
 def mixture_parts(wildcards):
-    sources = config["mixtures"][wildcards.mixture]["sources"]
-    return {"shards": [f"results/raw/{s}/shards" for s in sources],
-            "kept": [f"results/filter/{s}/kept.parquet" for s in sources]}
+    mix = config["mixtures"][wildcards.mixture]
+    return {"shards": [f"results/raw/{s}/shards" for s in mix["sources"]],
+            "kept": [kept_file(s, mix["kept"].get(s, "filter")) for s in mix["sources"]]}
+
+
+def kept_file(source, kept):
+    """A source's kept set: its own filter's, the MLM-Filter's, or their union."""
+    return f"results/filter/{source}/kept{'' if kept == 'filter' else '_' + kept}.parquet"
 
 
 rule mixture:

@@ -78,10 +78,23 @@ def _check_semantics(config: dict) -> None:
         raise ConfigError(f"filter.sources: no filter for source(s) {sorted(missing)}")
     if filt["clip"]["pretrained"] is None and not filt["clip"]["train"]:
         raise ConfigError("filter.clip: give pretrained weights or a train section")
+    mlm = filt.get("mlm")
+    if mlm:
+        for src in mlm["sources"]:
+            if src not in config["sources"]:
+                raise ConfigError(f"filter.mlm.sources: no source named {src!r}")
+        if mlm["model"] is None and mlm["scores_dir"] is None and not mlm["train"]:
+            raise ConfigError("filter.mlm: give a model, a scores_dir or a train section")
+    mlm_sources = set(mlm["sources"]) if mlm else set()
     for name, mix in config["mixtures"].items():
         for src in mix["sources"]:
             if src not in config["sources"]:
                 raise ConfigError(f"mixtures.{name}.sources: no source named {src!r}")
+        for src, kept in mix.get("kept", {}).items():
+            if src not in mix["sources"]:
+                raise ConfigError(f"mixtures.{name}.kept: {src!r} is not one of the mixture's sources")
+            if kept != "filter" and src not in mlm_sources:
+                raise ConfigError(f"mixtures.{name}.kept.{src}: {kept!r} needs {src!r} in filter.mlm.sources")
     for name, run in config["runs"].items():
         if run["mixture"] not in config["mixtures"]:
             raise ConfigError(f"runs.{name}.mixture: no mixture named {run['mixture']!r}")

@@ -2,11 +2,15 @@
 
     python -m oqvl.filter.keep --scores S.parquet --failures F.parquet --fraction 0.7 --out kept.parquet
     python -m oqvl.filter.keep --uid-list dfn_uids.npy --shards results/raw/datacomp/shards --out kept.parquet
+    python -m oqvl.filter.keep --union kept.parquet kept_mlm.parquet --out kept_union.parquet
 
 Semantics: `--threshold t` keeps pairs with score >= t; `--fraction f` keeps the round(f * n)
 best-scored pairs (ties broken by uid, so the result is deterministic); `--uid-list` keeps the
 pairs of the shards whose uid is in the list (DataComp's DFN release: an .npy of uids, either
-strings or 128-bit ids as two uint64 fields). Every pair in is kept, rejected or failed.
+strings or 128-bit ids as two uint64 fields); `--union A B` keeps the pairs either kept set
+holds (the paper's mixture 4: MLM-Filter | DFN). A pair with no score (an MLM-Filter answer that
+had no number in 0-100) is rejected by any rule and counted. Every pair in is kept, rejected or
+failed.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ from ..manifest import write_json_atomic
 
 def keep_by_score(scores: pd.DataFrame, threshold: float | None = None,
                   fraction: float | None = None) -> pd.Series:
-    """A boolean mask over `scores` rows."""
+    """A boolean mask over `scores` rows; a row without a score (NaN) is never kept."""
     if (threshold is None) == (fraction is None):
         raise ValueError("give exactly one of threshold and fraction")
     if threshold is not None:
@@ -31,7 +35,8 @@ def keep_by_score(scores: pd.DataFrame, threshold: float | None = None,
     if not 0 <= fraction <= 1:
         raise ValueError(f"fraction {fraction} is not in [0, 1]")
     n_keep = int(round(fraction * len(scores)))
-    order = scores.sort_values(["score", "uid"], ascending=[False, True], kind="stable").index
+    scored = scores[scores["score"].notna()]
+    order = scored.sort_values(["score", "uid"], ascending=[False, True], kind="stable").index
     mask = pd.Series(False, index=scores.index)
     mask.loc[order[:n_keep]] = True
     return mask
@@ -50,6 +55,15 @@ def read_uid_list(path: Path) -> set[str]:
     return {line.strip() for line in path.read_text().splitlines() if line.strip()}
 
 
+def read_kept(path: Path) -> pd.Series:
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: kept set not found")
+    df = pd.read_parquet(path)
+    if "uid" not in df.columns:
+        raise ValueError(f"{path}: no uid column")
+    return df["uid"].astype(str)
+
+
 def shard_uids(shards: Path) -> pd.Series:
     """uids of the samples that made it into a raw source's shards (img2dataset's parquet)."""
     parts = [p for p in sorted(shards.glob("*.parquet")) if p.stem != "failures"]
@@ -66,16 +80,23 @@ def main(argv=None):
     ap.add_argument("--threshold", type=float)
     ap.add_argument("--fraction", type=float)
     ap.add_argument("--uid-list", type=Path)
+    ap.add_argument("--union", type=Path, nargs=2, metavar=("KEPT_A", "KEPT_B"))
     ap.add_argument("--shards", type=Path)
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--stats", type=Path, required=True)
     args = ap.parse_args(argv)
     if args.uid_list and not args.shards:
         ap.error("--uid-list needs --shards (the source whose pairs it selects)")
-    if not args.uid_list and not (args.scores and args.failures):
-        ap.error("give --scores and --failures, or --uid-list and --shards")
+    if not (args.uid_list or args.union) and not (args.scores and args.failures):
+        ap.error("give --scores and --failures, --uid-list and --shards, or --union")
     try:
-        if args.uid_list:
+        if args.union:
+            a, b = (set(read_kept(p)) for p in args.union)
+            kept = pd.Series(sorted(a | b), dtype=str)
+            stats = {"method": "union", "kept_a": len(a), "kept_b": len(b), "both": len(a & b),
+                     "only_a": len(a - b), "only_b": len(b - a), "kept": len(kept)}
+            stats.update(pairs_in=len(kept), rejected=0, failed=0)  # counted by the sets' own stats
+        elif args.uid_list:
             if not args.uid_list.exists():
                 raise FileNotFoundError(f"{args.uid_list}: uid list not found")
             uids = shard_uids(args.shards)
@@ -92,6 +113,7 @@ def main(argv=None):
                      "threshold": args.threshold, "fraction": args.fraction,
                      "pairs_in": len(scores) + len(failed), "kept": int(mask.sum()),
                      "rejected": int((~mask).sum()), "failed": len(failed),
+                     "no_score": int(scores["score"].isna().sum()),
                      "min_kept_score": float(scores.loc[mask, "score"].min()) if mask.any() else None}
     except (FileNotFoundError, ValueError) as e:
         sys.exit(f"error: {e}")
