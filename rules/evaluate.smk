@@ -94,3 +94,18 @@ rule evaluate:
         " --benchmark {wildcards.benchmark} --data-dir {EVAL_DATA} --protocols {params.protocols}"
         " {params.control} --batch-size {params.batch_size} {params.max_new_tokens}"
         " --device {params.device} --threads {threads} --out {output.rows:q} > {log} 2>&1"
+
+
+rule run_results:
+    """One run's tidy rows on every benchmark, as one CSV (the target that reproduces one run)."""
+    input:
+        lambda w: expand("results/runs/{run}/eval/{benchmark}.json", run=w.run, benchmark=BENCHMARKS_EVALUATED),
+    output:
+        "results/runs/{run}/eval/tidy.csv",
+    container: config["containers"]["data"]
+    log:
+        "results/logs/evaluate/{run}_tidy.log",
+    benchmark:
+        "results/benchmarks/evaluate/{run}_tidy.tsv"
+    shell:
+        "{PY} -m oqvl.evaluate.tidy {input:q} --out {output:q} > {log} 2>&1"

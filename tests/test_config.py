@@ -35,6 +35,16 @@ def ci():
     (lambda c: c.update(table4_run="nope"), "table4_run: no run named 'nope'"),
     (lambda c: c["train"]["pretrain"].update(global_batch=6), "train.pretrain.global_batch 6 is not a multiple"),
     (lambda c: c["train"]["sft"].update(lr=0), "train.sft.lr: 0 is less than or equal to the minimum of 0"),
+    (lambda c: c["filter"]["mlm"].update(threshold=101), "filter.mlm.threshold: 101 is greater than the maximum"),
+    (lambda c: c["filter"]["mlm"].update(metric="clip"), "filter.mlm.metric: 'clip' is not one of"),
+    (lambda c: c["filter"]["mlm"].update(sources=["cc12m"]), "filter.mlm.sources: no source named 'cc12m'"),
+    (lambda c: c["filter"]["mlm"].update(train=None), "filter.mlm: give a model, a scores_dir or a train section"),
+    (lambda c: c["filter"]["mlm"]["train"].update(global_batch=7), "filter.mlm.train.global_batch 7 is not a multiple"),
+    (lambda c: c["mixtures"]["ccs+laion"].update(kept={"laion": "union"}),
+     "mixtures.ccs+laion.kept.laion: 'union' needs 'laion' in filter.mlm.sources"),
+    (lambda c: c["mixtures"]["ccs+laion"].update(kept={"datacomp": "mlm"}),
+     "mixtures.ccs+laion.kept: 'datacomp' is not one of the mixture's sources"),
+    (lambda c: c["mixtures"]["ccs+laion"].update(kept={"laion": "best"}), "mixtures.ccs+laion.kept.laion: 'best' is not one of"),
 ])
 def test_bad_values_name_the_key(mutate, message):
     cfg = ci()

@@ -85,6 +85,9 @@ def _check_semantics(config: dict) -> None:
                 raise ConfigError(f"filter.mlm.sources: no source named {src!r}")
         if mlm["model"] is None and mlm["scores_dir"] is None and not mlm["train"]:
             raise ConfigError("filter.mlm: give a model, a scores_dir or a train section")
+        if mlm["train"] and mlm["train"].get("global_batch", 0) % config["train"]["nproc"]:
+            raise ConfigError(f"filter.mlm.train.global_batch {mlm['train']['global_batch']} is not a "
+                              f"multiple of train.nproc")
     mlm_sources = set(mlm["sources"]) if mlm else set()
     for name, mix in config["mixtures"].items():
         for src in mix["sources"]:

@@ -172,3 +172,33 @@ def rows_for(run: str, benchmark: str, protocol: str, results: dict, answers: li
                     "chance": None if chance is None else round(chance, 4),
                     "control": None if ctrl is None else round(ctrl, 4), "above_chance": above})
     return out
+
+
+def main(argv=None):
+    """Gather evaluation rows files (JSON lists written by `python -m oqvl.evaluate`) into one CSV."""
+    import argparse
+    import json
+    import sys
+    from pathlib import Path
+
+    import pandas as pd
+
+    ap = argparse.ArgumentParser(description=main.__doc__)
+    ap.add_argument("rows", nargs="+", type=Path, help="eval/<Benchmark>.json files")
+    ap.add_argument("--out", type=Path, required=True)
+    args = ap.parse_args(argv)
+    rows = []
+    for path in args.rows:
+        try:
+            got = json.loads(path.read_text())
+        except (OSError, ValueError) as e:
+            sys.exit(f"error: {path}: not a rows file ({e})")
+        if not isinstance(got, list):
+            sys.exit(f"error: {path}: expected a JSON list of tidy rows")
+        rows += got
+    pd.DataFrame(rows).to_csv(args.out, index=False)
+    print(f"{args.out}: {len(rows)} rows")
+
+
+if __name__ == "__main__":
+    main()
