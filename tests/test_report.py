@@ -79,6 +79,10 @@ def world(tmp_path):
     bench(b / "filter" / "clip_score_ccs.tsv", 72.0, 130.0, 900.0, "clip_score", {"source": "ccs"},
           {"model": "toy"}, 2, {**res_, "gpu": 0})
     write_json(res / "filter" / "ccs" / "clip_score_stats.json", {"scored": 280, "failed": 8})
+    # The MLM-Filter on 1 GPU: pairs with no readable score are work done too.
+    bench(b / "filter" / "mlm_score_ccs.tsv", 100.0, 90.0, 5000.0, "mlm_score", {"source": "ccs"},
+          {"model": "m"}, 2, {**res_, "gpu": 1})
+    write_json(res / "filter" / "ccs" / "mlm_score_stats.json", {"scored": 270, "no_score": 10, "failed": 8})
     # A job faster than Snakemake's sampling interval: memory and CPU time are NA.
     (b / "report").mkdir(parents=True)
     (b / "report" / "table4.tsv").write_text(
@@ -123,6 +127,13 @@ CONFIG = {
 
 def jobs_of(res):
     return compute.job_rows(res / "benchmarks", res).set_index("job")
+
+
+def test_mlm_filter_scoring_is_accounted_per_gpu(world):
+    row = jobs_of(world).loc["mlm_score[source=ccs]"]
+    assert row["gpus"] == 1 and row["gpu_h"] == pytest.approx(100 / 3600)
+    assert row["work"] == 288 and row["throughput"] == pytest.approx(288 / 100)
+    assert row["throughput_unit"] == "pairs/s/gpu"
 
 
 def test_job_recorded_with_gpu_0_costs_no_gpu_hours(world):
@@ -192,7 +203,7 @@ def test_compute_csv(world, tmp_path):
                   "--config-json", json.dumps(CONFIG), "--out", str(out), "--html", str(tmp_path / "c.html")])
     df = pd.read_csv(out)
     assert list(df.columns) == compute.COLUMNS
-    assert (df["row_type"] == "job").sum() == 7
+    assert (df["row_type"] == "job").sum() == 8
     assert (df["row_type"] == "projection").sum() == 2  # r12 and r13 pretrained
     paper = df[df["row_type"] == "paper"].set_index("job")
     assert paper.loc["Open-Qwen2VL v1", "gpu_h"] == 442 and paper.loc["Open-Qwen2VL v2", "gpu_h"] == 220

@@ -191,8 +191,19 @@ def work_done(job: Job, results: Path) -> dict:
             return {"work": float(stats["scored"] + stats["failed"]), "work_unit": "pairs"}
         return {"work": _parquet_rows(results / "filter" / wc["source"] / "clip_scores.parquet"),
                 "work_unit": "pairs"}
-    if job.rule == "keep" and "source" in wc:
-        stats = _json(results / "filter" / wc["source"] / "kept_stats.json")
+    if job.rule in ("mlm_score", "mlm_import") and "source" in wc:
+        stats = _json(results / "filter" / wc["source"] / "mlm_score_stats.json")
+        done = ("scored", "no_score", "failed")
+        return {"work": float(sum(stats[k] for k in done)), "work_unit": "pairs"} if stats else nan
+    if job.rule == "train_mlm_filter":
+        summary = _json(results / "filter" / "mlm_model" / "train" / "summary.json")
+        if summary:
+            return {"work": _number(summary.get("tokens")), "work_unit": "tokens",
+                    "device": summary.get("device"), "gpus": summary.get("gpus")}
+        return nan
+    if job.rule in ("keep", "keep_mlm", "keep_union") and "source" in wc:
+        name = {"keep": "kept", "keep_mlm": "kept_mlm", "keep_union": "kept_union"}[job.rule]
+        stats = _json(results / "filter" / wc["source"] / f"{name}_stats.json")
         return {"work": float(stats["pairs_in"]), "work_unit": "pairs"} if stats else nan
     if job.rule == "mixture" and "mixture" in wc:
         man = _json(results / "mixtures" / wc["mixture"] / "manifest.json")
