@@ -444,3 +444,15 @@ def test_report_rules_in_the_dag(tmp_path):
     n_mixtures = len(effective_config(ci)["mixtures"])
     for rule, count in (("compute", 1), ("table3", 1), ("plots", 1), ("pack", n_mixtures)):
         assert out.count(f"rule {rule}:") == count, rule
+
+
+def test_manifests_record_the_container_image(tmp_path, monkeypatch):
+    from oqvl.manifest import write_manifest
+
+    (tmp_path / "f.txt").write_text("x")
+    monkeypatch.delenv("APPTAINER_CONTAINER", raising=False)
+    monkeypatch.delenv("SINGULARITY_CONTAINER", raising=False)
+    assert write_manifest(tmp_path / "m.json", "s", [tmp_path / "f.txt"], {}, "h")["container_image"] is None
+    monkeypatch.setenv("APPTAINER_CONTAINER", "localhost/oqvl-model:abc")
+    assert write_manifest(tmp_path / "m.json", "s", [tmp_path / "f.txt"], {}, "h")["container_image"] == \
+        "localhost/oqvl-model:abc"

@@ -46,6 +46,11 @@ def write_json_atomic(path: str | Path, obj) -> None:
     os.replace(tmp, path)
 
 
+def container_image() -> str | None:
+    """The image this process runs in, as apptainer (or the podman wrapper) tells it; None on the host."""
+    return os.environ.get("APPTAINER_CONTAINER") or os.environ.get("SINGULARITY_CONTAINER") or None
+
+
 def write_manifest(
     path: str | Path, stage: str, files: list[str | Path], counts: dict, params_hash: str,
     inputs: dict[str, str] | None = None,
@@ -60,6 +65,7 @@ def write_manifest(
         "config_hash": params_hash,
         "inputs": inputs or {},
         "code_version": code_version(),
+        "container_image": container_image(),
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
     write_json_atomic(path, manifest)
