@@ -38,6 +38,8 @@ rule sft_data:
     params:
         n=SFT_DATA["n_conversations"],
         turns=SFT_DATA["turns"],
+        mix={k: SFT_DATA[k] for k in ("caption_share", "lookup_share")},
+        weights=f"--kind-weights {as_json(SFT_DATA['kind_weights'])!r}" if SFT_DATA["kind_weights"] else "",
         seed=config["seed"],
         world=config["world"],
     container: config["containers"]["model"]
@@ -48,7 +50,9 @@ rule sft_data:
     shell:
         "{PY} -m oqvl.train.sft_data --out {output} --n {params.n} --turns {params.turns}"
         " --seed {params.seed} --image-size {params.world[image_size]}"
-        " --max-objects {params.world[max_objects]} --glyph-prob {params.world[glyph_prob]} > {log} 2>&1"
+        " --max-objects {params.world[max_objects]} --glyph-prob {params.world[glyph_prob]}"
+        " --caption-share {params.mix[caption_share]} --lookup-share {params.mix[lookup_share]}"
+        " {params.weights} > {log} 2>&1"
 
 
 rule pretrain:

@@ -105,6 +105,11 @@ def _check_semantics(config: dict) -> None:
             raise ConfigError(f"runs.{name}: a run name is a directory name, no '/'")
     if config["table4_run"] not in config["runs"]:
         raise ConfigError(f"table4_run: no run named {config['table4_run']!r}")
+    sd = config["sft_data"]
+    if sd["caption_share"] + sd["lookup_share"] >= 1:
+        raise ConfigError("sft_data: caption_share + lookup_share must be below 1 (no image questions left)")
+    if sd["kind_weights"] is not None and not any(v > 0 for v in sd["kind_weights"].values()):
+        raise ConfigError("sft_data.kind_weights: at least one weight must be positive")
     for stage in ("pretrain", "sft"):
         opt = config["train"][stage]
         if opt["global_batch"] % (config["train"]["nproc"] * opt["micro_batch"]):

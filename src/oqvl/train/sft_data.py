@@ -11,8 +11,9 @@ those of the web sources, the CLIP seed set or the benchmarks), stored as parque
 bytes inline. Each conversation has one image and a few turns, each a question about a true fact
 of the scene (colours, shapes, positions, counts, characters, existence) asked in one of the
 formats evaluation uses: a short direct answer, a yes/no answer, or lettered options answered with
-the letter. Some turns ask for a caption, so captioning is not forgotten. Answer letters and yes/no
-are drawn uniformly, so no answer bias is learned.
+the letter. Some turns ask for a caption, so captioning is not forgotten; some (`lookup_share`) are
+text-only option lookups ("Which option is red?"), the letter step of multiple choice on its own.
+Answer letters and yes/no are drawn uniformly, so no answer bias is learned.
 """
 
 from __future__ import annotations
@@ -31,8 +32,8 @@ from tqdm import tqdm
 from ..config import config_hash
 from ..manifest import write_manifest
 from ..world.captions import describe, sample_style
-from ..world.questions import KINDS, ask, letters
-from ..world.scene import png_bytes, render, sample_scene
+from ..world.questions import COUNT_CHOICES, KINDS, ask, letters
+from ..world.scene import CELLS, COLOURS, SHAPES, png_bytes, render, sample_scene
 from ..world.source import WorldConfig, stream_rng
 
 STREAM = "sft"
@@ -90,18 +91,45 @@ def question_turn(q, rng: np.random.Generator) -> tuple[str, str]:
     return text, letters(len(options))[k]
 
 
-def toy_conversation(seed: int, i: int, world: WorldConfig, turns: int) -> tuple[bytes, list[dict]]:
+LOOKUP_VALUES = (tuple(COLOURS), SHAPES, CELLS, COUNT_CHOICES)
+
+
+def lookup_turn(rng: np.random.Generator) -> tuple[str, str]:
+    """A text-only option lookup ("Which option is red?" over lettered options): the letter step of
+    multiple choice on its own, with the answer named in the question."""
+    values = LOOKUP_VALUES[rng.integers(len(LOOKUP_VALUES))]
+    options = [values[j] for j in rng.permutation(len(values))]
+    k = int(rng.integers(len(options)))
+    block = options_block(options, "inline" if rng.random() < 0.3 else "lines")
+    return f"Which option is {options[k]}?\n{block}\n{LETTER}", letters(len(options))[k]
+
+
+@dataclass(frozen=True)
+class Mix:
+    """What the turns of a toy conversation are: a caption request, a text-only option lookup, or
+    a question about the image whose kind is drawn with kind_weights (None: uniform)."""
+    caption_share: float = 0.15
+    lookup_share: float = 0.0
+    kind_weights: tuple[float, ...] | None = None
+
+
+def toy_conversation(seed: int, i: int, world: WorldConfig, turns: int, mix: Mix = Mix()
+                     ) -> tuple[bytes, list[dict]]:
     rng = stream_rng(seed, STREAM, i)
     scene = sample_scene(rng, world.max_objects, world.glyph_prob)
+    p = None if mix.kind_weights is None else np.asarray(mix.kind_weights, float) / sum(mix.kind_weights)
     conv = []
     for t in range(turns):
-        if rng.random() < 0.15:
+        r = rng.random()
+        if r < mix.caption_share:
             user = str(rng.choice(CAPTION_PROMPTS))
             answer = describe(scene, sample_style(rng, world.max_objects + 1))
+        elif r < mix.caption_share + mix.lookup_share:
+            user, answer = lookup_turn(rng)
         else:
             q = None
             while q is None:
-                q = ask(scene, KINDS[rng.integers(len(KINDS))], rng)
+                q = ask(scene, KINDS[rng.integers(len(KINDS)) if p is None else rng.choice(len(KINDS), p=p)], rng)
             user, answer = question_turn(q, rng)
         if t == 0:
             user = "<image>\n" + user
@@ -109,10 +137,10 @@ def toy_conversation(seed: int, i: int, world: WorldConfig, turns: int) -> tuple
     return png_bytes(render(scene, world.image_size)), conv
 
 
-def generate(out: Path, n: int, seed: int, world: WorldConfig, turns: int) -> dict:
+def generate(out: Path, n: int, seed: int, world: WorldConfig, turns: int, mix: Mix = Mix()) -> dict:
     rows = []
     for i in tqdm(range(n), desc="sft data", unit="conv", mininterval=5):
-        image, conv = toy_conversation(seed, i, world, turns)
+        image, conv = toy_conversation(seed, i, world, turns, mix)
         rows.append({"id": f"{STREAM}-{i:07d}", "image": image, "conversations": json.dumps(conv)})
     df = pd.DataFrame(rows)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -162,11 +190,25 @@ def main(argv=None):
     ap.add_argument("--image-size", type=int, default=64)
     ap.add_argument("--max-objects", type=int, default=3)
     ap.add_argument("--glyph-prob", type=float, default=0.25)
+    ap.add_argument("--caption-share", type=float, default=Mix.caption_share, help="turns asking for a caption")
+    ap.add_argument("--lookup-share", type=float, default=Mix.lookup_share, help="text-only option lookups")
+    ap.add_argument("--kind-weights", default=None,
+                    help=f"JSON {{kind: weight}} over {', '.join(KINDS)} (default: uniform)")
     args = ap.parse_args(argv)
     if args.n < 1 or args.turns < 1:
         raise SystemExit("error: --n and --turns must be at least 1")
+    if not (0 <= args.caption_share and 0 <= args.lookup_share and args.caption_share + args.lookup_share < 1):
+        raise SystemExit("error: --caption-share and --lookup-share must be >= 0 and sum below 1")
+    weights = None
+    if args.kind_weights:
+        given = json.loads(args.kind_weights)
+        unknown = set(given) - set(KINDS)
+        if unknown or not any(given.get(k, 0) > 0 for k in KINDS) or any(v < 0 for v in given.values()):
+            raise SystemExit(f"error: --kind-weights: weights >= 0 over {list(KINDS)}, one positive; got {given}")
+        weights = tuple(float(given.get(k, 0)) for k in KINDS)
     world = WorldConfig(args.image_size, args.max_objects, args.glyph_prob)
-    counts = generate(args.out, args.n, args.seed, world, args.turns)
+    counts = generate(args.out, args.n, args.seed, world, args.turns,
+                      Mix(args.caption_share, args.lookup_share, weights))
     write_manifest(args.out.parent / "manifest.json", "sft_data", [args.out], counts,
                    config_hash({k: str(v) for k, v in vars(args).items() if k != "out"}))
     print(f"{args.out}: {counts}")
