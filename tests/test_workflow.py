@@ -36,8 +36,10 @@ def test_paper_config_plans_the_same_dag(tmp_path):
     proc = snakemake(tmp_path, "-n", "results/table4.csv", configfile=cfg)
     out = proc.stdout + proc.stderr
     assert "import_pairs" in out and "generate_pairs" not in out
+    # The paper's model is trained on mixture 1+4: MLM-Filter scores are read, then united with DFN.
+    assert "rule mlm_import:" in out and "rule keep_union:" in out and "rule mlm_score:" not in out
     # Paper scale uses released weights and tokenizer: nothing toy is trained or built.
-    for toy_rule in ("train_clip", "tokenizer", "filter_quality", "sft_data"):
+    for toy_rule in ("train_clip", "tokenizer", "filter_quality", "sft_data", "train_mlm_filter"):
         assert f"rule {toy_rule}:" not in out
 
 
@@ -82,15 +84,25 @@ def test_ci_config_end_to_end(tmp_path):
     # The toy CLIP filter, trained for seconds, already keeps true pairs more than corrupted
     # ones: kept precision clears the unfiltered clean rate on every source (seeded run:
     # +0.06 ccs, +0.17 datacomp, +0.11 laion).
-    quality = pd.read_csv(results / "filter" / "quality" / "summary.csv").set_index("source")
+    summary = pd.read_csv(results / "filter" / "quality" / "summary.csv")
+    quality = summary[summary["filter"] == "clip"].set_index("source")
     assert (quality["precision"] > quality["usable_rate"] + 0.03).all(), quality
     assert quality.loc["datacomp", "precision"] > quality.loc["datacomp", "usable_rate"] + 0.08
     by_kind = pd.read_csv(results / "filter" / "quality" / "by_corruption.csv")
     assert (by_kind.loc[by_kind["corruption"].str.startswith("broken"), "kept"] == 0).all()
-    # Every mixture is packed; every kept pair of its sources is a document of it.
+    # The MLM-Filter scored every datacomp pair (a status each) and sits in the report beside CLIP;
+    # the union keeps at least what either filter keeps.
+    mlm = json.loads((results / "filter" / "datacomp" / "mlm_score_stats.json").read_text())
+    acc = json.loads((results / "raw" / "datacomp" / "accounting.json").read_text())
+    assert mlm["scored"] + mlm["no_score"] + mlm["failed"] == acc["samples_in_shards"]
+    assert set(summary.loc[summary["source"] == "datacomp", "filter"]) == {"clip", "mlm", "union"}
+    union = json.loads((results / "filter" / "datacomp" / "kept_union_stats.json").read_text())
+    assert union["kept"] == union["kept_a"] + union["kept_b"] - union["both"] >= max(union["kept_a"], union["kept_b"])
+    # Every mixture is packed; every kept pair of its sources (its kept set of each) is a document of it.
     for name, mix in cfg["mixtures"].items():
         stats = json.loads((results / "packed" / name / "stats.json").read_text())
-        kept = sum(json.loads((results / "filter" / s / "kept_stats.json").read_text())["kept"]
+        stat_file = {"filter": "kept_stats.json", "mlm": "kept_mlm_stats.json", "union": "kept_union_stats.json"}
+        kept = sum(json.loads((results / "filter" / s / stat_file[mix.get("kept", {}).get(s, "filter")]).read_text())["kept"]
                    for s in mix["sources"])
         assert stats["documents_in"] == kept and stats["documents_packed"] == kept
         assert 0.5 < stats["fill_ratio"] <= 1
