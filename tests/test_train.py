@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
 import numpy as np
 import open_clip
+import pandas as pd
 import pytest
 import torch
 from conftest import toy_mixture
@@ -137,8 +139,23 @@ def test_changed_config_starts_over_and_other_world_size_is_refused(one_proc, in
     bad = launch(pretrain_args(inputs, out), nproc=2, check=False)
     assert bad.returncode != 0 and "saved by 1 processes, resuming with 2" in (bad.stderr + bad.stdout)
     redo = launch(pretrain_args(inputs, out, lr=1e-3))
-    assert "checkpoints of another training config, starting over" in redo.stdout
+    assert "checkpoints of another training config or other inputs, starting over" in redo.stdout
     assert "from scratch" in redo.stdout and [r["step"] for r in log(out)] == [1, 2, 3, 4]
+
+
+def test_new_data_under_the_same_path_starts_over(one_proc, inputs, tmp_path):
+    data = tmp_path / "sft.parquet"
+    shutil.copy(inputs["sft"], data)
+    args = ["sft", "--out", str(tmp_path / "sft"), "--tokenizer", str(inputs["tokenizer"]), "--init-from",
+            str(one_proc / "final"), "--sft-data", str(data), "--steps", "2", "--global-batch", "4",
+            "--micro-batch", "4", "--lr", "1e-3", "--threads", "1", "--save-every", "1"]
+    launch(args)
+    again = launch(args)  # finished, same inputs: resumes at its last step, trains nothing
+    assert "resuming at step 2" in again.stdout and len(log(tmp_path / "sft")) == 2
+    df = pd.read_parquet(data)
+    df.iloc[::-1].to_parquet(data, index=False)  # other data, same file name
+    redo = launch(args)
+    assert "checkpoints of another training config or other inputs, starting over" in redo.stdout
 
 
 def test_interrupted_save_leaves_previous_checkpoint(one_proc, inputs, tmp_path):

@@ -41,7 +41,7 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from tqdm import tqdm
 
 from ..config import config_hash
-from ..manifest import write_json_atomic, write_manifest
+from ..manifest import sha256_file, write_json_atomic, write_manifest
 from ..model.tokenizer import ENDOFTEXT, load_tokenizer
 from ..model.vlm import OpenQwen2VL
 from . import checkpoint as ckpt
@@ -126,6 +126,17 @@ class TrainConfig:
         skip = {"out", "save_every", "keep_last", "threads", "tokenizer", "packed", "shards",
                 "sft_data", "image_root", "vision_weights", "lm_path", "init_from"}
         return {k: v for k, v in asdict(self).items() if k not in skip}
+
+    def input_files(self) -> list[Path]:
+        """The files whose content defines what is trained on and from: new data or new starting
+        weights under the same paths make old checkpoints another run's."""
+        if self.stage == "sft":
+            return [Path(self.sft_data), Path(self.init_from) / "model.safetensors"]
+        files = [Path(self.packed) / "sequences.parquet"]
+        if self.vision_weights:
+            v = Path(self.vision_weights)
+            files.append(v / "model.safetensors" if v.is_dir() else v)
+        return [f for f in files if f.is_file()]
 
 
 # --------------------------------------------------------------------------------- distributed
@@ -256,11 +267,13 @@ def _train(cfg: TrainConfig, rank: int, world: int, device: torch.device) -> dic
         opt, warmup_cosine(max(1, round(cfg.warmup_frac * steps)), steps, cfg.min_lr_ratio))
 
     start = 0
+    key = _jsonable({**cfg.resume_key(), "inputs": {f.name: sha256_file(f)[:16] for f in cfg.input_files()}})
     resume_from = ckpt.latest(ckpt_root)
-    if resume_from is not None and ckpt.saved_config(resume_from) != _jsonable(cfg.resume_key()):
+    if resume_from is not None and ckpt.saved_config(resume_from) != key:
         # A changed config makes the old checkpoints another run's: start over, say so.
         if rank == 0:
-            print(f"{ckpt_root}: checkpoints of another training config, starting over", flush=True)
+            print(f"{ckpt_root}: checkpoints of another training config or other inputs, starting over",
+                  flush=True)
             shutil.rmtree(ckpt_root)
         dist.barrier()
         resume_from = None
@@ -315,7 +328,7 @@ def _train(cfg: TrainConfig, rank: int, world: int, device: torch.device) -> dic
             bar.update(1)
         if (step + 1) % cfg.save_every == 0 or step + 1 == steps:
             ckpt.save(ckpt_root, step + 1, model, opt, sched,
-                      {"train_config": _jsonable(cfg.resume_key())}, cfg.keep_last)
+                      {"train_config": key}, cfg.keep_last)
         if fault and step + 1 == fault:
             os._exit(17)  # no cleanup, no flush: what a killed process leaves behind
     bar.close()
@@ -357,7 +370,7 @@ def _finish(cfg, out, config, full_state, tokenizer, steps, world, device, total
     write_json_atomic(out / "summary.json", summary)
     write_manifest(out / "manifest.json", cfg.stage,
                    [final / "config.json", final / "model.safetensors", log_path, out / "summary.json"],
-                   {"steps": steps, "tokens": summary["tokens"]}, _config_hash(cfg))
+                   {"steps": steps, "tokens": summary["tokens"]}, config_hash(key))
     print(f"{cfg.stage}: {steps} steps, final loss {summary['final_loss']:.4f}, "
           f"{summary['tokens_per_s']:.0f} tokens/s -> {final}", flush=True)
     return summary
@@ -377,5 +390,3 @@ def _jsonable(d: dict) -> dict:
     return json.loads(json.dumps(d))
 
 
-def _config_hash(cfg: TrainConfig) -> str:
-    return config_hash(_jsonable(cfg.resume_key()))
