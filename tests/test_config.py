@@ -1,6 +1,5 @@
 """Config validation: every shipped config passes; bad values stop with one line naming the key."""
 
-import copy
 
 import pytest
 import yaml

@@ -1,16 +1,13 @@
 """The raw stage: pair lists -> img2dataset -> webdataset shards, every pair accounted for."""
 
-import io
 import json
 
 import pandas as pd
 import pytest
 import webdataset as wds
-from PIL import Image
 
 from oqvl.raw import download, generate, import_pairs
 from oqvl.world.corrupt import IMAGE_KINDS
-from oqvl.world.source import WorldConfig
 
 OPTIONS = {"image_size": 512, "resize_mode": "keep_ratio", "resize_only_if_bigger": True,
            "encode_format": "jpg", "encode_quality": 95, "samples_per_shard": 40, "processes": 1,

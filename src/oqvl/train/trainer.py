@@ -337,12 +337,13 @@ def _train(cfg: TrainConfig, rank: int, world: int, device: torch.device) -> dic
     summary = {}
     if rank == 0:
         summary = _finish(cfg, out, config, full, tokenizer, steps, world, device, totals, loss_value,
-                          log_path)
+                          log_path, key)
     dist.barrier()
     return summary
 
 
-def _finish(cfg, out, config, full_state, tokenizer, steps, world, device, totals, loss_value, log_path):
+def _finish(cfg, out, config, full_state, tokenizer, steps, world, device, totals, loss_value, log_path,
+            key):
     """Consolidated model, loss curve, summary and manifest (rank 0)."""
     final, tmp = out / "final", out / "final.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
