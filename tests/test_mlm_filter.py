@@ -299,3 +299,17 @@ def test_cli_killed_mid_run_resumes(raw, toy_model, tmp_path):
 def test_captions_reach_the_prompt(raw):
     caption = next(sample_caption(s) for s in iter_samples(shard_paths(raw / "shards")) if sample_caption(s))
     assert f"Text Caption: {caption}\n" in mlm_filter.prompt(caption, "image_text_matching")
+
+
+def test_quality_report_takes_a_filter_without_any_score(raw, tmp_path):
+    """An MLM-Filter whose answers held no number (all NaN) is judged, without a histogram."""
+    from oqvl.filter import quality
+
+    uids = shard_uids(raw / "shards")
+    pd.DataFrame({"uid": uids, "score": [np.nan] * len(uids)}).to_parquet(tmp_path / "s.parquet")
+    pd.DataFrame({"uid": pd.Series(dtype=str)}).to_parquet(tmp_path / "k.parquet")
+    quality.main(["--entry", "datacomp", "mlm", str(raw / "truth.parquet"), str(tmp_path / "s.parquet"),
+                  str(tmp_path / "k.parquet"), "--out", str(tmp_path / "q")])
+    summary = pd.read_csv(tmp_path / "q" / "summary.csv")
+    assert summary.loc[0, "kept"] == 0 and summary.loc[0, "recall"] == 0
+    assert not (tmp_path / "q" / "hist_datacomp_mlm.png").exists()

@@ -44,8 +44,13 @@ def judge(truth: pd.DataFrame, kept_uids: set[str]) -> tuple[dict, pd.DataFrame]
     return summary, pd.DataFrame(rows)
 
 
-def histogram(truth: pd.DataFrame, scores: pd.DataFrame, kept_uids: set[str], title: str, path: Path):
+def histogram(truth: pd.DataFrame, scores: pd.DataFrame, kept_uids: set[str], title: str, path: Path) -> bool:
+    """A score histogram per corruption kind; False (no plot) when no pair has a score (an
+    MLM-Filter whose answers held no number)."""
     df = scores.merge(truth[["uid", "corruption"]], on="uid", how="left")
+    df = df[df["score"].notna()]
+    if df.empty:
+        return False
     cut = df.loc[df["uid"].isin(kept_uids), "score"].min() if kept_uids else None
     fig, ax = plt.subplots(figsize=(7, 3.6), dpi=110)
     lo, hi = df["score"].min(), df["score"].max()
@@ -62,6 +67,7 @@ def histogram(truth: pd.DataFrame, scores: pd.DataFrame, kept_uids: set[str], ti
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
+    return True
 
 
 def main(argv=None):
