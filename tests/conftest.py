@@ -33,26 +33,33 @@ def repo() -> Path:
     return REPO
 
 
-def toy_mixture(root: Path, n_pairs: int, mix_per_shard: int, seed: int = 11, rates: dict | None = None,
-                samples_per_shard: int = 20) -> Path:
-    """A real mixture of one toy source (every pair kept): raw generation, img2dataset, reshard.
-    Returns the mixture's shard folder."""
+def raw_toy_source(out: Path, source: str, n_pairs: int, seed: int, rates: dict | None = None,
+                   samples_per_shard: int = 20) -> Path:
+    """A real raw toy source: pairs generated, then downloaded by img2dataset into shards under out."""
     import json
 
-    import pandas as pd
-
-    from oqvl import mixture
     from oqvl.raw import download, generate
-    from oqvl.shards import iter_samples, sample_meta, shard_paths
 
     options = {"image_size": 512, "resize_mode": "keep_ratio", "resize_only_if_bigger": True,
                "encode_format": "jpg", "encode_quality": 95, "samples_per_shard": samples_per_shard,
                "processes": 1, "threads": 4, "timeout_s": 10, "retries": 0}
-    raw = root / "ccs"
-    generate.main(["--source", "ccs", "--n-pairs", str(n_pairs), "--rates", json.dumps(rates or {}),
-                   "--seed", str(seed), "--out", str(raw)])
-    download.main(["--pairs", str(raw / "pairs.parquet"), "--out", str(raw / "shards"),
-                   "--options", json.dumps(options), "--accounting", str(raw / "accounting.json")])
+    generate.main(["--source", source, "--n-pairs", str(n_pairs), "--rates", json.dumps(rates or {}),
+                   "--seed", str(seed), "--out", str(out)])
+    download.main(["--pairs", str(out / "pairs.parquet"), "--out", str(out / "shards"),
+                   "--options", json.dumps(options), "--accounting", str(out / "accounting.json")])
+    return out
+
+
+def toy_mixture(root: Path, n_pairs: int, mix_per_shard: int, seed: int = 11, rates: dict | None = None,
+                samples_per_shard: int = 20) -> Path:
+    """A real mixture of one toy source (every pair kept): raw generation, img2dataset, reshard.
+    Returns the mixture's shard folder."""
+    import pandas as pd
+
+    from oqvl import mixture
+    from oqvl.shards import iter_samples, sample_meta, shard_paths
+
+    raw = raw_toy_source(root / "ccs", "ccs", n_pairs, seed, rates, samples_per_shard)
     uids = [str(sample_meta(s)["uid"]) for s in iter_samples(shard_paths(raw / "shards"))]
     pd.DataFrame({"uid": uids}).to_parquet(root / "kept.parquet", index=False)
     counts = mixture.build_mixture([("ccs", raw / "shards", root / "kept.parquet")], root / "mix", mix_per_shard)

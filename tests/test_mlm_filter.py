@@ -14,19 +14,16 @@ import open_clip
 import pandas as pd
 import pytest
 import torch
+from conftest import raw_toy_source
 from PIL import Image, ImageFile
 
 from oqvl.filter import keep, mlm_filter
 from oqvl.filter.clip_model import TOY_MODEL, save_checkpoint
 from oqvl.filter.mlm_filter import fact_score, parse_score, score_source
 from oqvl.model.tokenizer import build_qwen2_tokenizer
-from oqvl.raw import download, generate
 from oqvl.shards import ShardSink, iter_samples, sample_caption, sample_meta, shard_paths
 from oqvl.world.source import WorldConfig
 
-OPTIONS = {"image_size": 512, "resize_mode": "keep_ratio", "resize_only_if_bigger": True,
-           "encode_format": "jpg", "encode_quality": 95, "samples_per_shard": 20,
-           "processes": 1, "threads": 4, "timeout_s": 10, "retries": 0}
 RATES = {"empty_caption": 0.1, "generic_caption": 0.1, "wrong_attribute": 0.1, "broken_truncated": 0.05}
 
 
@@ -147,11 +144,7 @@ def test_union_names_a_missing_kept_set(tmp_path):
 
 @pytest.fixture(scope="module")
 def raw(tmp_path_factory):
-    out = tmp_path_factory.mktemp("mlm_raw") / "datacomp"
-    generate.main(["--source", "datacomp", "--n-pairs", "60", "--rates", json.dumps(RATES),
-                   "--seed", "4", "--out", str(out)])
-    download.main(["--pairs", str(out / "pairs.parquet"), "--out", str(out / "shards"),
-                   "--options", json.dumps(OPTIONS), "--accounting", str(out / "accounting.json")])
+    out = raw_toy_source(tmp_path_factory.mktemp("mlm_raw") / "datacomp", "datacomp", 60, 4, RATES)
     assert len(shard_paths(out / "shards")) == 3
     return out
 
