@@ -76,19 +76,20 @@ def options_block(options: list[str], style: str) -> str:
 def question_turn(q, rng: np.random.Generator) -> tuple[str, str]:
     """(user text, assistant answer) for one question in a randomly chosen format."""
     if q.kind == "exists":
-        return f"{q.question}\n{SHORT}", q.answer.capitalize()
-    fmt = rng.choice(["short", "letter", "letter"])
-    if fmt == "short":
-        hint = INTEGER if q.kind == "count" else SHORT
-        return f"{q.question}\n{hint}", q.answer
-    options, k = q.options(rng)
-    style = rng.choice(["lines", "lines_spaced", "inline"])
-    block = options_block(options, "inline" if style == "inline" else "lines")
-    sep = " There are several options:\n" if style == "lines_spaced" else "\n"
-    text = f"{q.question}{sep}{block}\n{LETTER}"
-    if rng.random() < 0.5:  # the paper protocol's prompt ends with "Answer:"
+        text, answer = f"{q.question}\n{SHORT}", q.answer.capitalize()
+    elif rng.choice(["short", "letter", "letter"]) == "short":
+        text, answer = f"{q.question}\n{INTEGER if q.kind == 'count' else SHORT}", q.answer
+    else:
+        options, k = q.options(rng)
+        style = rng.choice(["lines", "lines_spaced", "inline"])
+        block = options_block(options, "inline" if style == "inline" else "lines")
+        sep = " There are several options:\n" if style == "lines_spaced" else "\n"
+        text, answer = f"{q.question}{sep}{block}\n{LETTER}", letters(len(options))[k]
+    # The paper protocol's prompts end with "Answer:" in every format (yes/no and free-form
+    # included); half the turns do, so both protocols' prompts are ones the model has seen.
+    if rng.random() < 0.5:
         text += "\nAnswer:"
-    return text, letters(len(options))[k]
+    return text, answer
 
 
 LOOKUP_VALUES = (tuple(COLOURS), SHAPES, CELLS, COUNT_CHOICES)
