@@ -8,7 +8,9 @@ import pandas as pd
 import pytest
 
 from oqvl.train import sft_data
-from oqvl.train.sft_data import Mix, lookup_turn, toy_conversation
+from oqvl.train.sft_data import FLOAT, INTEGER, SHORT, Mix, direct_prompt, lookup_turn, toy_conversation
+from oqvl.world.questions import KINDS, ask
+from oqvl.world.scene import sample_scene
 from oqvl.world.source import WorldConfig
 
 
@@ -27,7 +29,7 @@ def test_lookup_answer_is_the_letter_of_the_named_option():
 
 def test_mix_controls_what_turns_ask():
     world = WorldConfig()
-    only_exists = Mix(caption_share=0.0, lookup_share=0.0, kind_weights=(0, 0, 0, 0, 0, 1))
+    only_exists = Mix(caption_share=0.0, lookup_share=0.0, kind_weights=tuple(float(k == "exists") for k in KINDS))
     for i in range(20):
         _, conv = toy_conversation(0, i, world, 3, only_exists)
         for user, gpt in zip(conv[::2], conv[1::2]):
@@ -49,3 +51,27 @@ def test_cli_rejects_a_bad_mix(tmp_path):
                    "--caption-share", "0"])
     convs = [json.loads(c) for c in pd.read_parquet(tmp_path / "x.parquet")["conversations"]]
     assert all("How many objects" in t["value"] for c in convs for t in c[::2])
+
+
+def test_numbers_are_asked_with_either_hint():
+    rng = np.random.default_rng(3)
+    scene = sample_scene(rng, 3, 0.0)
+    count, fraction, colour = (ask(scene, k, rng) for k in ("subtract", "fraction", "colour"))
+    assert direct_prompt(count, True) == (f"{count.question}\n{INTEGER}", count.answer)
+    assert direct_prompt(count, False) == (f"{count.question}\n{SHORT}", count.answer)
+    # lmms-eval's MathVista format prompt asks floats with two decimals; the answer follows it.
+    text, answer = direct_prompt(fraction, True)
+    assert text.endswith(FLOAT) and answer == f"{len(scene.objects) / 4:.2f}"
+    assert direct_prompt(fraction, False)[1] == str(round(len(scene.objects) / 4, 2))
+    assert direct_prompt(colour, True) == (f"{colour.question}\n{SHORT}", colour.answer)
+
+
+def test_math_kinds_reach_the_data(tmp_path):
+    weights = json.dumps({"count_colour": 1, "subtract": 1, "fraction": 1})
+    sft_data.main(["--out", str(tmp_path / "x.parquet"), "--n", "40", "--kind-weights", weights,
+                   "--caption-share", "0", "--turns", "3"])
+    users = [t["value"] for c in pd.read_parquet(tmp_path / "x.parquet")["conversations"]
+             for t in json.loads(c)[::2]]
+    for pattern in (r"How many (red|green|blue|yellow) objects", "Subtract all", "What fraction"):
+        assert any(re.search(pattern, u) for u in users), pattern
+    assert not any("What colour" in u or "Is there a" in u for u in users)

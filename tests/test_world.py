@@ -9,7 +9,8 @@ from PIL import Image, ImageFile
 
 from oqvl.world.captions import describe
 from oqvl.world.corrupt import CAPTION_KINDS, CLEAN, IMAGE_KINDS, KINDS, assign_kinds
-from oqvl.world.scene import COLOURS, SHAPES, Scene
+from oqvl.world.questions import PLURAL, ask
+from oqvl.world.scene import COLOURS, SHAPES, Scene, sample_scene
 from oqvl.world.source import WorldConfig, generate_source, make_pair, stream_rng, true_pair
 
 WORLD = WorldConfig()
@@ -113,3 +114,26 @@ def test_describe_changes_with_corrupted_scene():
             bad = corrupt_scene(kind, scene, style.mention_size, np.random.default_rng(i))
             assert describe(bad, style) != caption
     assert set(CAPTION_KINDS) | set(IMAGE_KINDS) == set(KINDS)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_math_questions_are_true_of_the_scene(seed):
+    rng = np.random.default_rng(seed)
+    subtracted_present = 0
+    for _ in range(100):
+        scene = sample_scene(rng, 3, 0.25)
+        colours = [o.colour for o in scene.objects]
+        shapes = [o.shape for o in scene.objects]
+        q = ask(scene, "count_colour", rng)
+        colour = q.question.split()[2]
+        assert q.answer == str(colours.count(colour)) and q.answer not in q.distractors
+        q = ask(scene, "count_shape", rng)
+        shape = next(s for s in SHAPES if f" {PLURAL[s]} " in q.question)
+        assert q.answer == str(shapes.count(shape))
+        q = ask(scene, "subtract", rng)
+        colour = q.question.split()[2]
+        assert q.answer == str(len(colours) - colours.count(colour))
+        subtracted_present += colour in colours
+        q = ask(scene, "fraction", rng)
+        assert float(q.answer) == len(scene.objects) / 4 and len(q.distractors) == 3
+    assert subtracted_present > 50  # half the time a colour in the scene, by design

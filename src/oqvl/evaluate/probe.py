@@ -21,7 +21,7 @@ import torch
 from ..model.chat import encode_prompt
 from ..model.tokenizer import ENDOFTEXT, IM_END, load_tokenizer
 from ..model.vlm import OpenQwen2VL
-from ..train.sft_data import INTEGER, LETTER, SHORT, options_block
+from ..train.sft_data import LETTER, SHORT, direct_prompt, options_block
 from ..world.questions import KINDS, ask, letters
 from ..world.scene import render, sample_scene
 from ..world.source import WorldConfig, stream_rng
@@ -45,9 +45,8 @@ def probe_items(n: int, seed: int, world: WorldConfig) -> list[dict]:
                 items.append(dict(image=image, kind=kind, format="yesno", answer=q.answer.capitalize(),
                                   prompt=f"{q.question}\n{SHORT}"))
                 continue
-            hint = INTEGER if kind == "count" else SHORT
-            items.append(dict(image=image, kind=kind, format="direct", answer=q.answer,
-                              prompt=f"{q.question}\n{hint}"))
+            prompt, answer = direct_prompt(q, numeric_hint=True)
+            items.append(dict(image=image, kind=kind, format="direct", answer=answer, prompt=prompt))
             options, k = q.options(rng)
             items.append(dict(image=image, kind=kind, format="letter", answer=letters(len(options))[k],
                               prompt=f"{q.question}\n{options_block(options, 'lines')}\n{LETTER}"))

@@ -43,7 +43,7 @@ from pathlib import Path
 import numpy as np
 
 from ..manifest import sha256_file, write_manifest
-from ..world.questions import Question, ask, letters
+from ..world.questions import FLOAT_KINDS, Question, ask, letters
 from ..world.scene import COLOURS, SHAPES, Scene, png_bytes, render, sample_scene
 from ..world.source import WorldConfig, stream_rng
 from . import BENCHMARKS
@@ -55,7 +55,6 @@ DEFAULT_SIZES = {"MMBench": 100, "SEEDBench": 300, "MMStar": 300, "MathVista": 3
 SOURCE = "oqvl-toy"
 MC_KINDS = ("colour", "shape", "position", "count", "character")
 HINT = "The image shows coloured shapes on a grey background, one in each occupied cell of a 2x2 grid."
-SUFFIX_PLURAL = {"circle": "circles", "square": "squares", "triangle": "triangles", "cross": "crosses"}
 
 MMBENCH_CATEGORY = {  # kind -> (category, L2-category), in MMBench's vocabulary where it fits
     "colour": ("attribute_recognition", "finegrained_perception (instance-level)"),
@@ -198,33 +197,18 @@ MV_ITEMS = ("count_total", "count_colour", "count_shape", "subtract", "fraction"
             "mc_colour")
 
 
+MV_KIND = {"count_total": "count", "count_colour": "count_colour", "count_shape": "count_shape",
+           "subtract": "subtract", "fraction": "fraction"}
+
+
 def _mathvista_item(kind: str, scene: Scene, rng: np.random.Generator):
-    """(question, answer, answer_type, skills, choices-or-None question) for one MathVista item."""
-    objs = scene.objects
-    if kind == "count_total":
-        return "How many objects are there?", str(len(objs)), "integer", ["numeric commonsense"]
-    if kind == "count_colour":
-        colour = list(COLOURS)[rng.integers(len(COLOURS))]
-        n = sum(o.colour == colour for o in objs)
-        return f"How many {colour} objects are there?", str(n), "integer", ["numeric commonsense"]
-    if kind == "count_shape":
-        shape = SHAPES[rng.integers(len(SHAPES))]
-        n = sum(o.shape == shape for o in objs)
-        return (f"How many {SUFFIX_PLURAL[shape]} are there?", str(n), "integer",
-                ["numeric commonsense"])
-    if kind == "subtract":
-        # Half the time a colour in the scene, so the answer is not always the total.
-        present = sorted({o.colour for o in objs})
-        colour = (present[rng.integers(len(present))] if rng.random() < 0.5
-                  else list(COLOURS)[rng.integers(len(COLOURS))])
-        n = sum(o.colour != colour for o in objs)
-        return (f"Subtract all {colour} objects. How many objects are left?", str(n), "integer",
-                ["arithmetic reasoning"])
-    if kind == "fraction":
-        value = round(len(objs) / 4, 2)
-        return ("What fraction of the four grid cells contain a shape?", str(value), "float",
-                ["arithmetic reasoning", "numeric commonsense"])
-    raise ValueError(kind)
+    """(question, answer, answer_type, skills) for one free-form MathVista item."""
+    q = ask(scene, MV_KIND[kind], rng)
+    answer_type = "float" if q.kind in FLOAT_KINDS else "integer"
+    skills = {"count": ["numeric commonsense"], "count_colour": ["numeric commonsense"],
+              "count_shape": ["numeric commonsense"], "subtract": ["arithmetic reasoning"],
+              "fraction": ["arithmetic reasoning", "numeric commonsense"]}[q.kind]
+    return q.question, q.answer, answer_type, skills
 
 
 def build_mathvista(n: int, draw: Draw, rng: np.random.Generator) -> list[dict]:

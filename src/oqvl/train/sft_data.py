@@ -32,7 +32,7 @@ from tqdm import tqdm
 from ..config import config_hash
 from ..manifest import write_manifest
 from ..world.captions import describe, sample_style
-from ..world.questions import COUNT_CHOICES, KINDS, ask, letters
+from ..world.questions import COUNT_CHOICES, FLOAT_KINDS, INTEGER_KINDS, KINDS, ask, letters
 from ..world.scene import CELLS, COLOURS, SHAPES, png_bytes, render, sample_scene
 from ..world.source import WorldConfig, stream_rng
 
@@ -40,6 +40,7 @@ STREAM = "sft"
 SHORT = "Answer the question using a single word or phrase."
 LETTER = "Answer with the option's letter from the given choices directly."
 INTEGER = "Answer the question using a single integer number."
+FLOAT = "Answer the question using a single floating-point number with two decimal places."
 CAPTION_PROMPTS = ("Describe the image briefly.", "What is in this picture?",
                    "Write a short caption for this image.")
 ROLE = {"human": "user", "gpt": "assistant", "system": "system"}
@@ -73,12 +74,23 @@ def options_block(options: list[str], style: str) -> str:
     return "\n".join(f"{l}. {o}" for l, o in zip(ls, options))
 
 
+def direct_prompt(q, numeric_hint: bool) -> tuple[str, str]:
+    """(user text, answer) asking for the answer itself. Numbers are asked either with the
+    generic hint (the paper protocol's) or with their type's (lmms-eval's MathVista format
+    prompt: an integer, a float with two decimals)."""
+    if numeric_hint and q.kind in INTEGER_KINDS:
+        return f"{q.question}\n{INTEGER}", q.answer
+    if numeric_hint and q.kind in FLOAT_KINDS:
+        return f"{q.question}\n{FLOAT}", f"{float(q.answer):.2f}"
+    return f"{q.question}\n{SHORT}", q.answer
+
+
 def question_turn(q, rng: np.random.Generator) -> tuple[str, str]:
     """(user text, assistant answer) for one question in a randomly chosen format."""
     if q.kind == "exists":
         text, answer = f"{q.question}\n{SHORT}", q.answer.capitalize()
     elif rng.choice(["short", "letter", "letter"]) == "short":
-        text, answer = f"{q.question}\n{INTEGER if q.kind == 'count' else SHORT}", q.answer
+        text, answer = direct_prompt(q, q.kind == "count" or rng.random() < 0.5)
     else:
         options, k = q.options(rng)
         style = rng.choice(["lines", "lines_spaced", "inline"])

@@ -12,6 +12,12 @@ Kinds:
 - count      "How many objects are there?"              2
 - character  "Which character is shown in the image?"   K       (the scene has a glyph)
 - exists     "Is there a red circle in the image?"      yes|no  (a true object, or one absent)
+
+and the counting and arithmetic of MathVista-style math questions (answers are numbers):
+- count_colour  "How many red objects are there?"                       0
+- count_shape   "How many circles are there?"                           1
+- subtract      "Subtract all red objects. How many objects are left?"  2
+- fraction      "What fraction of the four grid cells contain a shape?" 0.5
 """
 
 from __future__ import annotations
@@ -22,8 +28,14 @@ import numpy as np
 
 from .scene import CELLS, COLOURS, GLYPHS, SHAPES, Scene
 
-KINDS = ("colour", "shape", "position", "count", "character", "exists")
+KINDS = ("colour", "shape", "position", "count", "character", "exists",
+         "count_colour", "count_shape", "subtract", "fraction")
+INTEGER_KINDS = ("count", "count_colour", "count_shape", "subtract")
+FLOAT_KINDS = ("fraction",)
 COUNT_CHOICES = ("1", "2", "3", "4")
+NUMBER_CHOICES = ("0", "1", "2", "3", "4")
+FRACTION_CHOICES = ("0.25", "0.5", "0.75", "1.0")
+PLURAL = {"circle": "circles", "square": "squares", "triangle": "triangles", "cross": "crosses"}
 
 
 @dataclass(frozen=True)
@@ -101,6 +113,28 @@ def ask(scene: Scene, kind: str, rng: np.random.Generator, exists_answer: bool |
             colour, shape = absent[rng.integers(len(absent))]
         return Question(kind, f"Is there a {colour} {shape} in the image?", "yes" if yes else "no", (),
                         {"object": f"{colour} {shape}"})
+    if kind == "count_colour":
+        colour = list(COLOURS)[rng.integers(len(COLOURS))]
+        n = str(sum(o.colour == colour for o in objs))
+        return Question(kind, f"How many {colour} objects are there?", n, _others(NUMBER_CHOICES, n),
+                        {"object": f"{colour} object"})
+    if kind == "count_shape":
+        shape = SHAPES[rng.integers(len(SHAPES))]
+        n = str(sum(o.shape == shape for o in objs))
+        return Question(kind, f"How many {PLURAL[shape]} are there?", n, _others(NUMBER_CHOICES, n),
+                        {"object": shape})
+    if kind == "subtract":
+        # Half the time a colour in the scene, so the answer is not always the total.
+        present = sorted({o.colour for o in objs})
+        colour = (present[rng.integers(len(present))] if rng.random() < 0.5
+                  else list(COLOURS)[rng.integers(len(COLOURS))])
+        n = str(sum(o.colour != colour for o in objs))
+        return Question(kind, f"Subtract all {colour} objects. How many objects are left?", n,
+                        _others(NUMBER_CHOICES, n), {"object": f"{colour} object"})
+    if kind == "fraction":
+        value = str(round(len(objs) / 4, 2))
+        return Question(kind, "What fraction of the four grid cells contain a shape?", value,
+                        _others(FRACTION_CHOICES, value), {"count": len(objs)})
     raise ValueError(f"unknown question kind {kind!r}; known: {KINDS}")
 
 
