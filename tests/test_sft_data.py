@@ -29,7 +29,8 @@ def test_lookup_answer_is_the_letter_of_the_named_option():
 
 def test_mix_controls_what_turns_ask():
     world = WorldConfig()
-    only_exists = Mix(caption_share=0.0, lookup_share=0.0, kind_weights=tuple(float(k == "exists") for k in KINDS))
+    only_exists = Mix(caption_share=0.0, lookup_share=0.0,
+                      kind_weights=tuple(float(k == "exists") for k in KINDS))
     for i in range(20):
         _, conv = toy_conversation(0, i, world, 3, only_exists)
         for user, gpt in zip(conv[::2], conv[1::2]):

@@ -193,22 +193,17 @@ MV_HINT = {
     "text": "Hint: Please answer the question and provide the correct option letter, e.g., A, B, C, "
             "D, at the end.",
 }
-MV_ITEMS = ("count_total", "count_colour", "count_shape", "subtract", "fraction", "mc_count",
-            "mc_colour")
-
-
-MV_KIND = {"count_total": "count", "count_colour": "count_colour", "count_shape": "count_shape",
-           "subtract": "subtract", "fraction": "fraction"}
+# Free-form items are question kinds of oqvl.world.questions; "mc_<kind>" items are lettered.
+MV_ITEMS = ("count", "count_colour", "count_shape", "subtract", "fraction", "mc_count", "mc_colour")
+MV_SKILLS = {"count": ["numeric commonsense"], "count_colour": ["numeric commonsense"],
+             "count_shape": ["numeric commonsense"], "subtract": ["arithmetic reasoning"],
+             "fraction": ["arithmetic reasoning", "numeric commonsense"]}
 
 
 def _mathvista_item(kind: str, scene: Scene, rng: np.random.Generator):
     """(question, answer, answer_type, skills) for one free-form MathVista item."""
-    q = ask(scene, MV_KIND[kind], rng)
-    answer_type = "float" if q.kind in FLOAT_KINDS else "integer"
-    skills = {"count": ["numeric commonsense"], "count_colour": ["numeric commonsense"],
-              "count_shape": ["numeric commonsense"], "subtract": ["arithmetic reasoning"],
-              "fraction": ["arithmetic reasoning", "numeric commonsense"]}[q.kind]
-    return q.question, q.answer, answer_type, skills
+    q = ask(scene, kind, rng)
+    return q.question, q.answer, "float" if kind in FLOAT_KINDS else "integer", MV_SKILLS[kind]
 
 
 def build_mathvista(n: int, draw: Draw, rng: np.random.Generator) -> list[dict]:
