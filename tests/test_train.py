@@ -23,7 +23,7 @@ from oqvl.model.vlm import OpenQwen2VL
 from oqvl.pack import build
 from oqvl.train import sft_data
 from oqvl.train.data import rank_micro_batches, step_indices
-from oqvl.train.trainer import FAULT_ENV, param_groups, warmup_cosine
+from oqvl.train.trainer import FAULT_ENV, TrainConfig, param_groups, warmup_cosine
 
 VISUAL = 16
 CONTEXT = 160
@@ -156,6 +156,22 @@ def test_new_data_under_the_same_path_starts_over(one_proc, inputs, tmp_path):
     df.iloc[::-1].to_parquet(data, index=False)  # other data, same file name
     redo = launch(args)
     assert "checkpoints of another training config or other inputs, starting over" in redo.stdout
+
+
+def test_preset_and_start_weights_are_inputs_of_pretraining(tmp_path):
+    """Editing the preset (e.g. the LM's init scale) or replacing the LM under the same path makes
+    old checkpoints another run's, like new data does."""
+    (tmp_path / "packed").mkdir()
+    (tmp_path / "packed" / "sequences.parquet").touch()
+    for d in ("clip", "lm"):
+        (tmp_path / d).mkdir()
+        (tmp_path / d / "model.safetensors").touch()
+    cfg = TrainConfig(stage="pretrain", out=str(tmp_path / "out"), tokenizer="tok", packed=str(tmp_path / "packed"),
+                      shards="shards", vision_weights=str(tmp_path / "clip"), lm_path=str(tmp_path / "lm"))
+    names = [f"{f.parent.name}/{f.name}" for f in cfg.input_files()]
+    assert names == ["packed/sequences.parquet", "model_configs/toy.json", "clip/model.safetensors",
+                     "lm/model.safetensors"]
+    assert len(set(names)) == len(names)  # the key names every file apart
 
 
 def test_interrupted_save_leaves_previous_checkpoint(one_proc, inputs, tmp_path):

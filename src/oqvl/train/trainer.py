@@ -43,7 +43,7 @@ from tqdm import tqdm
 from ..config import config_hash
 from ..manifest import sha256_file, write_json_atomic, write_manifest
 from ..model.tokenizer import ENDOFTEXT, load_tokenizer
-from ..model.vlm import OpenQwen2VL
+from ..model.vlm import PRESET_DIR, OpenQwen2VL
 from . import checkpoint as ckpt
 from .data import Conversations, PackedCaptions, rank_micro_batches, step_indices
 from .plot import plot_loss
@@ -128,14 +128,16 @@ class TrainConfig:
         return {k: v for k, v in asdict(self).items() if k not in skip}
 
     def input_files(self) -> list[Path]:
-        """The files whose content defines what is trained on and from: new data or new starting
-        weights under the same paths make old checkpoints another run's."""
+        """The files whose content defines what is trained on and from: new data, new starting
+        weights or an edited preset (its LM config, init scale included) under the same paths make
+        old checkpoints another run's."""
         if self.stage == "sft":
             return [Path(self.sft_data), Path(self.init_from) / "model.safetensors"]
-        files = [Path(self.packed) / "sequences.parquet"]
-        if self.vision_weights:
-            v = Path(self.vision_weights)
-            files.append(v / "model.safetensors" if v.is_dir() else v)
+        files = [Path(self.packed) / "sequences.parquet", PRESET_DIR / f"{self.preset}.json"]
+        for weights in (self.vision_weights, self.lm_path):
+            if weights:
+                w = Path(weights)
+                files.append(w / "model.safetensors" if w.is_dir() else w)
         return [f for f in files if f.is_file()]
 
 
@@ -267,7 +269,7 @@ def _train(cfg: TrainConfig, rank: int, world: int, device: torch.device) -> dic
         opt, warmup_cosine(max(1, round(cfg.warmup_frac * steps)), steps, cfg.min_lr_ratio))
 
     start = 0
-    key = _jsonable({**cfg.resume_key(), "inputs": {f.name: sha256_file(f)[:16] for f in cfg.input_files()}})
+    key = _jsonable({**cfg.resume_key(), "inputs": {f"{f.parent.name}/{f.name}": sha256_file(f)[:16] for f in cfg.input_files()}})
     resume_from = ckpt.latest(ckpt_root)
     if resume_from is not None and ckpt.saved_config(resume_from) != key:
         # A changed config makes the old checkpoints another run's: start over, say so.
