@@ -18,6 +18,7 @@ if MLM and MLM["model"] is None and MLM["scores_dir"] is None:
         input:
             clip=f"{TOY_CLIP_DIR}/config.json",
             tokenizer=lambda w: [f"{TOY_TOKENIZER_DIR}/tokenizer.json"] if TOKENIZER["path"] is None else [],
+            preset=preset_file("toy"),
         output:
             seed=f"{TOY_MLM_DIR}/seed.parquet",
             init=f"{TOY_MLM_DIR}/init/config.json",

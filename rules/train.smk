@@ -61,6 +61,7 @@ rule pretrain:
         shards=lambda w: f"results/mixtures/{config['runs'][w.run]['mixture']}/shards",
         tokenizer=lambda w: [f"{TOY_TOKENIZER_DIR}/tokenizer.json"] if TOKENIZER["path"] is None else [],
         vision=lambda w: [f"{TOY_CLIP_DIR}/config.json"] if config["model"]["vision_weights"] is None else [],
+        preset=preset_file(config["model"]["preset"]),
     output:
         model="results/runs/{run}/pretrain/final/config.json",
         summary="results/runs/{run}/pretrain/summary.json",

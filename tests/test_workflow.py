@@ -62,6 +62,9 @@ def test_paper_config_trains_on_8_processes_from_the_released_models(tmp_path):
     for flag in ("--global-batch 128", "--micro-batch 2", "--lr 2e-05", "--weight-decay 0.1",
                  "--sft-data data/llava_v1_5_mix665k.json", "--image-root data/llava_images"):
         assert flag in sft, flag
+    # the preset's file is an input of pretraining: editing it (an init scale) reruns the run
+    inputs = next(line for line in out.splitlines() if line.strip().startswith("input: results/packed/"))
+    assert str(REPO / "src/oqvl/model/model_configs/open-qwen2vl.json") in inputs
 
 
 @pytest.mark.slow
