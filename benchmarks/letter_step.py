@@ -111,6 +111,8 @@ def main(argv=None):
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--init-std", type=float, default=0.06,
                     help="initializer_range of the fresh LM (Qwen2's default is 0.02)")
+    ap.add_argument("--heads", type=int, help="attention heads (default: the preset's)")
+    ap.add_argument("--kv-heads", type=int, help="key/value heads (default: the preset's)")
     ap.add_argument("--pool", type=int, default=400, help="distinct option words")
     ap.add_argument("--every", type=int, default=300, help="steps between evaluations")
     ap.add_argument("--seed", type=int, default=0)
@@ -124,6 +126,7 @@ def main(argv=None):
 
     tok = load_tokenizer(args.tokenizer)
     cfg = dict(load_preset("toy")["lm"]["config"], initializer_range=args.init_std)
+    cfg.update({k: v for k, v in (("num_attention_heads", args.heads), ("num_key_value_heads", args.kv_heads)) if v})
     lm = Qwen2ForCausalLM(Qwen2Config(**cfg))
     pool = word_pool(tok, args.pool, np.random.default_rng(args.seed))
     train = Items(tok, pool, weights, args.seed + 1)
@@ -137,7 +140,8 @@ def main(argv=None):
     evals["sft lookups"] = [(encode_prompt(tok, u, 0), train.ids(a)[0]) for u, a in chat]
 
     opt = torch.optim.AdamW(lm.parameters(), lr=args.lr, weight_decay=0.01, betas=(0.9, 0.95))
-    print(f"toy LM, init std {args.init_std}, lr {args.lr}, {args.batch} x {args.per_sequence} items per step, "
+    print(f"toy LM, {cfg['num_attention_heads']}/{cfg['num_key_value_heads']} heads, init std {args.init_std}, "
+          f"lr {args.lr}, {args.batch} x {args.per_sequence} items per step, "
           f"mix restate:near:far = {args.mix}; held-out accuracy (%)")
     print(f"{'step':>6} {'loss':>6} " + " ".join(f"{k:>11}" for k in evals) + f" {'seconds':>8}")
     t0, loss = time.time(), float("nan")
