@@ -133,3 +133,20 @@ def test_rerun_is_byte_identical_and_a_smaller_mixture_leaves_no_stale_shards(so
     assert {f"shards/{p.name}" for p in shards} == set(small["files"])
     fresh = run_mixture(sources, tmp_path / "fresh", "kept_small.parquet")
     assert fresh["files"] == small["files"]  # same bytes as a build into an empty folder
+
+
+def test_the_download_order_within_a_shard_does_not_change_the_mixture(sources, mixed, tmp_path):
+    """img2dataset writes each shard in download-completion order: the mixture must not depend on it."""
+    _, manifest = mixed
+    parts = []
+    for name, s in sources.items():
+        shuffled = tmp_path / name / "shards"
+        shuffled.mkdir(parents=True)
+        for p in shard_paths(s["dir"] / "shards"):
+            samples = list(iter_samples([p]))[::-1]  # the same shard, in reverse order
+            with wds.TarWriter(str(shuffled / p.name)) as w:
+                for smp in samples:
+                    w.write({k: v for k, v in smp.items() if k != "__url__" and k != "__local_path__"})
+        parts += ["--part", name, str(shuffled), str(s["dir"] / "kept.parquet")]
+    mixture.main([*parts, "--out", str(tmp_path / "out"), "--samples-per-shard", str(PER_SHARD)])
+    assert json.loads((tmp_path / "out" / "manifest.json").read_text())["files"] == manifest["files"]

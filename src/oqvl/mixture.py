@@ -23,6 +23,16 @@ from .manifest import sha256_file, write_manifest
 from .shards import ShardSink, iter_samples, sample_meta, shard_paths
 
 
+def kept_samples(path: Path, kept: set[str]) -> list[tuple[str, dict]]:
+    """(uid, sample) for the kept samples of one shard, in the shard's order."""
+    out = []
+    for sample in iter_samples([path]):
+        uid = str(sample_meta(sample).get("uid", sample["__key__"]))
+        if uid in kept:
+            out.append((uid, sample))
+    return out
+
+
 def build_mixture(parts: list[tuple[str, Path, Path]], out: Path, samples_per_shard: int) -> dict:
     counts: dict[str, int] = {}
     # Write into a scratch folder and swap it in at the end: a failed run never leaves a
@@ -35,17 +45,19 @@ def build_mixture(parts: list[tuple[str, Path, Path]], out: Path, samples_per_sh
         for name, shards, kept_path in parts:
             kept = set(pd.read_parquet(kept_path)["uid"].astype(str))
             n = 0
-            for sample in tqdm(iter_samples(shard_paths(shards)), desc=f"mixture <- {name}",
-                               unit="pair", mininterval=2):
-                uid = str(sample_meta(sample).get("uid", sample["__key__"]))
-                if uid not in kept:
-                    continue
-                if uid in seen:
-                    raise ValueError(f"{shards}: uid {uid} appears twice in the mixture")
-                seen.add(uid)
-                sink.write({"__key__": uid, **{k: v for k, v in sample.items()
-                                               if not k.startswith("__")}})
-                n += 1
+            bar = tqdm(desc=f"mixture <- {name}", unit="pair", mininterval=2)
+            for path in shard_paths(shards):
+                # img2dataset writes a shard in download-completion order, which varies run to
+                # run; uid order within each shard makes the mixture, and all after it, repeatable.
+                for uid, sample in sorted(kept_samples(path, kept), key=lambda t: t[0]):
+                    if uid in seen:
+                        raise ValueError(f"{shards}: uid {uid} appears twice in the mixture")
+                    seen.add(uid)
+                    sink.write({"__key__": uid, **{k: v for k, v in sample.items()
+                                                   if not k.startswith("__")}})
+                    n += 1
+                bar.update(n - bar.n)
+            bar.close()
             if n != len(kept):
                 raise ValueError(f"{kept_path}: {len(kept)} kept uids but {n} found in {shards}")
             counts[name] = n

@@ -98,6 +98,9 @@ def score_source(shards: Path, model: str, pretrained: str | None, out: Path, fa
             os.replace(done_s.with_suffix(".tmp"), done_s)
     scores = pd.concat([pd.read_parquet(parts / f"{p.stem}.scores.parquet") for p in paths], ignore_index=True)
     failed = pd.concat([pd.read_parquet(parts / f"{p.stem}.failed.parquet") for p in paths], ignore_index=True)
+    # uid order: the raw shards' order within a shard is the download's, which varies run to run
+    scores = scores.sort_values("uid", kind="stable", ignore_index=True)
+    failed = failed.sort_values("uid", kind="stable", ignore_index=True)
     scores["model"] = f"{model}:{pretrained}"
     scores["config_hash"] = config_hash({"model": model, "pretrained": str(pretrained)})
     failed.to_parquet(failures, index=False)
