@@ -5,7 +5,7 @@
         --out results/mixtures/ccs+datacomp
 
 Writes OUT/shards/%05d.tar (sample key = uid, unique across sources; image bytes copied as
-they are) and OUT/manifest.json (pairs per part, sha256 per shard).
+they are; source shards in order, each one's kept pairs in uid order) and OUT/manifest.json (pairs per part, sha256 per shard).
 """
 
 from __future__ import annotations
