@@ -146,7 +146,7 @@ def test_the_download_order_within_a_shard_does_not_change_the_mixture(sources, 
             samples = list(iter_samples([p]))[::-1]  # the same shard, in reverse order
             with wds.TarWriter(str(shuffled / p.name)) as w:
                 for smp in samples:
-                    w.write({k: v for k, v in smp.items() if k != "__url__" and k != "__local_path__"})
+                    w.write({k: v for k, v in smp.items() if k not in ("__url__", "__local_path__")})
         parts += ["--part", name, str(shuffled), str(s["dir"] / "kept.parquet")]
     mixture.main([*parts, "--out", str(tmp_path / "out"), "--samples-per-shard", str(PER_SHARD)])
     assert json.loads((tmp_path / "out" / "manifest.json").read_text())["files"] == manifest["files"]

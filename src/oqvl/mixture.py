@@ -20,14 +20,14 @@ from tqdm import tqdm
 
 from .config import config_hash
 from .manifest import sha256_file, write_manifest
-from .shards import ShardSink, iter_samples, sample_meta, shard_paths
+from .shards import ShardSink, iter_samples, sample_uid, shard_paths
 
 
 def kept_samples(path: Path, kept: set[str]) -> list[tuple[str, dict]]:
     """(uid, sample) for the kept samples of one shard, in the shard's order."""
     out = []
     for sample in iter_samples([path]):
-        uid = str(sample_meta(sample).get("uid", sample["__key__"]))
+        uid = sample_uid(sample)
         if uid in kept:
             out.append((uid, sample))
     return out

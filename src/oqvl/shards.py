@@ -32,6 +32,11 @@ def sample_meta(sample: dict) -> dict:
     return json.loads(sample["json"]) if "json" in sample else {}
 
 
+def sample_uid(sample: dict) -> str:
+    """The pair's uid from its JSON, else the tar key."""
+    return str(sample_meta(sample).get("uid", sample["__key__"]))
+
+
 def sample_caption(sample: dict) -> str:
     return sample["txt"].decode("utf-8") if isinstance(sample.get("txt"), bytes) else sample.get("txt", "")
 

@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from ..config import config_hash
 from ..manifest import write_json_atomic
-from ..shards import iter_samples, sample_caption, sample_meta, shard_paths
+from ..shards import iter_samples, sample_caption, sample_uid, shard_paths
 from .clip_model import load_clip, score_pairs
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
@@ -58,7 +58,7 @@ def score_shard(path: Path, clip, batch_size: int, device: str, bar) -> tuple[pd
             batch.clear()
 
     for sample in iter_samples([path]):
-        uid = sample_meta(sample).get("uid", sample["__key__"])
+        uid = sample_uid(sample)
         image, caption, reason = decode(sample)
         if reason:
             failed.append({"uid": uid, "reason": reason})

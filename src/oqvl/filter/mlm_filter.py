@@ -236,7 +236,7 @@ def score_source(shards: Path, score_batch, key: dict, out: Path, failures: Path
     """Score every pair of a source's shards with score_batch(images, captions) -> texts."""
     from tqdm import tqdm
 
-    from ..shards import iter_samples, sample_meta, shard_paths
+    from ..shards import iter_samples, sample_uid, shard_paths
     from .clip_score import decode
 
     parts = parts_dir(out, key)
@@ -275,7 +275,7 @@ def score_source(shards: Path, score_batch, key: dict, out: Path, failures: Path
             for i, sample in enumerate(iter_samples([path])):
                 if i < skip:
                     continue
-                uid = str(sample_meta(sample).get("uid", sample["__key__"]))
+                uid = sample_uid(sample)
                 image, caption, reason = decode(sample)
                 if image is None:  # a bad image is listed with its reason (an empty caption is scored)
                     rows.append({"uid": uid, "text": None, "score": None, "status": f"failed: {reason}"})

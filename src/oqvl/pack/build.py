@@ -30,7 +30,7 @@ from tqdm import tqdm
 from ..config import config_hash
 from ..manifest import sha256_file, write_json_atomic, write_manifest
 from ..model.tokenizer import ENDOFTEXT, load_tokenizer
-from ..shards import iter_samples, sample_caption, sample_meta, shard_paths
+from ..shards import iter_samples, sample_caption, sample_uid, shard_paths
 from .ffd import fill_ratio, first_fit_decreasing
 
 
@@ -48,7 +48,7 @@ def tokenize_documents(shards: Path, tokenizer, visual_tokens: int, batch: int =
 
     for path in shard_paths(shards):
         for sample in tqdm(iter_samples([path]), desc=f"tokenize {path.name}", unit="doc", mininterval=2):
-            rows.append({"uid": str(sample_meta(sample).get("uid", sample["__key__"])),
+            rows.append({"uid": sample_uid(sample),
                          "shard": path.name, "key": sample["__key__"]})
             texts.append("\n" + sample_caption(sample))
             if len(texts) == batch:
