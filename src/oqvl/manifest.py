@@ -1,29 +1,38 @@
-"""Manifests: what a stage wrote, from what, with which code and config.
+"""Manifests: what a stage did, from what, with which code, config and libraries.
 
-Every stage writes `manifest.json` beside its output: counts, the sha256 of each output file,
-the config hash of the parameters it used, and the code version.
+Every job writes one manifest beside its output (`manifest_path`): the work it did (one amount
+and its unit: pairs scored, documents packed, tokens trained, samples evaluated), its counts, the
+resolved config values it ran with (and their hash), the sha256 of each output file, the inputs
+it read, the versions of the libraries it used, and the code version. The report reads these
+manifests, and nothing else, to say what each job did.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
+import platform
 import subprocess
+import sys
 from datetime import datetime, timezone
+from importlib import metadata
 from pathlib import Path
 
 from . import __version__
+from .io import sha256_file, write_json
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
+MANIFEST = "manifest.json"
+# The distributions whose versions decide what a stage computes (absent ones are left out).
+LIBRARIES = ("torch", "transformers", "open_clip_torch", "lmms_eval", "img2dataset", "webdataset",
+             "tokenizers", "safetensors", "numpy", "pandas", "pyarrow", "pillow")
 
 
-def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
+def manifest_path(output: str | Path) -> Path:
+    """Where the manifest of the job writing `output` lies: inside an output folder, beside a file."""
+    output = Path(output)
+    if output.suffix == "":  # a folder output (shards, a model directory)
+        return output / MANIFEST
+    return output.with_name(f"{output.stem}.{MANIFEST}")
 
 
 def code_version() -> str:
@@ -38,35 +47,67 @@ def code_version() -> str:
         return __version__
 
 
-def write_json_atomic(path: str | Path, obj) -> None:
-    """Write then rename, so a crash never leaves half a file behind."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
-
-
 def container_image() -> str | None:
     """The image this process runs in, as apptainer (or the podman wrapper) tells it; None on the host."""
     return os.environ.get("APPTAINER_CONTAINER") or os.environ.get("SINGULARITY_CONTAINER") or None
 
 
+def library_versions() -> dict:
+    """Python and the installed versions of LIBRARIES; CUDA and the GPU where torch was used."""
+    out = {"python": platform.python_version()}
+    for name in LIBRARIES:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            pass
+    torch = sys.modules.get("torch")  # only a stage that imported torch reports its device
+    if torch is not None and torch.cuda.is_available():
+        out["cuda"] = torch.version.cuda
+        out["gpu"] = torch.cuda.get_device_name(0)
+    return out
+
+
 def write_manifest(
-    path: str | Path, stage: str, files: list[str | Path], counts: dict, params_hash: str,
-    inputs: dict[str, str] | None = None,
+    path: str | Path, stage: str, *, work: tuple[float, str], config: dict,
+    files: list[str | Path] = (), counts: dict | None = None, inputs: dict[str, str] | None = None,
+    device: str = "cpu", gpus: int = 0,
 ) -> dict:
-    """Write a manifest listing `files` (relative to the manifest's folder) with their sha256."""
+    """Write a job's manifest; `files` are hashed and listed relative to the manifest's folder.
+
+    `work` is (amount, unit), e.g. (3000, "pairs"); `config` the values the job ran with; `device`
+    and `gpus` what the job computed on (the GPU-hour accounting trusts a job that used GPUs)."""
+    from .config import config_hash
+
     path = Path(path)
     base = path.parent
+    amount, unit = work
     manifest = {
         "stage": stage,
-        "counts": counts,
-        "files": {str(Path(f).relative_to(base)): sha256_file(f) for f in sorted(map(str, files))},
-        "config_hash": params_hash,
+        "work": {"amount": float(amount), "unit": unit},
+        "device": {"type": device, "gpus": int(gpus)},
+        "counts": counts or {},
+        "config": config,
+        "config_hash": config_hash(config),
+        "files": {os.path.relpath(f, base): sha256_file(f) for f in sorted(map(str, files))},
         "inputs": inputs or {},
+        "versions": library_versions(),
         "code_version": code_version(),
         "container_image": container_image(),
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
-    write_json_atomic(path, manifest)
+    write_json(path, manifest)
     return manifest
+
+
+def args_config(args) -> dict:
+    """An argparse namespace as the JSON config fragment a stage ran with (paths as strings)."""
+    def plain(v):
+        if isinstance(v, (str, int, float, bool)) or v is None:
+            return v
+        if isinstance(v, (list, tuple)):
+            return [plain(x) for x in v]
+        if isinstance(v, dict):
+            return {str(k): plain(x) for k, x in v.items()}
+        return str(v)
+
+    return {k: plain(v) for k, v in sorted(vars(args).items()) if k != "func"}
