@@ -22,6 +22,7 @@ from .io import sha256_file, write_json
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 MANIFEST = "manifest.json"
+FILE_SUFFIXES = (".parquet", ".json", ".jsonl", ".csv", ".md", ".tsv")  # what a file output ends with
 # The distributions whose versions decide what a stage computes (absent ones are left out).
 LIBRARIES = ("torch", "transformers", "open_clip_torch", "lmms_eval", "img2dataset", "webdataset",
              "tokenizers", "safetensors", "numpy", "pandas", "pyarrow", "pillow")
@@ -30,7 +31,7 @@ LIBRARIES = ("torch", "transformers", "open_clip_torch", "lmms_eval", "img2datas
 def manifest_path(output: str | Path) -> Path:
     """Where the manifest of the job writing `output` lies: inside an output folder, beside a file."""
     output = Path(output)
-    if output.suffix == "":  # a folder output (shards, a model directory)
+    if output.suffix not in FILE_SUFFIXES:  # a folder output (shards, a model directory, a mixture)
         return output / MANIFEST
     return output.with_name(f"{output.stem}.{MANIFEST}")
 
