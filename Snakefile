@@ -6,6 +6,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(workflow.basedir) / "src"))
 from oqvl.config import ConfigError, validate
+from oqvl.scale import resolve
 
 # The toy config unless one is given: a --configfile replaces it rather than being merged over it,
 # so config/full.yaml and config/ci.yaml each say everything they mean.
@@ -15,7 +16,7 @@ if not workflow.overwrite_configfiles:
 report: "report/workflow.rst"
 
 try:
-    validate(config)
+    resolve(validate(config))  # rules/common.smk keeps the resolved scale as SCALE
 except ConfigError as e:
     sys.exit(f"config error: {e}")
 
@@ -33,10 +34,11 @@ include: "rules/report.smk"
 
 
 rule all:
-    """Everything: every configured run trained and evaluated (table3), table4, compute.csv, and at
-    toy scale the filter-quality report (CLIP and MLM-Filter against the truth)."""
+    """Everything: every configured run trained and evaluated (table3), table4 and the summary,
+    compute.csv, and at toy scale the filter-quality report (CLIP and MLM-Filter against the truth)."""
+    default_target: True
     input:
-        "results/table4.csv",
-        "results/table3.csv",
-        "results/compute.csv",
-        *(["results/filter/quality/report.md"] if GENERATED else []),
+        L.TABLE4,
+        L.TABLE3,
+        L.COMPUTE,
+        *([f"{L.QUALITY}/report.md"] if SCALE.has("filter_quality") else []),

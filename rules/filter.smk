@@ -1,66 +1,63 @@
 # Stage 2, filter: CLIP scores per source, then a keep decision per source (threshold, kept
-# fraction, or a released uid list), then a quality report against the toy world's truth.
+# fraction, or a released uid list), then (toy) a quality report against the toy world's truth.
 
 CLIP = config["filter"]["clip"]
-TOY_CLIP_DIR = "results/filter/clip_model"
-
-
-def clip_weights(wildcards=None):
-    """The CLIP weights a scoring job reads: the trained toy checkpoint, or the configured ones."""
-    return TOY_CLIP_DIR if CLIP["pretrained"] is None else CLIP["pretrained"]
 
 
 def filter_spec(source):
     return config["filter"]["sources"][source]
 
 
-rule train_clip:
-    """Toy scale: train the tiny open_clip model on a clean seed set of the toy world."""
-    output:
-        weights=f"{TOY_CLIP_DIR}/model.safetensors",
-        config=f"{TOY_CLIP_DIR}/config.json",
-    params:
-        train=CLIP["train"],
-        seed=config["seed"],
-        world=config["world"],
-    threads: 2
-    container: config["containers"]["model"]
-    log:
-        "results/logs/filter/train_clip.log",
-    benchmark:
-        "results/benchmarks/filter/train_clip.tsv"
-    shell:
-        "{PY} -m oqvl.filter.train_clip --out {TOY_CLIP_DIR}"
-        " --n-pairs {params.train[n_pairs]} --steps {params.train[steps]}"
-        " --batch-size {params.train[batch_size]} --lr {params.train[lr]} --seed {params.seed}"
-        " --threads {threads} --image-size {params.world[image_size]}"
-        " --max-objects {params.world[max_objects]} --glyph-prob {params.world[glyph_prob]}"
-        " > {log} 2>&1"
+if SCALE.has("train_clip"):
+
+    rule train_clip:
+        """Toy scale: train the tiny open_clip model on a clean seed set of the toy world."""
+        output:
+            weights=f"{L.CLIP_MODEL}/model.safetensors",
+            config=f"{L.CLIP_MODEL}/config.json",
+            manifest=L.manifest("train_clip"),
+        params:
+            train=CLIP["train"],
+            seed=config["seed"],
+            world=world_args(),
+            out=L.CLIP_MODEL,
+        threads: 2
+        container: config["containers"]["model"]
+        log:
+            L.log("train_clip"),
+        benchmark:
+            L.benchmark("train_clip")
+        shell:
+            "{PY} -m oqvl.filter.train_clip --out {params.out}"
+            " --n-pairs {params.train[n_pairs]} --steps {params.train[steps]}"
+            " --batch-size {params.train[batch_size]} --lr {params.train[lr]} --seed {params.seed}"
+            " --threads {threads} {params.world} > {log} 2>&1"
 
 
 rule clip_score:
     """Score every pair of a source; undecodable images and empty captions are listed, not scored."""
     input:
-        shards="results/raw/{source}/shards",
-        accounting="results/raw/{source}/accounting.json",
-        weights=lambda w: [f"{TOY_CLIP_DIR}/model.safetensors"] if CLIP["pretrained"] is None else [],
+        shards=L.shards(),
+        accounting=L.accounting(),
+        weights=SCALE.clip_input(),
     output:
-        scores="results/filter/{source}/clip_scores.parquet",
-        failures="results/filter/{source}/clip_failures.parquet",
-        stats="results/filter/{source}/clip_score_stats.json",
+        scores=L.clip_scores(),
+        failures=L.clip_failures(),
+        stats=L.clip_stats(),
+        manifest=L.manifest("clip_score"),
     params:
         model=CLIP["model"],
-        pretrained=clip_weights(),
+        pretrained=SCALE.clip_weights,
         batch_size=CLIP["batch_size"],
         expected=lambda w, input: json.load(open(input.accounting))["samples_in_shards"],
     threads: 2
     resources:
-        gpu=1 if config["scale"] == "paper" else 0,
+        gpu=SCALE.gpus["score"],
     container: config["containers"]["model"]
     log:
-        "results/logs/filter/clip_score_{source}.log",
+        L.log("clip_score"),
     benchmark:
-        "results/benchmarks/filter/clip_score_{source}.tsv"
+        L.benchmark("clip_score")
     shell:
         "{PY} -m oqvl.filter.clip_score --shards {input.shards} --model {params.model}"
         " --pretrained {params.pretrained:q} --batch-size {params.batch_size} --threads {threads}"
@@ -71,9 +68,8 @@ rule clip_score:
 def keep_inputs(wildcards):
     spec = filter_spec(wildcards.source)
     if spec["method"] == "uid_list":
-        return {"uid_list": spec["uid_list"], "shards": f"results/raw/{wildcards.source}/shards"}
-    return {"scores": f"results/filter/{wildcards.source}/clip_scores.parquet",
-            "failures": f"results/filter/{wildcards.source}/clip_failures.parquet"}
+        return {"uid_list": spec["uid_list"], "shards": L.shards(wildcards.source)}
+    return {"scores": L.clip_scores(wildcards.source), "failures": L.clip_failures(wildcards.source)}
 
 
 def keep_args(wildcards, input):
@@ -89,49 +85,51 @@ rule keep:
     input:
         unpack(keep_inputs),
     output:
-        kept="results/filter/{source}/kept.parquet",
-        stats="results/filter/{source}/kept_stats.json",
+        kept=L.kept(),
+        stats=L.kept_stats(),
+        manifest=L.manifest("keep"),
     params:
         spec=lambda w: filter_spec(w.source),
         args=keep_args,
     container: config["containers"]["data"]
     log:
-        "results/logs/filter/keep_{source}.log",
+        L.log("keep"),
     benchmark:
-        "results/benchmarks/filter/keep_{source}.tsv"
+        L.benchmark("keep")
     shell:
         "{PY} -m oqvl.filter.keep {params.args} --out {output.kept} --stats {output.stats} > {log} 2>&1"
 
 
 def quality_entries():
     """(source, filter name, scores or '-', kept set) of every filter to judge (toy sources)."""
-    out = [(s, filter_spec(s)["method"], f"results/filter/{s}/clip_scores.parquet",
-            f"results/filter/{s}/kept.parquet") for s in GENERATED]
+    out = [(s, filter_spec(s)["method"], L.clip_scores(s), L.kept(s)) for s in SCALE.generated]
     mlm = config["filter"].get("mlm")
     for s in (mlm["sources"] if mlm else []):
-        if s in GENERATED:
-            out += [(s, "mlm", f"results/filter/{s}/mlm_scores.parquet", f"results/filter/{s}/kept_mlm.parquet"),
-                    (s, "union", "-", f"results/filter/{s}/kept_union.parquet")]
+        if s in SCALE.generated:
+            out += [(s, "mlm", L.mlm_scores(s), L.kept(s, "mlm")), (s, "union", "-", L.kept(s, "union"))]
     return out
 
 
-rule filter_quality:
-    """Toy scale: precision/recall of every filter against the truth tables, by corruption kind."""
-    input:
-        truth=expand("results/raw/{source}/truth.parquet", source=GENERATED),
-        scores=[e[2] for e in quality_entries() if e[2] != "-"],
-        kept=[e[3] for e in quality_entries()],
-    output:
-        summary="results/filter/quality/summary.csv",
-        by_kind="results/filter/quality/by_corruption.csv",
-        report="results/filter/quality/report.md",
-    params:
-        entries=" ".join(f"--entry {s} {f} results/raw/{s}/truth.parquet {sc} {k}"
-                         for s, f, sc, k in quality_entries()),
-    container: config["containers"]["data"]
-    log:
-        "results/logs/filter/quality.log",
-    benchmark:
-        "results/benchmarks/filter/quality.tsv"
-    shell:
-        "{PY} -m oqvl.filter.quality {params.entries} --out results/filter/quality > {log} 2>&1"
+if SCALE.has("filter_quality"):
+
+    rule filter_quality:
+        """Toy scale: precision/recall of every filter against the truth tables, by corruption kind."""
+        input:
+            truth=[L.truth(s) for s in SCALE.generated],
+            scores=[e[2] for e in quality_entries() if e[2] != "-"],
+            kept=[e[3] for e in quality_entries()],
+        output:
+            summary=f"{L.QUALITY}/summary.csv",
+            by_kind=f"{L.QUALITY}/by_corruption.csv",
+            report=f"{L.QUALITY}/report.md",
+            manifest=L.manifest("filter_quality"),
+        params:
+            entries=" ".join(f"--entry {s} {f} {L.truth(s)} {sc} {k}" for s, f, sc, k in quality_entries()),
+            out=L.QUALITY,
+        container: config["containers"]["data"]
+        log:
+            L.log("filter_quality"),
+        benchmark:
+            L.benchmark("filter_quality")
+        shell:
+            "{PY} -m oqvl.filter.quality {params.entries} --out {params.out} > {log} 2>&1"

@@ -3,33 +3,29 @@
 
 def mixture_parts(wildcards):
     mix = config["mixtures"][wildcards.mixture]
-    return {"shards": [f"results/raw/{s}/shards" for s in mix["sources"]],
-            "kept": [kept_file(s, mix["kept"].get(s, "filter")) for s in mix["sources"]]}
-
-
-def kept_file(source, kept):
-    """A source's kept set: its own filter's, the MLM-Filter's, or their union."""
-    return f"results/filter/{source}/kept{'' if kept == 'filter' else '_' + kept}.parquet"
+    return {"shards": [L.shards(s) for s in mix["sources"]],
+            "kept": [L.kept(s, mix["kept"].get(s, "filter")) for s in mix["sources"]]}
 
 
 rule mixture:
     input:
         unpack(mixture_parts),
     output:
-        shards=directory("results/mixtures/{mixture}/shards"),
-        manifest="results/mixtures/{mixture}/manifest.json",
+        shards=directory(L.mixture_shards()),
+        manifest=L.manifest("mixture"),
     wildcard_constraints:
-        mixture=alternatives([re.escape(m) for m in config["mixtures"]]),
+        mixture=alternatives(config["mixtures"]),
     params:
         parts=lambda w, input: " ".join(
             f"--part {s} {sh} {k}" for s, sh, k in
             zip(config["mixtures"][w.mixture]["sources"], input.shards, input.kept)),
         per_shard=lambda w: config["mixtures"][w.mixture]["samples_per_shard"],
+        out=lambda w: L.mixture_dir(w.mixture),
     container: config["containers"]["data"]
     log:
-        "results/logs/mixture/{mixture}.log",
+        L.log("mixture"),
     benchmark:
-        "results/benchmarks/mixture/{mixture}.tsv"
+        L.benchmark("mixture")
     shell:
-        "{PY} -m oqvl.mixture {params.parts} --out results/mixtures/{wildcards.mixture}"
+        "{PY} -m oqvl.mixture {params.parts} --out {params.out:q}"
         " --samples-per-shard {params.per_shard} > {log} 2>&1"

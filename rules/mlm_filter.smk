@@ -1,123 +1,130 @@
 # Stage 2b, MLM-Filter (the paper's mixture 4): a multimodal LLM scores each pair of the listed
 # sources 0-100; kept_mlm = score >= threshold, kept_union = kept_mlm | the source's own filter.
-# Toy scale trains the toy MLM-Filter first; paper scale reads the official scoring outputs.
+# The scores come from the toy MLM-Filter trained here (toy), a user's model folder, or the
+# official scoring outputs (SCALE.mlm: train, model, import).
 
 MLM = config["filter"].get("mlm")
 MLM_SOURCES = MLM["sources"] if MLM else []
-TOY_MLM_DIR = "results/filter/mlm_model"
 
 
-def mlm_model_dir():
-    return f"{TOY_MLM_DIR}/train/final" if MLM["model"] is None else MLM["model"]
-
-
-if MLM and MLM["model"] is None and MLM["scores_dir"] is None:
+if SCALE.has("mlm_filter_seed"):
 
     rule mlm_filter_seed:
         """Toy scale: scoring conversations on seed pairs (scores from the truth) + the new model."""
         input:
-            clip=f"{TOY_CLIP_DIR}/config.json",
-            tokenizer=lambda w: [f"{TOY_TOKENIZER_DIR}/tokenizer.json"] if TOKENIZER["path"] is None else [],
+            clip=f"{L.CLIP_MODEL}/config.json",
+            tokenizer=SCALE.tokenizer_input(),
             preset=preset_file("toy"),
         output:
-            seed=f"{TOY_MLM_DIR}/seed.parquet",
-            init=f"{TOY_MLM_DIR}/init/config.json",
+            seed=f"{L.MLM_MODEL}/seed.parquet",
+            init=f"{L.MLM_MODEL}/init/config.json",
+            manifest=L.manifest("mlm_filter_seed"),
         params:
             n=MLM["train"]["n_pairs"],
             metric=MLM["metric"],
-            tokenizer=tokenizer_dir(),
+            tokenizer=SCALE.tokenizer,
             visual=MLM["visual_tokens"],
             seed=config["seed"],
-            world=config["world"],
+            world=world_args(),
+            out=L.MLM_MODEL,
+            clip=L.CLIP_MODEL,
         container: config["containers"]["model"]
         log:
-            "results/logs/filter/mlm_filter_seed.log",
+            L.log("mlm_filter_seed"),
         benchmark:
-            "results/benchmarks/filter/mlm_filter_seed.tsv"
+            L.benchmark("mlm_filter_seed")
         shell:
-            "{PY} -m oqvl.filter.mlm_filter seed --out {TOY_MLM_DIR} --n {params.n} --metric {params.metric}"
-            " --vision-weights {TOY_CLIP_DIR} --tokenizer {params.tokenizer:q} --visual-tokens {params.visual}"
-            " --seed {params.seed} --image-size {params.world[image_size]}"
-            " --max-objects {params.world[max_objects]} --glyph-prob {params.world[glyph_prob]} > {log} 2>&1"
+            "{PY} -m oqvl.filter.mlm_filter seed --out {params.out} --n {params.n} --metric {params.metric}"
+            " --vision-weights {params.clip} --tokenizer {params.tokenizer:q} --visual-tokens {params.visual}"
+            " --seed {params.seed} {params.world} > {log} 2>&1"
+
+if SCALE.has("train_mlm_filter"):
 
     rule train_mlm_filter:
         """Toy scale: fine-tune the toy MLM-Filter with the SFT trainer on the seed conversations."""
         input:
-            seed=f"{TOY_MLM_DIR}/seed.parquet",
-            init=f"{TOY_MLM_DIR}/init/config.json",
+            seed=f"{L.MLM_MODEL}/seed.parquet",
+            init=f"{L.MLM_MODEL}/init/config.json",
         output:
-            model=f"{TOY_MLM_DIR}/train/final/config.json",
-            summary=f"{TOY_MLM_DIR}/train/summary.json",
+            model=f"{SCALE.mlm_model}/config.json",
+            summary=f"{L.MLM_MODEL}/train/summary.json",
+            manifest=L.manifest("train_mlm_filter"),
         params:
-            tokenizer=tokenizer_dir(),
+            out=f"{L.MLM_MODEL}/train",
+            init=f"{L.MLM_MODEL}/init",
+            tokenizer=SCALE.tokenizer,
             train=MLM["train"],
-            micro=MLM["train"]["global_batch"] // TRAIN["nproc"],
-            threads=TRAIN["threads"],
+            micro=MLM["train"]["global_batch"] // config["train"]["nproc"],
+            threads=config["train"]["threads"],
             seed=config["seed"],
+            launch=train_launch(),
         resources:
-            gpu=TRAIN["gpus"],
-        threads: max(1, TRAIN["nproc"] * max(1, TRAIN["threads"]))
+            gpu=SCALE.gpus["train"],
+        threads: train_threads()
         container: config["containers"]["model"]
         log:
-            "results/logs/filter/train_mlm_filter.log",
+            L.log("train_mlm_filter"),
         benchmark:
-            "results/benchmarks/filter/train_mlm_filter.tsv"
+            L.benchmark("train_mlm_filter")
         shell:
-            "{TRAIN_LAUNCH} sft --out {TOY_MLM_DIR}/train --init-from {TOY_MLM_DIR}/init"
+            "{params.launch} sft --out {params.out} --init-from {params.init}"
             " --sft-data {input.seed} --tokenizer {params.tokenizer:q} --steps {params.train[steps]}"
             " --global-batch {params.train[global_batch]} --micro-batch {params.micro}"
             " --lr {params.train[lr]} --min-lr-ratio 0.1 --weight-decay 0.01 --warmup-frac 0.05"
             " --save-every 100 --max-len 512 --threads {params.threads} --seed {params.seed} > {log} 2>&1"
 
 
-if MLM and MLM["scores_dir"] is not None:
+if SCALE.mlm == "import":
 
     rule mlm_import:
-        """Paper scale: the official MLM-Filter scoring outputs, parsed like the toy model's text."""
+        """The official MLM-Filter scoring outputs, parsed like the toy model's text."""
+        input:
+            lambda w: f"{MLM['scores_dir']}/{w.source}",
         output:
-            scores="results/filter/{source}/mlm_scores.parquet",
-            failures="results/filter/{source}/mlm_failures.parquet",
-            stats="results/filter/{source}/mlm_score_stats.json",
+            scores=L.mlm_scores(),
+            failures=L.mlm_failures(),
+            stats=L.mlm_stats(),
+            manifest=L.manifest("mlm_import"),
         wildcard_constraints:
-            source=alternatives([re.escape(s) for s in MLM_SOURCES]),
+            source=alternatives(MLM_SOURCES),
         params:
-            scores_dir=lambda w: f"{MLM['scores_dir']}/{w.source}",
             metric=MLM["metric"],
         container: config["containers"]["data"]
         log:
-            "results/logs/filter/mlm_import_{source}.log",
+            L.log("mlm_import"),
         benchmark:
-            "results/benchmarks/filter/mlm_import_{source}.tsv"
+            L.benchmark("mlm_import")
         shell:
-            "{PY} -m oqvl.filter.mlm_filter import --scores-dir {params.scores_dir:q} --metric {params.metric}"
+            "{PY} -m oqvl.filter.mlm_filter import --scores-dir {input:q} --metric {params.metric}"
             " --out {output.scores} --failures {output.failures} --stats {output.stats} > {log} 2>&1"
 
-elif MLM:
+if SCALE.mlm in ("train", "model"):
 
     rule mlm_score:
         """Score every pair of a source with the MLM-Filter (batched greedy decoding, resumable)."""
         input:
-            shards="results/raw/{source}/shards",
-            accounting="results/raw/{source}/accounting.json",
-            model=f"{mlm_model_dir()}/config.json",
+            shards=L.shards(),
+            accounting=L.accounting(),
+            model=f"{SCALE.mlm_model}/config.json",
         output:
-            scores="results/filter/{source}/mlm_scores.parquet",
-            failures="results/filter/{source}/mlm_failures.parquet",
-            stats="results/filter/{source}/mlm_score_stats.json",
+            scores=L.mlm_scores(),
+            failures=L.mlm_failures(),
+            stats=L.mlm_stats(),
+            manifest=L.manifest("mlm_score"),
         wildcard_constraints:
-            source=alternatives([re.escape(s) for s in MLM_SOURCES]),
+            source=alternatives(MLM_SOURCES),
         params:
-            model=mlm_model_dir(),
+            model=SCALE.mlm_model,
             spec=MLM,
             expected=lambda w, input: json.load(open(input.accounting))["samples_in_shards"],
         threads: 2
         resources:
-            gpu=1 if config["scale"] == "paper" else 0,
+            gpu=SCALE.gpus["score"],
         container: config["containers"]["model"]
         log:
-            "results/logs/filter/mlm_score_{source}.log",
+            L.log("mlm_score"),
         benchmark:
-            "results/benchmarks/filter/mlm_score_{source}.tsv"
+            L.benchmark("mlm_score")
         shell:
             "{PY} -m oqvl.filter.mlm_filter score --shards {input.shards} --model {params.model:q}"
             " --metric {params.spec[metric]} --batch-size {params.spec[batch_size]}"
@@ -126,38 +133,41 @@ elif MLM:
             " --failures {output.failures} --stats {output.stats} > {log} 2>&1"
 
 
-rule keep_mlm:
-    """The pairs the MLM-Filter keeps: score >= threshold (no score: rejected, and counted)."""
-    input:
-        scores="results/filter/{source}/mlm_scores.parquet",
-        failures="results/filter/{source}/mlm_failures.parquet",
-    output:
-        kept="results/filter/{source}/kept_mlm.parquet",
-        stats="results/filter/{source}/kept_mlm_stats.json",
-    params:
-        threshold=MLM["threshold"] if MLM else None,
-    container: config["containers"]["data"]
-    log:
-        "results/logs/filter/keep_mlm_{source}.log",
-    benchmark:
-        "results/benchmarks/filter/keep_mlm_{source}.tsv"
-    shell:
-        "{PY} -m oqvl.filter.keep --scores {input.scores} --failures {input.failures}"
-        " --threshold {params.threshold} --out {output.kept} --stats {output.stats} > {log} 2>&1"
+if MLM:
 
+    rule keep_mlm:
+        """The pairs the MLM-Filter keeps: score >= threshold (no score: rejected, and counted)."""
+        input:
+            scores=L.mlm_scores(),
+            failures=L.mlm_failures(),
+        output:
+            kept=L.kept(which="mlm"),
+            stats=L.kept_stats(which="mlm"),
+            manifest=L.manifest("keep_mlm"),
+        params:
+            threshold=MLM["threshold"],
+        container: config["containers"]["data"]
+        log:
+            L.log("keep_mlm"),
+        benchmark:
+            L.benchmark("keep_mlm")
+        shell:
+            "{PY} -m oqvl.filter.keep --scores {input.scores} --failures {input.failures}"
+            " --threshold {params.threshold} --out {output.kept} --stats {output.stats} > {log} 2>&1"
 
-rule keep_union:
-    """Mixture 4's kept set: pairs kept by the MLM-Filter or by the source's own filter."""
-    input:
-        a="results/filter/{source}/kept.parquet",
-        b="results/filter/{source}/kept_mlm.parquet",
-    output:
-        kept="results/filter/{source}/kept_union.parquet",
-        stats="results/filter/{source}/kept_union_stats.json",
-    container: config["containers"]["data"]
-    log:
-        "results/logs/filter/keep_union_{source}.log",
-    benchmark:
-        "results/benchmarks/filter/keep_union_{source}.tsv"
-    shell:
-        "{PY} -m oqvl.filter.keep --union {input.a} {input.b} --out {output.kept} --stats {output.stats} > {log} 2>&1"
+    rule keep_union:
+        """Mixture 4's kept set: pairs kept by the MLM-Filter or by the source's own filter."""
+        input:
+            a=L.kept(),
+            b=L.kept(which="mlm"),
+        output:
+            kept=L.kept(which="union"),
+            stats=L.kept_stats(which="union"),
+            manifest=L.manifest("keep_union"),
+        container: config["containers"]["data"]
+        log:
+            L.log("keep_union"),
+        benchmark:
+            L.benchmark("keep_union")
+        shell:
+            "{PY} -m oqvl.filter.keep --union {input.a} {input.b} --out {output.kept} --stats {output.stats} > {log} 2>&1"

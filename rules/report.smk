@@ -1,139 +1,192 @@
-# Stage 8, report: compute accounting from the benchmark files, result tables beside the paper's,
-# plots, and the outputs `snakemake --report results/report.html` shows (captions in report/).
-# The tables read the evaluation files of the configured runs (`runs`, `table4_run`); while a
-# config names no run, they depend on the furthest stages the DAG has and hold the paper's rows.
+# Stage 8, report: compute accounting, result tables beside the paper's, plots, the run summary,
+# and the outputs `snakemake --report results/report.html` shows (captions in report/). Every file
+# a report job reads is a declared input, named by oqvl.layout: a renamed output fails the DAG.
 from oqvl.report.plots import PLOTS
-from oqvl.report.tables import BENCHMARKS as EVAL_BENCHMARKS, table3_runs
-
-PLOT_FILES = [f"results/plots/{name}" for name in PLOTS.values()]
-REPORT_TARGETS = ["results/table4.csv", "results/table3.csv", "results/compute.csv", *PLOT_FILES]
+from oqvl.report.tables import table3_runs
 
 
-def runs_config():
-    return dict(config.get("runs") or {})
+def source_jobs(source, kept):
+    """The jobs behind one source's kept set (`filter`, `mlm` or `union`)."""
+    wc = {"source": source}
+    jobs = [("generate_pairs" if source in SCALE.generated else "import_pairs", wc), ("download", wc)]
+    if config["filter"]["sources"][source]["method"] == "clip":
+        jobs.append(("clip_score", wc))
+    jobs.append(("keep", wc))
+    if kept in ("mlm", "union"):
+        jobs += [("mlm_import" if SCALE.mlm == "import" else "mlm_score", wc), ("keep_mlm", wc)]
+    if kept == "union":
+        jobs.append(("keep_union", wc))
+    return jobs
 
 
-def produced(path):
-    """Whether a rule of this workflow writes path (a stage not written yet has no rule)."""
-    return any(r.is_producer(path) for r in workflow.rules)
+def toy_jobs(*rules):
+    return [(r, {}) for r in rules if SCALE.has(r)]
 
 
-def eval_files(run):
-    """The run's evaluation files, as the evaluation rule names them (MMBench.json or mmbench.json)."""
-    names = ([f"results/runs/{run}/eval/{n}.json" for n in (b, b.lower())] for b in EVAL_BENCHMARKS)
-    return [f for f in (next((p for p in cands if produced(p)), None) for cands in names) if f]
+def run_jobs(run):
+    """Every job one run's results rest on, from the raw pairs to its evaluations."""
+    mixture = config["runs"][run]["mixture"]
+    mix = config["mixtures"][mixture]
+    jobs = [j for s in mix["sources"] for j in source_jobs(s, mix["kept"].get(s, "filter"))]
+    if any(r == "mlm_score" for r, _ in jobs):
+        jobs += toy_jobs("mlm_filter_seed", "train_mlm_filter")
+    jobs += toy_jobs("train_clip", "tokenizer", "sft_data")
+    jobs += [("mixture", {"mixture": mixture}), ("pack", {"mixture": mixture}),
+             ("pretrain", {"run": run}), ("sft", {"run": run}), ("eval_data", {})]
+    jobs += [("evaluate", {"run": run, "benchmark": b}) for b in BENCHMARKS]
+    return jobs
 
 
-def run_inputs(runs):
-    """What a table needs of its runs: every evaluation file and the pretraining summary; nothing
-    while no rule evaluates (a table row needs scores, so training alone would be wasted)."""
-    out = []
-    for run in runs:
-        evals = eval_files(run)
-        out += [*evals, f"results/runs/{run}/pretrain/summary.json"] if evals else []
+def unique(jobs):
+    seen, out = set(), []
+    for rule, wc in jobs:
+        key = (rule, tuple(sorted(wc.items())))
+        if key not in seen:
+            seen.add(key)
+            out.append((rule, wc))
     return out
 
 
-def upstream_inputs():
-    """The furthest stages every config has: each packed mixture, and the filter report (toy)."""
-    return [*expand("results/packed/{mixture}/stats.json", mixture=config["mixtures"]),
-            *(["results/filter/quality/report.md"] if GENERATED else [])]
+def all_jobs():
+    """Every accounted job of the configured runs, every packed mixture and (toy) the filter report."""
+    jobs = [j for run in config["runs"] for j in run_jobs(run)]
+    for m in config["mixtures"]:
+        jobs += [("mixture", {"mixture": m}), ("pack", {"mixture": m})]
+    return unique(jobs + toy_jobs("filter_quality"))
 
 
-def table4_inputs(wildcards):
-    run = config.get("table4_run")
-    return run_inputs([run]) or upstream_inputs() if run else upstream_inputs()
+def job_records(jobs):
+    """[benchmark file, manifest] of each job: what the accounting reads of it."""
+    return [[L.benchmark(rule, **wc), L.manifest(rule, **wc)] for rule, wc in jobs]
 
 
-def table3_inputs(wildcards):
-    return [*run_inputs(table3_runs(config)), *upstream_inputs()]
+def run_record(run):
+    """What a table reads of one run: its evaluation rows, its pretraining (summary and job), and
+    the manifests its rows' provenance lists."""
+    mixture = config["runs"][run]["mixture"]
+    return {
+        "mixture": mixture,
+        "evals": [L.eval_rows(run, b) for b in BENCHMARKS],
+        "pretrain_summary": L.train_summary(run, "pretrain"),
+        "pretrain_job": job_records([("pretrain", {"run": run})])[0],
+        "manifests": [L.manifest(r, **wc) for r, wc in
+                      [("mixture", {"mixture": mixture}), ("pack", {"mixture": mixture}),
+                       ("pretrain", {"run": run}), ("sft", {"run": run}),
+                       *[("evaluate", {"run": run, "benchmark": b}) for b in BENCHMARKS]]],
+    }
 
 
-def compute_inputs(wildcards):
-    # Every job to be accounted must have finished: each run's evaluations and training (as far as
-    # the workflow has rules for them) and every packed mixture.
-    trained = [f"results/runs/{run}/{stage}/summary.json" for run in runs_config() for stage in ("pretrain", "sft")]
-    return [*run_inputs(runs_config()), *(f for f in trained if produced(f)), *upstream_inputs()]
+def record_files(record):
+    return [*record["evals"], record["pretrain_summary"], *record["pretrain_job"], *record["manifests"]]
 
 
-def compute_config():
-    """The config keys the accounting reads (the params show what the rule depends on)."""
-    return as_json({k: config.get(k) for k in ("scale", "model", "mixtures", "runs", "report")})
+def table_inputs(runs):
+    return [f for run in runs for f in record_files(run_record(run))]
+
+
+def compute_inputs():
+    records = job_records(all_jobs())
+    pretrain = {run: {"summary": L.train_summary(run, "pretrain"),
+                      "packed_stats": L.packed_stats(config["runs"][run]["mixture"])} for run in config["runs"]}
+    return {"jobs": records, "pretrain": pretrain}
+
+
+def flat(inputs):
+    return [*(f for pair in inputs["jobs"] for f in pair),
+            *(f for p in inputs["pretrain"].values() for f in p.values())]
+
+
+def report_config():
+    """The config keys the report reads (the params show what the rule depends on)."""
+    return {k: config.get(k) for k in ("scale", "model", "mixtures", "runs", "table4_run", "report")}
 
 
 rule compute:
     """GPU-hours, CPU-hours, peak memory and throughput per job; paper-scale projection."""
     input:
-        compute_inputs,
+        flat(compute_inputs()),
     output:
-        csv=report("results/compute.csv", caption="../report/compute.rst", category="Compute"),
-        html=report("results/report/compute.html", caption="../report/compute.rst", category="Compute"),
+        csv=report(L.COMPUTE, caption="../report/compute.rst", category="Compute"),
+        html=report(f"{L.REPORT_HTML}/compute.html", caption="../report/compute.rst", category="Compute"),
     params:
-        config=compute_config(),
+        inputs=as_json(compute_inputs()),
+        config=as_json(report_config()),
     container: config["containers"]["data"]
     log:
-        "results/logs/report/compute.log",
+        L.log("compute"),
     benchmark:
-        "results/benchmarks/report/compute.tsv"
+        L.benchmark("compute")
     shell:
-        "{PY} -m oqvl.report.compute --benchmarks results/benchmarks --results results"
-        " --config-json {params.config:q} --out {output.csv:q} --html {output.html:q} > {log} 2>&1"
+        "{PY} -m oqvl.report.compute --inputs-json {params.inputs:q} --config-json {params.config:q}"
+        " --out {output.csv:q} --html {output.html:q} > {log} 2>&1"
 
 
 rule table4:
-    """The final model (config table4_run) beside the paper's Table 4."""
+    """The final model (config table4_run) beside the paper's Table 4, and the run's summary:
+    its scores against chance and the shuffled-image control, what each job took, provenance."""
     input:
-        table4_inputs,
+        table_inputs([config["table4_run"]]),
+        flat({"jobs": job_records(run_jobs(config["table4_run"])), "pretrain": {}}),
     output:
-        csv=report("results/table4.csv", caption="../report/table4.rst", category="Tables"),
-        html=report("results/report/table4.html", caption="../report/table4.rst", category="Tables"),
+        csv=report(L.TABLE4, caption="../report/table4.rst", category="Tables"),
+        html=report(f"{L.REPORT_HTML}/table4.html", caption="../report/table4.rst", category="Tables"),
+        summary=L.SUMMARY,
     params:
+        runs=as_json({config["table4_run"]: run_record(config["table4_run"])}),
+        jobs=as_json(job_records(run_jobs(config["table4_run"]))),
         config=as_json(config),
+        report_config=as_json(report_config()),
     container: config["containers"]["data"]
     log:
-        "results/logs/report/table4.log",
+        L.log("table4"),
     benchmark:
-        "results/benchmarks/report/table4.tsv"
+        L.benchmark("table4")
     shell:
-        "{PY} -m oqvl.report.tables table4 --results results --config-json {params.config:q}"
+        "{PY} -m oqvl.report.tables table4 --runs-json {params.runs:q} --config-json {params.config:q}"
         " --out {output.csv:q} --html {output.html:q} > {log} 2>&1"
+        " && {PY} -m oqvl.report.summary --table4 {output.csv:q} --runs-json {params.runs:q} --jobs-json {params.jobs:q}"
+        " --config-json {params.report_config:q} --out {output.summary:q} >> {log} 2>&1"
 
 
 rule table3:
     """The data-mixture ablation (1+2, 1+3, 1+2+3, 1+4) beside the paper's Table 3."""
     input:
-        table3_inputs,
+        table_inputs(table3_runs(config)),
     output:
-        csv=report("results/table3.csv", caption="../report/table3.rst", category="Tables"),
-        html=report("results/report/table3.html", caption="../report/table3.rst", category="Tables"),
+        csv=report(L.TABLE3, caption="../report/table3.rst", category="Tables"),
+        html=report(f"{L.REPORT_HTML}/table3.html", caption="../report/table3.rst", category="Tables"),
     params:
+        runs=as_json({run: run_record(run) for run in table3_runs(config)}),
         config=as_json(config),
     container: config["containers"]["data"]
     log:
-        "results/logs/report/table3.log",
+        L.log("table3"),
     benchmark:
-        "results/benchmarks/report/table3.tsv"
+        L.benchmark("table3")
     shell:
-        "{PY} -m oqvl.report.tables table3 --results results --config-json {params.config:q}"
+        "{PY} -m oqvl.report.tables table3 --runs-json {params.runs:q} --config-json {params.config:q}"
         " --out {output.csv:q} --html {output.html:q} > {log} 2>&1"
 
 
 rule plots:
     """Scores per mixture beside the paper's, loss curves of every run, hours by stage."""
     input:
-        table3="results/table3.csv",
-        compute="results/compute.csv",
+        table3=L.TABLE3,
+        compute=L.COMPUTE,
+        summaries=[L.train_summary(run, stage) for run in config["runs"] for stage in L.TRAIN_STAGES],
     output:
-        scores=report(f"results/plots/{PLOTS['scores']}", caption="../report/scores.rst", category="Plots"),
-        loss=report(f"results/plots/{PLOTS['loss']}", caption="../report/loss.rst", category="Plots"),
-        compute=report(f"results/plots/{PLOTS['compute']}", caption="../report/compute_plot.rst", category="Plots"),
+        scores=report(f"{L.PLOTS}/{PLOTS['scores']}", caption="../report/scores.rst", category="Plots"),
+        loss=report(f"{L.PLOTS}/{PLOTS['loss']}", caption="../report/loss.rst", category="Plots"),
+        compute=report(f"{L.PLOTS}/{PLOTS['compute']}", caption="../report/compute_plot.rst", category="Plots"),
     params:
-        config=compute_config(),
+        # Each training stage's loss log lies beside its summary, complete once the summary is.
+        logs=as_json({run: {stage: L.train_log(run, stage) for stage in L.TRAIN_STAGES} for run in config["runs"]}),
+        out=L.PLOTS,
     container: config["containers"]["data"]
     log:
-        "results/logs/report/plots.log",
+        L.log("plots"),
     benchmark:
-        "results/benchmarks/report/plots.tsv"
+        L.benchmark("plots")
     shell:
         "{PY} -m oqvl.report.plots --table3 {input.table3:q} --compute {input.compute:q}"
-        " --results results --config-json {params.config:q} --out-dir results/plots > {log} 2>&1"
+        " --train-logs-json {params.logs:q} --out-dir {params.out} > {log} 2>&1"

@@ -4,7 +4,10 @@
 
 TRAIN = config["train"]
 SFT_DATA = config["sft_data"]
-TOY_SFT_DATA = "results/sft_data/toy.parquet"
+
+
+def run_mixture(wildcards):
+    return config["runs"][wildcards.run]["mixture"]
 
 
 def run_train_flags(run):
@@ -19,101 +22,100 @@ def optim_flags(stage):
                     if not (stage == "pretrain" and k == "max_len"))
 
 
-TRAIN_LAUNCH = f"{PY} -m torch.distributed.run --standalone --nproc-per-node {TRAIN['nproc']} -m oqvl.train"
+if SCALE.has("sft_data"):
 
-
-def sft_data_path():
-    return TOY_SFT_DATA if SFT_DATA["path"] is None else SFT_DATA["path"]
-
-
-def vision_weights():
-    w = config["model"]["vision_weights"]
-    return TOY_CLIP_DIR if w is None and GENERATED else w
-
-
-rule sft_data:
-    """Toy scale: conversations about toy-world images (their own stream), LLaVA format."""
-    output:
-        TOY_SFT_DATA,
-    params:
-        n=SFT_DATA["n_conversations"],
-        turns=SFT_DATA["turns"],
-        mix={k: SFT_DATA[k] for k in ("caption_share", "lookup_share")},
-        weights=f"--kind-weights {as_json(SFT_DATA['kind_weights'])!r}" if SFT_DATA["kind_weights"] else "",
-        seed=config["seed"],
-        world=config["world"],
-    container: config["containers"]["model"]
-    log:
-        "results/logs/train/sft_data.log",
-    benchmark:
-        "results/benchmarks/train/sft_data.tsv"
-    shell:
-        "{PY} -m oqvl.train.sft_data --out {output} --n {params.n} --turns {params.turns}"
-        " --seed {params.seed} --image-size {params.world[image_size]}"
-        " --max-objects {params.world[max_objects]} --glyph-prob {params.world[glyph_prob]}"
-        " --caption-share {params.mix[caption_share]} --lookup-share {params.mix[lookup_share]}"
-        " {params.weights} > {log} 2>&1"
+    rule sft_data:
+        """Toy scale: conversations about toy-world images (their own stream), LLaVA format."""
+        output:
+            data=L.TOY_SFT_DATA,
+            manifest=L.manifest("sft_data"),
+        params:
+            n=SFT_DATA["n_conversations"],
+            turns=SFT_DATA["turns"],
+            mix={k: SFT_DATA[k] for k in ("caption_share", "lookup_share")},
+            weights=f"--kind-weights {as_json(SFT_DATA['kind_weights'])!r}" if SFT_DATA["kind_weights"] else "",
+            seed=config["seed"],
+            world=world_args(),
+        container: config["containers"]["model"]
+        log:
+            L.log("sft_data"),
+        benchmark:
+            L.benchmark("sft_data")
+        shell:
+            "{PY} -m oqvl.train.sft_data --out {output.data} --n {params.n} --turns {params.turns}"
+            " --seed {params.seed} {params.world}"
+            " --caption-share {params.mix[caption_share]} --lookup-share {params.mix[lookup_share]}"
+            " {params.weights} > {log} 2>&1"
 
 
 rule pretrain:
     input:
-        packed=lambda w: f"results/packed/{config['runs'][w.run]['mixture']}/sequences.parquet",
-        shards=lambda w: f"results/mixtures/{config['runs'][w.run]['mixture']}/shards",
-        tokenizer=lambda w: [f"{TOY_TOKENIZER_DIR}/tokenizer.json"] if TOKENIZER["path"] is None else [],
-        vision=lambda w: [f"{TOY_CLIP_DIR}/config.json"] if config["model"]["vision_weights"] is None else [],
-        preset=preset_file(config["model"]["preset"]),
+        packed=lambda w: L.packed_sequences(run_mixture(w)),
+        shards=lambda w: L.mixture_shards(run_mixture(w)),
+        tokenizer=SCALE.tokenizer_input(),
+        vision=SCALE.vision_input(),
+        lm=[SCALE.lm_path] if SCALE.lm_path else [],
+        preset=preset_file(SCALE.preset_name),
     output:
-        model="results/runs/{run}/pretrain/final/config.json",
-        summary="results/runs/{run}/pretrain/summary.json",
+        model=L.final_model(stage="pretrain"),
+        summary=L.train_summary(stage="pretrain"),
+        manifest=L.manifest("pretrain"),
     params:
-        tokenizer=tokenizer_dir(),
-        preset=config["model"]["preset"],
-        vision=vision_weights(),
-        lm=lambda w: f"--lm-path {config['model']['lm_path']}" if config["model"]["lm_path"] else "",
+        out=lambda w: L.train_dir(w.run, "pretrain"),
+        packed=lambda w: L.packed_dir(run_mixture(w)),
+        tokenizer=SCALE.tokenizer,
+        preset=SCALE.preset_name,
+        vision=SCALE.vision_weights,
+        lm=f"--lm-path {SCALE.lm_path}" if SCALE.lm_path else "",
         visual=f"--visual-tokens-pretrain {config['model']['visual_tokens_pretrain']}"
                f" --visual-tokens-sft {config['model']['visual_tokens_sft']}",
         switches=lambda w: run_train_flags(w.run),
         optim=optim_flags("pretrain"),
         threads=TRAIN["threads"],
         seed=config["seed"],
+        launch=train_launch(),
     resources:
-        gpu=TRAIN["gpus"],
-    threads: max(1, TRAIN["nproc"] * max(1, TRAIN["threads"]))
+        gpu=SCALE.gpus["train"],
+    threads: train_threads()
     container: config["containers"]["model"]
     log:
-        "results/logs/train/{run}/pretrain.log",
+        L.log("pretrain"),
     benchmark:
-        "results/benchmarks/train/{run}_pretrain.tsv"
+        L.benchmark("pretrain")
     shell:
-        "{TRAIN_LAUNCH} pretrain --out results/runs/{wildcards.run}/pretrain"
-        " --packed $(dirname {input.packed}) --shards {input.shards} --tokenizer {params.tokenizer:q}"
+        "{params.launch} pretrain --out {params.out:q}"
+        " --packed {params.packed:q} --shards {input.shards:q} --tokenizer {params.tokenizer:q}"
         " --preset {params.preset} --vision-weights {params.vision:q} {params.lm} {params.visual}"
         " {params.switches} {params.optim} --threads {params.threads} --seed {params.seed} > {log} 2>&1"
 
 
 rule sft:
     input:
-        pretrained="results/runs/{run}/pretrain/final/config.json",
-        data=sft_data_path(),
+        pretrained=L.final_model(stage="pretrain"),
+        data=SCALE.sft_data,
     output:
-        model="results/runs/{run}/sft/final/config.json",
-        summary="results/runs/{run}/sft/summary.json",
+        model=L.final_model(stage="sft"),
+        summary=L.train_summary(stage="sft"),
+        manifest=L.manifest("sft"),
     params:
-        tokenizer=tokenizer_dir(),
-        image_root=f"--image-root {SFT_DATA['image_root']}" if SFT_DATA["image_root"] else "",
+        out=lambda w: L.train_dir(w.run, "sft"),
+        init=lambda w: os.path.dirname(L.final_model(w.run, "pretrain")),
+        tokenizer=SCALE.tokenizer,
+        image_root=f"--image-root {SCALE.sft_image_root}" if SCALE.sft_image_root else "",
         switches=lambda w: run_train_flags(w.run),
         optim=optim_flags("sft"),
         threads=TRAIN["threads"],
         seed=config["seed"],
+        launch=train_launch(),
     resources:
-        gpu=TRAIN["gpus"],
-    threads: max(1, TRAIN["nproc"] * max(1, TRAIN["threads"]))
+        gpu=SCALE.gpus["train"],
+    threads: train_threads()
     container: config["containers"]["model"]
     log:
-        "results/logs/train/{run}/sft.log",
+        L.log("sft"),
     benchmark:
-        "results/benchmarks/train/{run}_sft.tsv"
+        L.benchmark("sft")
     shell:
-        "{TRAIN_LAUNCH} sft --out results/runs/{wildcards.run}/sft --init-from $(dirname {input.pretrained})"
+        "{params.launch} sft --out {params.out:q} --init-from {params.init:q}"
         " --sft-data {input.data:q} {params.image_root} --tokenizer {params.tokenizer:q}"
         " {params.switches} {params.optim} --threads {params.threads} --seed {params.seed} > {log} 2>&1"

@@ -141,6 +141,11 @@ def train_summary(run="{run}", stage="{stage}"):
     return f"{train_dir(run, stage)}/summary.json"
 
 
+def train_log(run="{run}", stage="{stage}"):
+    """A training stage's per-step log (JSON lines; complete once its summary is written)."""
+    return f"{train_dir(run, stage)}/train_log.jsonl"
+
+
 def eval_data(benchmark="{benchmark}", shuffled=False):
     return f"{EVAL_DATA}/{benchmark}{'_shuffled' if shuffled else ''}.parquet"
 
@@ -179,7 +184,7 @@ class JobFiles:
 JOBS = {
     "generate_pairs": JobFiles("raw", "generate_pairs_{source}", pairs()),
     "import_pairs": JobFiles("raw", "import_pairs_{source}", pairs()),
-    "download": JobFiles("raw", "download_{source}", shards()),
+    "download": JobFiles("raw", "download_{source}", accounting()),  # not inside shards/, a directory output
     "train_clip": JobFiles("filter", "train_clip", CLIP_MODEL),
     "clip_score": JobFiles("filter", "clip_score_{source}", clip_scores()),
     "keep": JobFiles("filter", "keep_{source}", kept()),

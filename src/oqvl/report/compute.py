@@ -1,16 +1,17 @@
 """Compute accounting: GPU-hours per job from Snakemake's benchmark files, and a projection to
 the paper's scale.
 
-    python -m oqvl.report.compute --benchmarks results/benchmarks --results results \
-        --config-json '{...}' --out results/compute.csv
+    python -m oqvl.report.compute --inputs-json '{"jobs": [[BENCHMARK, MANIFEST], ...],
+        "pretrain": {RUN: {"summary": ..., "packed_stats": ...}}}' --config-json '{...}' --out results/compute.csv
 
-Every rule writes `results/benchmarks/<stage>/<name>.tsv` (extended format, set in the default
-profile): wall seconds, CPU seconds, peak RSS, threads, and the resources Snakemake granted. One
-row of compute.csv per job (`row_type=job`): gpu_h = granted gpus x wall hours, so a job recorded
-with gpu 0 (a GPU rule run under `--resources gpu=0`) costs no GPU-hours and its throughput is per
-core. The work a job did (pairs, sequences, tokens, samples) is read from the files its stage
-writes. Below the jobs, `row_type=projection` rows project the paper-scale pretraining from each
-measured pretraining run, and `row_type=paper` rows give the paper's own figures; the method is in
+The workflow's compute rule declares every file named there as an input (rules/report.smk), and
+nothing else is read. Each job's benchmark file (Snakemake's extended format, set in the default
+profile) gives wall seconds, CPU seconds, peak RSS, threads and the resources Snakemake granted;
+its manifest (oqvl.manifest) gives the work it did and the device it ran on. One row of
+compute.csv per job (`row_type=job`): gpu_h = GPUs x wall hours, so a job recorded with gpu 0 (a GPU
+rule run under `--resources gpu=0`) costs no GPU-hours and its throughput is per core. Below the
+jobs, `row_type=projection` rows project the paper-scale pretraining from each measured
+pretraining run, and `row_type=paper` rows give the paper's own figures; the method is in
 docs/compute.md.
 """
 
@@ -147,88 +148,24 @@ def parse_job(path: Path, root: Path) -> Job | None:
 # ------------------------------------------------------------------------------------ work done
 
 def _json(path: Path):
-    return json.loads(path.read_text()) if path.is_file() else None
+    return json.loads(Path(path).read_text()) if Path(path).is_file() else None
 
 
-def _parquet_rows(path: Path) -> float:
-    if not path.is_file():
-        return math.nan
-    import pyarrow.parquet as pq
-
-    return float(pq.ParquetFile(path).metadata.num_rows)
-
-
-def eval_rows(path: Path) -> list[dict]:
-    rows = _json(path)
-    if rows is None:
-        return []
-    if not isinstance(rows, list):
-        raise TypeError(f"{path}: an evaluation file holds a JSON list of rows")
-    return rows
+def work_done(job: Job, manifest: dict | None) -> dict:
+    """{work, work_unit, device, gpus, stage}: what the job did, as its manifest records it; a
+    job whose manifest is missing did no accounted work (NaN)."""
+    if not manifest or "work" not in manifest:
+        return {"work": math.nan, "work_unit": ""}
+    device = manifest.get("device") or {}
+    out = {"work": _number(manifest["work"].get("amount")), "work_unit": manifest["work"].get("unit", ""),
+           "device": device.get("type"), "gpus": device.get("gpus")}
+    if job.rule in TRAIN_STAGES:
+        out["stage"] = manifest.get("stage", job.rule)
+    return out
 
 
-def work_done(job: Job, results: Path) -> dict:
-    """{work, work_unit[, device, gpus, stage]}: what the job produced, from its stage's files.
-
-    Keys beyond work and work_unit are what the job itself reported (a training summary's device
-    and GPU count); a job whose files are gone or unknown does no accounted work (NaN)."""
-    wc, p = job.wildcards, job.params
-    nan = {"work": math.nan, "work_unit": ""}
-    if job.rule == "generate_pairs":
-        return {"work": _number(p.get("n_pairs")), "work_unit": "pairs"}
-    if job.rule == "import_pairs" and "source" in wc:
-        return {"work": _parquet_rows(results / "raw" / wc["source"] / "pairs.parquet"), "work_unit": "pairs"}
-    if job.rule == "download" and "source" in wc:
-        acc = _json(results / "raw" / wc["source"] / "accounting.json")
-        return {"work": float(acc["pairs_in"]), "work_unit": "pairs"} if acc else nan
-    if job.rule == "train_clip":
-        train = p.get("train") or {}
-        steps, batch = _number(train.get("steps")), _number(train.get("batch_size"))
-        return {"work": steps * batch, "work_unit": "pairs"}
-    if job.rule == "clip_score" and "source" in wc:
-        stats = _json(results / "filter" / wc["source"] / "clip_score_stats.json")
-        if stats:
-            return {"work": float(stats["scored"] + stats["failed"]), "work_unit": "pairs"}
-        return {"work": _parquet_rows(results / "filter" / wc["source"] / "clip_scores.parquet"),
-                "work_unit": "pairs"}
-    if job.rule in ("mlm_score", "mlm_import") and "source" in wc:
-        stats = _json(results / "filter" / wc["source"] / "mlm_score_stats.json")
-        done = ("scored", "no_score", "failed")
-        return {"work": float(sum(stats[k] for k in done)), "work_unit": "pairs"} if stats else nan
-    if job.rule == "train_mlm_filter":
-        summary = _json(results / "filter" / "mlm_model" / "train" / "summary.json")
-        if summary:
-            return {"work": _number(summary.get("tokens")), "work_unit": "tokens",
-                    "device": summary.get("device"), "gpus": summary.get("gpus")}
-        return nan
-    if job.rule in ("keep", "keep_mlm", "keep_union") and "source" in wc:
-        name = {"keep": "kept", "keep_mlm": "kept_mlm", "keep_union": "kept_union"}[job.rule]
-        stats = _json(results / "filter" / wc["source"] / f"{name}_stats.json")
-        return {"work": float(stats["pairs_in"]), "work_unit": "pairs"} if stats else nan
-    if job.rule == "mixture" and "mixture" in wc:
-        man = _json(results / "mixtures" / wc["mixture"] / "manifest.json")
-        return {"work": float(man["counts"]["total"]), "work_unit": "pairs"} if man else nan
-    if job.rule == "pack" and "mixture" in wc:
-        stats = _json(results / "packed" / wc["mixture"] / "stats.json")
-        return {"work": float(stats["sequences"]), "work_unit": "sequences"} if stats else nan
-    if "run" in wc and "benchmark" in wc:
-        rows = eval_rows(results / "runs" / wc["run"] / "eval" / f"{wc['benchmark']}.json")
-        # Both protocols score the same questions: the samples evaluated are the largest n.
-        n = max((_number(r.get("n")) for r in rows), default=math.nan)
-        return {"work": n, "work_unit": "samples"}
-    if "run" in wc:
-        stage = wc.get("stage") or (job.rule if job.rule in TRAIN_STAGES else None)
-        if stage:
-            summary = _json(results / "runs" / wc["run"] / stage / "summary.json")
-            if summary:
-                return {"work": _number(summary.get("tokens")), "work_unit": "tokens",
-                        "device": summary.get("device"), "gpus": summary.get("gpus"),
-                        "stage": summary.get("stage", stage)}
-    return nan
-
-
-def job_row(job: Job, results: Path) -> dict:
-    work = work_done(job, results)
+def job_row(job: Job, manifest: dict | None) -> dict:
+    work = work_done(job, manifest)
     gpus, notes = job.gpus, []
     reported = _number(work.get("gpus"))
     reported = 0 if math.isnan(reported) else int(reported)
@@ -267,9 +204,13 @@ def job_row(job: Job, results: Path) -> dict:
     }
 
 
-def job_rows(benchmarks: Path, results: Path) -> pd.DataFrame:
-    files = sorted([*benchmarks.rglob("*.tsv"), *benchmarks.rglob("*.jsonl")])
-    rows = [job_row(j, results) for f in files if (j := parse_job(f, benchmarks)) is not None]
+def job_rows(jobs: list) -> pd.DataFrame:
+    """One row per [benchmark file, manifest] pair (the benchmark's folder names the stage)."""
+    rows = []
+    for bench, manifest in jobs:
+        j = parse_job(Path(bench), Path(bench).parent.parent)
+        if j is not None:
+            rows.append(job_row(j, _json(manifest)))
     return pd.DataFrame(rows, columns=COLUMNS)
 
 
@@ -407,21 +348,19 @@ def report_settings(config: dict) -> dict:
     return rep
 
 
-def run_mixture(config: dict, run: str) -> str | None:
-    return ((config.get("runs") or {}).get(run) or {}).get("mixture")
-
-
-def projection_rows(config: dict, results: Path, jobs: pd.DataFrame | None = None) -> list[dict]:
-    """One projection per measured pretraining run; then the paper's own figures."""
+def projection_rows(config: dict, pretrain: dict, jobs: pd.DataFrame | None = None) -> list[dict]:
+    """One projection per measured pretraining run (pretrain: run -> its summary and its mixture's
+    packed stats); then the paper's own figures."""
     rep = report_settings(config)
     proj = rep["projection"]
     paper = paper_model_cost(proj)
     rows, text_used = [], proj["text_tokens_per_image"]
-    for summary_path in sorted(results.glob("runs/*/pretrain/summary.json")):
-        s = json.loads(summary_path.read_text())
-        run = s.get("run") or summary_path.parent.parent.name
-        mixture = run_mixture(config, run)
-        stats = _json(results / "packed" / mixture / "stats.json") if mixture else None
+    for run, files in sorted(pretrain.items()):
+        summary_path = Path(files["summary"])
+        s = _json(summary_path)
+        if s is None:
+            continue
+        stats = _json(files["packed_stats"]) if files.get("packed_stats") else None
         measured_text = (stats["text_tokens"] / stats["documents_packed"]
                          if stats and stats.get("documents_packed") else None)
         text = proj["text_tokens_per_image"] if proj["text_tokens_per_image"] is not None else measured_text
@@ -485,21 +424,21 @@ def _projection_note(run, summary, why):
     return row
 
 
-def build(benchmarks: Path, results: Path, config: dict) -> pd.DataFrame:
-    jobs = job_rows(benchmarks, results)
-    extra = pd.DataFrame(projection_rows(config, results, jobs), columns=COLUMNS)
+def build(inputs: dict, config: dict) -> pd.DataFrame:
+    jobs = job_rows(inputs.get("jobs") or [])
+    extra = pd.DataFrame(projection_rows(config, inputs.get("pretrain") or {}, jobs), columns=COLUMNS)
     return pd.concat([jobs, extra], ignore_index=True) if len(jobs) else extra
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--benchmarks", type=Path, default=Path("results/benchmarks"))
-    ap.add_argument("--results", type=Path, default=Path("results"))
+    ap.add_argument("--inputs-json", required=True,
+                    help='{"jobs": [[benchmark, manifest], ...], "pretrain": {run: {summary, packed_stats}}}')
     ap.add_argument("--config-json", default="{}", help="the resolved workflow config as JSON")
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--html", type=Path, default=None, help="also write the table as a standalone page")
     args = ap.parse_args(argv)
-    df = build(args.benchmarks, args.results, json.loads(args.config_json))
+    df = build(json.loads(args.inputs_json), json.loads(args.config_json))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     df.to_csv(args.out, index=False, float_format="%.6g")
     if args.html:

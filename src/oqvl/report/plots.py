@@ -1,7 +1,7 @@
 """Plots of the results (PNG): scores per mixture beside the paper's, loss curves, GPU-hours by stage.
 
     python -m oqvl.report.plots --table3 results/table3.csv --compute results/compute.csv \
-        --results results --config-json '{...}' --out-dir results/plots
+        --train-logs-json '{RUN: {STAGE: LOG}}' --out-dir results/plots
 
 A plot with nothing to show yet (no evaluated run, no training log) says so on its canvas rather
 than inventing data.
@@ -67,13 +67,14 @@ def read_train_log(path: Path) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def plot_losses(results: Path, runs: list[str], out: Path) -> None:
-    """Training loss against tokens seen, per run, for pretraining and SFT."""
+def plot_losses(train_logs: dict, out: Path) -> None:
+    """Training loss against tokens seen, per run (train_logs: run -> stage -> its log file), for
+    pretraining and SFT."""
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
     for ax, stage in zip(axes, ("pretrain", "sft")):
         drawn = 0
-        for run in runs:
-            path = results / "runs" / run / stage / "train_log.jsonl"
+        for run in sorted(train_logs):
+            path = Path(train_logs[run][stage])
             if not path.is_file():
                 continue
             log = read_train_log(path)
@@ -141,14 +142,12 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--table3", type=Path, required=True)
     ap.add_argument("--compute", type=Path, required=True)
-    ap.add_argument("--results", type=Path, default=Path("results"))
-    ap.add_argument("--config-json", default="{}")
+    ap.add_argument("--train-logs-json", default="{}", help="run -> stage -> its train_log.jsonl")
     ap.add_argument("--out-dir", type=Path, required=True)
     args = ap.parse_args(argv)
-    config = json.loads(args.config_json)
     args.out_dir.mkdir(parents=True, exist_ok=True)
     plot_scores(pd.read_csv(args.table3, dtype={"row": str}), args.out_dir / PLOTS["scores"])
-    plot_losses(args.results, sorted(config.get("runs") or {}), args.out_dir / PLOTS["loss"])
+    plot_losses(json.loads(args.train_logs_json), args.out_dir / PLOTS["loss"])
     plot_compute(pd.read_csv(args.compute), args.out_dir / PLOTS["compute"])
     print(f"{args.out_dir}: {', '.join(PLOTS.values())}")
 

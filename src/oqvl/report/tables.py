@@ -1,7 +1,11 @@
 """Result tables beside the paper's published numbers.
 
     python -m oqvl.report.tables table4 --out results/table4.csv --html results/report/table4.html \
-        --results results --config-json '{...}'
+        --runs-json '{RUN: {"mixture", "evals", "pretrain_summary", "pretrain_job", "manifests"}}' \
+        --config-json '{...}'
+
+The runs' files are named by the workflow (rules/report.smk, from oqvl.layout) and declared as the
+rule's inputs; the table reads nothing else of results/.
 
 Rows carry their scale and protocol explicitly: the paper's rows are `scale=paper,
 protocol=paper`; reproduced rows say which scale and protocol produced them (one row per protocol
@@ -26,14 +30,16 @@ import numpy as np
 import pandas as pd
 
 from ..config import config_hash
-from ..manifest import REPO_ROOT, code_version, sha256_file
+from ..evaluate import BENCHMARKS, PROTOCOLS
+from ..io import sha256_file
+from ..layout import PAPER_TABLES as PAPER_TABLES_PATH
+from ..manifest import REPO_ROOT, code_version
 from . import html as html_page
 from .compute import job_rows, report_settings
 
-PAPER_TABLES = REPO_ROOT / "results" / "reference" / "paper_tables.csv"
+PAPER_TABLES = REPO_ROOT / PAPER_TABLES_PATH
 LOCK_FILE = REPO_ROOT / "requirements.lock"
-BENCHMARKS = ["MMBench", "SEEDBench", "MMStar", "MathVista", "POPE"]
-PROTOCOLS = ["paper", "lmms"]
+
 TABLE3_IDS = ["1+2", "1+3", "1+2+3", "1+4"]
 PROVENANCE = ["code_version", "config_hash", "lock_hash", "container_image", "input_hashes"]
 COLUMNS = ["table", "row", "run", "scale", "protocol", "pretrain_data", "pretrain_tokens", *BENCHMARKS,
@@ -74,10 +80,10 @@ def canonical_benchmark(name: str) -> str | None:
     return None
 
 
-def load_eval(run: str, results: Path) -> pd.DataFrame:
-    """All tidy evaluation rows of a run (results/runs/<run>/eval/*.json), with their file."""
+def load_eval(files: list) -> pd.DataFrame:
+    """All tidy evaluation rows of a run's evaluation files (eval/<benchmark>.json), with their file."""
     frames = []
-    for path in sorted((results / "runs" / run / "eval").glob("*.json")):
+    for path in map(Path, files):
         rows = json.loads(path.read_text())
         if not isinstance(rows, list):
             raise TypeError(f"{path}: an evaluation file holds a JSON list of rows")
@@ -140,27 +146,18 @@ def _json(path: Path):
     return json.loads(path.read_text()) if path.is_file() else None
 
 
-def run_files(run: str, mixture: str | None, results: Path) -> list[Path]:
-    """The files a run's rows are computed from: its evaluations, summaries and every manifest
-    upstream (run, packed mixture, mixture)."""
-    base = results / "runs" / run
-    files = sorted(base.glob("eval/*.json")) + sorted(base.glob("*/summary.json")) + sorted(base.rglob("manifest.json"))
-    if mixture:
-        files += [p for p in (results / "packed" / mixture / "manifest.json",
-                              results / "mixtures" / mixture / "manifest.json") if p.is_file()]
-    return files
-
-
-def provenance(run: str, mixture: str | None, results: Path, config: dict) -> dict:
-    files = run_files(run, mixture, results)
-    manifests = [m for p in files if p.name == "manifest.json" and (m := _json(p)) and isinstance(m, dict)]
-    summaries = [s for p in files if p.name == "summary.json" and (s := _json(p))]
+def provenance(record: dict, config: dict) -> dict:
+    """Code version, config hash, lock hash, container image and input hashes of one run's rows:
+    its evaluation files, its pretraining summary and every manifest the record names."""
+    files = sorted(map(Path, [*record["evals"], record["pretrain_summary"], *record["manifests"]]))
+    manifests = [m for p in map(Path, record["manifests"]) if (m := _json(p)) and isinstance(m, dict)]
+    summaries = [s for s in [_json(Path(record["pretrain_summary"]))] if s]
     versions = sorted({m["code_version"] for m in manifests if m.get("code_version")}) or [code_version()]
     images = sorted({str(d[k]) for d in manifests + summaries for k in ("container_image", "image_id") if d.get(k)})
     images = images or ([os.environ["OQVL_CONTAINER_IMAGE"]] if os.environ.get("OQVL_CONTAINER_IMAGE") else [])
 
     def rel(p):
-        return os.path.relpath(p, results.parent)
+        return os.path.relpath(p)  # relative to the workflow's directory, where the rule runs
 
     return {
         "code_version": ";".join(versions),
@@ -172,34 +169,34 @@ def provenance(run: str, mixture: str | None, results: Path, config: dict) -> di
     }
 
 
-def pretrain_compute(run: str, results: Path, jobs: pd.DataFrame | None) -> dict:
-    if jobs is None:
-        jobs = job_rows(results / "benchmarks", results)
-    mine = jobs[(jobs["run"] == run) & (jobs["stage"] == "pretrain")] if len(jobs) else jobs
-    if mine.empty:
+def pretrain_compute(record: dict) -> dict:
+    """GPU-hours, wall hours and device of a run's pretraining job (its benchmark and manifest)."""
+    jobs = job_rows([record["pretrain_job"]])
+    if jobs.empty:
         return {}
-    return {"pretrain_gpu_hours": round(float(mine["gpu_h"].sum()), 6),
-            "pretrain_wall_hours": round(float(mine["wall_h"].sum()), 6),
-            "pretrain_device": ";".join(sorted(set(mine["device"].dropna().astype(str)) - {""}))}
+    return {"pretrain_gpu_hours": round(float(jobs["gpu_h"].sum()), 6),
+            "pretrain_wall_hours": round(float(jobs["wall_h"].sum()), 6),
+            "pretrain_device": ";".join(sorted(set(jobs["device"].dropna().astype(str)) - {""}))}
 
 
-def reproduced_rows(table: str, runs: list[str], config: dict, results: Path, label=None,
-                    jobs: pd.DataFrame | None = None) -> pd.DataFrame:
-    """Rows of the runs that were evaluated; a run without evaluation files gives none."""
+def reproduced_rows(table: str, runs: dict, config: dict, label=None) -> pd.DataFrame:
+    """Rows of the runs (name -> record of its declared files); a run whose evaluation files hold
+    no rows gives none."""
     rep = report_settings(config)
     metrics = rep.get("metrics") or {}
     all_runs = config.get("runs") or {}
     mixtures = config.get("mixtures") or {}
     out = []
-    for run in runs:
-        ev = load_eval(run, results)
+    for run, record in runs.items():
+        ev = load_eval(record["evals"])
         scores = score_rows(run, ev, metrics)
         if not scores:
             continue
-        mixture = (all_runs.get(run) or {}).get("mixture")
+        mixture = record.get("mixture") or (all_runs.get(run) or {}).get("mixture")
         mix_cfg = mixtures.get(mixture) or {}
-        summary = _json(results / "runs" / run / "pretrain" / "summary.json") or {}
-        pairs = (_json(results / "mixtures" / mixture / "manifest.json") or {}).get("counts", {}).get("total") if mixture else None
+        summary = _json(Path(record["pretrain_summary"])) or {}
+        mixture_manifest = next((m for p in record["manifests"] if (m := _json(Path(p))) and m.get("stage") == "mixture"), {})
+        pairs = mixture_manifest.get("counts", {}).get("total")
         data = f"{mixture} ({mix_cfg.get('paper_id', '?')})" if mixture else ""
         if pairs:
             data += f", {human_count(pairs)} pairs"
@@ -208,8 +205,8 @@ def reproduced_rows(table: str, runs: list[str], config: dict, results: Path, la
             "row": label(run, mix_cfg) if label else run,
             "pretrain_data": data, "pretrain_tokens": human_count(summary.get("tokens")),
             "source": f"this workflow, {config.get('scale', 'toy')} scale",
-            **pretrain_compute(run, results, jobs),
-            **provenance(run, mixture, results, config),
+            **pretrain_compute(record),
+            **provenance(record, config),
         }
         for s in scores:
             row = {**base, **{k: v for k, v in s.items() if k != "files"}}
@@ -233,18 +230,15 @@ def table3_runs(config: dict) -> list[str]:
             if (mixtures.get(run.get("mixture")) or {}).get("paper_id") in TABLE3_IDS]
 
 
-def build(table: str, config: dict | None = None, results: Path | None = None) -> pd.DataFrame:
-    config = config or {}
-    results = Path(results) if results is not None else REPO_ROOT / "results"
+def build(table: str, config: dict | None = None, runs: dict | None = None) -> pd.DataFrame:
+    """The table: the paper's rows and the rows of `runs` (name -> record of its declared files)."""
+    config, runs = config or {}, runs or {}
     paper = paper_rows(table, config)
-    jobs = job_rows(results / "benchmarks", results) if (results / "benchmarks").is_dir() else None
     if table == "table4":
-        run = config.get("table4_run")
-        ours = reproduced_rows(table, [run] if run else [], config, results, jobs=jobs)
+        ours = reproduced_rows(table, runs, config)
         df = pd.concat([paper, ours], ignore_index=True) if len(ours) else paper
     else:
-        ours = reproduced_rows(table, table3_runs(config), config, results,
-                               label=lambda run, mix: str(mix.get("paper_id", "")), jobs=jobs)
+        ours = reproduced_rows(table, runs, config, label=lambda run, mix: str(mix.get("paper_id", "")))
         # Each paper row, then the reproduced rows of the same mixture id; others after.
         parts = []
         for pid in paper["row"]:
@@ -289,10 +283,10 @@ def main(argv=None):
     ap.add_argument("table", choices=["table3", "table4"])
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--html", type=Path, default=None, help="also write the table as a standalone page")
-    ap.add_argument("--results", type=Path, default=Path("results"))
+    ap.add_argument("--runs-json", default="{}", help="run -> the files of its rows (rules/report.smk)")
     ap.add_argument("--config-json", default="{}", help="the resolved workflow config as JSON")
     args = ap.parse_args(argv)
-    df = build(args.table, json.loads(args.config_json), args.results)
+    df = build(args.table, json.loads(args.config_json), json.loads(args.runs_json))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     df.to_csv(args.out, index=False)
     if args.html:

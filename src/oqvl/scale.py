@@ -1,0 +1,173 @@
+"""The scale of a config, resolved once: which rules exist and where every input comes from.
+
+`scale: toy` builds every model and data file the DAG needs from the toy world (the toy CLIP,
+tokenizer, MLM-Filter, SFT conversations and benchmarks); `scale: paper` reads every one of them
+from a path the user downloaded. The rules ask `resolve(config)` and never test a path for None.
+
+A half-toy config is refused at load, naming the key: `scale: toy` with a user path (a paper
+path left in by accident), or `scale: paper` missing one. Toy models on real data (a smoke test
+of downloaded pairs or benchmarks through the toy chain) is the explicit switch
+`mixed_inputs: true` at toy scale: every path it gives is read, everything else is toy-built.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from . import layout
+from .config import ConfigError
+
+# User-provided inputs: each is toy-built when null at toy scale and required at paper scale.
+# key (dotted) -> what a user gives there.
+USER_PATHS = {
+    "filter.clip.pretrained": "the CLIP scorer's weights (open_clip), e.g. ViT-L-14's",
+    "model.tokenizer.path": "the Qwen2 tokenizer folder",
+    "model.vision_weights": "the vision tower's weights (SigLIP-SO400M-14-384)",
+    "model.lm_path": "the LLM folder (Qwen2.5-1.5B-Instruct)",
+    "sft_data.path": "the SFT data (LLaVA-format JSON)",
+    "evaluate.real": "the downloaded benchmark releases",
+}
+TOY_RULES = ("generate_pairs", "train_clip", "tokenizer", "sft_data", "mlm_filter_seed",
+             "train_mlm_filter", "filter_quality")
+
+
+def _get(config: dict, dotted: str):
+    value = config
+    for key in dotted.split("."):
+        value = (value or {}).get(key)
+    return value
+
+
+@dataclass(frozen=True)
+class Scale:
+    """What the DAG needs of a config: the rules that exist and every input's path."""
+    name: str                       # toy or paper
+    generated: tuple[str, ...]      # sources drawn from the toy world (rule generate_pairs)
+    imported: tuple[str, ...]       # sources read from a released pair list (rule import_pairs)
+    clip_weights: str               # what CLIP scoring loads: the toy model folder or the user's weights
+    vision_weights: str             # the VLM's vision tower: the toy CLIP folder or the user's weights
+    lm_path: str | None             # a released LLM folder, or None for the preset's fresh LM
+    tokenizer: str                  # the toy tokenizer folder or the user's
+    sft_data: str                   # the toy conversations or the user's JSON
+    sft_image_root: str | None
+    mlm: str | None                 # MLM-Filter scores: "train" (toy model), "model", "import", None
+    mlm_model: str | None           # the folder `mlm_score` loads
+    real_benchmarks: dict | None    # benchmark -> downloaded release, or None for toy benchmarks
+    preset_name: str
+    rules: frozenset = field(default_factory=frozenset)   # the toy-only rules that exist
+    gpus: dict = field(default_factory=dict)              # GPUs a job of each kind asks for
+
+    @property
+    def toy(self) -> bool:
+        return self.name == "toy"
+
+    def has(self, rule: str) -> bool:
+        """Whether a toy-only rule exists in this config's DAG (other rules always exist)."""
+        return rule in self.rules
+
+    def built(self, rule: str, path: str) -> list[str]:
+        """`[path]` when `rule` builds it here, else `[]`: an input only where the DAG makes it."""
+        return [path] if self.has(rule) else []
+
+    # Inputs a job reads, each either built by a toy rule or given by the user (so a missing
+    # download stops the DAG before the job, naming the file).
+    def tokenizer_input(self) -> str:
+        return f"{layout.TOKENIZER}/tokenizer.json" if self.has("tokenizer") else self.tokenizer
+
+    def clip_input(self) -> str:
+        return f"{layout.CLIP_MODEL}/model.safetensors" if self.clip_weights == layout.CLIP_MODEL else self.clip_weights
+
+    def vision_input(self) -> str:
+        return f"{layout.CLIP_MODEL}/config.json" if self.vision_weights == layout.CLIP_MODEL else self.vision_weights
+
+
+def _refuse_user_paths(config: dict) -> None:
+    """Toy scale without mixed_inputs: every user path must be null (the toy chain builds it)."""
+    for key in USER_PATHS:
+        if _get(config, key) is not None:
+            raise ConfigError(f"{key}: scale toy builds {USER_PATHS[key]} itself; remove the path, "
+                              f"or set mixed_inputs: true to read it at toy scale")
+    mlm = config["filter"].get("mlm")
+    for key in ("model", "scores_dir"):
+        if mlm and mlm.get(key) is not None:
+            raise ConfigError(f"filter.mlm.{key}: scale toy trains its own MLM-Filter; remove the path, "
+                              f"or set mixed_inputs: true to read it at toy scale")
+    for name, src in config["sources"].items():
+        if "pair_list" in src:
+            raise ConfigError(f"sources.{name}.pair_list: scale toy generates its sources; remove the "
+                              f"pair list, or set mixed_inputs: true to read it at toy scale")
+    for name, spec in config["filter"]["sources"].items():
+        if spec["method"] == "uid_list":
+            raise ConfigError(f"filter.sources.{name}.uid_list: a released uid list is paper-scale data; "
+                              f"use a clip filter, or set mixed_inputs: true")
+
+
+def _require_user_paths(config: dict) -> None:
+    """Paper scale: nothing is toy-built, so every input is a user path."""
+    for key in USER_PATHS:
+        if _get(config, key) is None:
+            raise ConfigError(f"{key}: scale paper needs {USER_PATHS[key]} (nothing is toy-built at paper scale)")
+    mlm = config["filter"].get("mlm")
+    if mlm and mlm.get("model") is None and mlm.get("scores_dir") is None:
+        raise ConfigError("filter.mlm: scale paper needs model (the MLM-Filter folder) or scores_dir "
+                          "(its released scoring outputs)")
+    if config["model"]["preset"] == "toy":
+        raise ConfigError("model.preset: scale paper trains the open-qwen2vl preset, not the toy one")
+    if config.get("mixed_inputs"):
+        raise ConfigError("mixed_inputs: only toy scale mixes toy-built and user-provided inputs")
+
+
+def resolve(config: dict) -> Scale:
+    """The Scale of a validated config; ConfigError (one line, naming the key) for a half-toy one."""
+    toy = config["scale"] == "toy"
+    if toy and not config.get("mixed_inputs"):
+        _refuse_user_paths(config)
+    if not toy:
+        _require_user_paths(config)
+    clip, model, sft = config["filter"]["clip"], config["model"], config["sft_data"]
+    mlm = config["filter"].get("mlm")
+    generated = tuple(s for s, c in config["sources"].items() if "n_pairs" in c)
+    imported = tuple(s for s, c in config["sources"].items() if "pair_list" in c)
+
+    clip_weights = clip["pretrained"] if clip["pretrained"] is not None else layout.CLIP_MODEL
+    vision_weights = model["vision_weights"] if model["vision_weights"] is not None else layout.CLIP_MODEL
+    if mlm is None:
+        mlm_mode, mlm_model = None, None
+    elif mlm.get("scores_dir") is not None:
+        mlm_mode, mlm_model = "import", None
+    elif mlm.get("model") is not None:
+        mlm_mode, mlm_model = "model", mlm["model"]
+    else:
+        mlm_mode, mlm_model = "train", f"{layout.MLM_MODEL}/train/final"
+
+    rules = set()
+    if generated:
+        rules |= {"generate_pairs", "filter_quality"}
+    if layout.CLIP_MODEL in (clip_weights, vision_weights) or mlm_mode == "train":
+        rules.add("train_clip")
+    if model["tokenizer"]["path"] is None:
+        rules.add("tokenizer")
+    if sft["path"] is None:
+        rules.add("sft_data")
+    if mlm_mode == "train":
+        rules |= {"mlm_filter_seed", "train_mlm_filter"}
+
+    on_gpu = 0 if toy else 1
+    return Scale(
+        name=config["scale"],
+        generated=generated,
+        imported=imported,
+        clip_weights=clip_weights,
+        vision_weights=vision_weights,
+        lm_path=model["lm_path"],
+        tokenizer=model["tokenizer"]["path"] or layout.TOKENIZER,
+        sft_data=sft["path"] or layout.TOY_SFT_DATA,
+        sft_image_root=sft.get("image_root"),
+        mlm=mlm_mode,
+        mlm_model=mlm_model,
+        real_benchmarks=config["evaluate"]["real"],
+        preset_name=model["preset"],
+        rules=frozenset(rules),
+        gpus={"score": on_gpu, "train": config["train"]["gpus"],
+              "evaluate": 1 if config["evaluate"]["device"].startswith("cuda") else 0},
+    )
