@@ -37,7 +37,6 @@ def ci():
     (lambda c: c["filter"]["mlm"].update(threshold=101), "filter.mlm.threshold: 101 is greater than the maximum"),
     (lambda c: c["filter"]["mlm"].update(metric="clip"), "filter.mlm.metric: 'clip' is not one of"),
     (lambda c: c["filter"]["mlm"].update(sources=["cc12m"]), "filter.mlm.sources: no source named 'cc12m'"),
-    (lambda c: c["filter"]["mlm"].update(train=None), "filter.mlm: give a model, a scores_dir or a train section"),
     (lambda c: c["filter"]["mlm"]["train"].update(global_batch=7), "filter.mlm.train.global_batch 7 is not a multiple"),
     (lambda c: c["mixtures"]["ccs+laion"].update(kept={"laion": "union"}),
      "mixtures.ccs+laion.kept.laion: 'union' needs 'laion' in filter.mlm.sources"),

@@ -64,53 +64,101 @@ SCORES = {"MMBench": (62.0, 60.0), "SEEDBench": (55.0, 54.0), "MMStar": (41.0, 4
           "MathVista": (30.0, 29.0), "POPE": (81.0, 80.0)}
 
 
+def manifest(path: Path, stage, amount, unit, device="cpu", gpus=0, **extra):
+    """A job's manifest as oqvl.manifest writes it (the fields the report reads)."""
+    write_json(path, {"stage": stage, "work": {"amount": amount, "unit": unit},
+                      "device": {"type": device, "gpus": gpus}, "code_version": "abc123", "files": {}, **extra})
+
+
+class World:
+    """A results tree and the declared files the report rules would pass (rules/report.smk)."""
+
+    def __init__(self, res: Path):
+        self.res = res
+        self.jobs = []          # [benchmark, manifest] per accounted job
+        self.pretrain = {}      # run -> {summary, packed_stats}
+        self.records = {}       # run -> the files of its table rows
+
+    def job(self, bench_path, manifest_path):
+        self.jobs.append([str(bench_path), str(manifest_path)])
+
+
+def run_record(res: Path, run, mixture):
+    base = res / "runs" / run
+    return {"mixture": mixture,
+            "evals": [str(base / "eval" / f"{b}.json") for b in SCORES],
+            "pretrain_summary": str(base / "pretrain" / "summary.json"),
+            "pretrain_job": [str(res / "benchmarks" / "train" / f"{run}_pretrain.tsv"),
+                             str(base / "pretrain" / "manifest.json")],
+            "manifests": [str(res / "mixtures" / mixture / "manifest.json"), str(base / "pretrain" / "manifest.json")]}
+
+
 @pytest.fixture
-def world(tmp_path):
+def world(tmp_path, monkeypatch):
     """A results tree: data-stage jobs, a GPU pretraining job, a CPU-only GPU rule, an evaluated run
     (r12, mixture 1+2) and a trained but unevaluated run (r13, mixture 1+3)."""
+    monkeypatch.chdir(tmp_path)  # the rules run in the workflow's directory: paths relative to it
     res = tmp_path / "results"
+    w = World(res)
     b = res / "benchmarks"
     res_ = {"tmpdir": "/tmp", "_nodes": 1, "_cores": 2}
     bench(b / "raw" / "download_ccs.tsv", 36.0, 18.0, 1030.25, "download", {"source": "ccs"},
           {"options": "{}"}, 2, {**res_, "mem_mb": 4000})
-    write_json(res / "raw" / "ccs" / "accounting.json",
-               {"pairs_in": 300, "samples_in_shards": 291, "failures": 9, "shards": 3})
+    manifest(res / "raw" / "ccs" / "accounting.manifest.json", "raw", 300, "pairs")
+    w.job(b / "raw" / "download_ccs.tsv", res / "raw" / "ccs" / "accounting.manifest.json")
     # A GPU rule run under --resources gpu=0: Snakemake records gpu 0.
     bench(b / "filter" / "clip_score_ccs.tsv", 72.0, 130.0, 900.0, "clip_score", {"source": "ccs"},
           {"model": "toy"}, 2, {**res_, "gpu": 0})
-    write_json(res / "filter" / "ccs" / "clip_score_stats.json", {"scored": 280, "failed": 8})
+    manifest(res / "filter" / "ccs" / "clip_scores.manifest.json", "clip_score", 288, "pairs")
+    w.job(b / "filter" / "clip_score_ccs.tsv", res / "filter" / "ccs" / "clip_scores.manifest.json")
     # The MLM-Filter on 1 GPU: pairs with no readable score are work done too.
     bench(b / "filter" / "mlm_score_ccs.tsv", 100.0, 90.0, 5000.0, "mlm_score", {"source": "ccs"},
           {"model": "m"}, 2, {**res_, "gpu": 1})
-    write_json(res / "filter" / "ccs" / "mlm_score_stats.json", {"scored": 270, "no_score": 10, "failed": 8})
-    # A job faster than Snakemake's sampling interval: memory and CPU time are NA.
+    manifest(res / "filter" / "ccs" / "mlm_scores.manifest.json", "mlm_score", 288, "pairs", "cuda", 1)
+    w.job(b / "filter" / "mlm_score_ccs.tsv", res / "filter" / "ccs" / "mlm_scores.manifest.json")
+    # A job faster than Snakemake's sampling interval: memory and CPU time are NA; and its
+    # manifest is missing: no accounted work.
     (b / "report").mkdir(parents=True)
     (b / "report" / "table4.tsv").write_text(
         HEADER + "\n0.40\t0:00:00\tNA\tNA\tNA\tNA\tNA\tNA\tNA\tNA\t0\ttable4\t{}\t{}\t1\tNA\t"
         "{'tmpdir': '/tmp', '_nodes': 1, '_cores': 1}\t{}\n")
+    w.job(b / "report" / "table4.tsv", res / "gone.manifest.json")
     bench(b / "pack" / "ccs+datacomp.tsv", 18.0, 17.0, 500.0, "pack", {"mixture": "ccs+datacomp"}, {}, 1, res_)
+    manifest(res / "packed" / "ccs+datacomp" / "manifest.json", "pack", 100, "documents")
+    w.job(b / "pack" / "ccs+datacomp.tsv", res / "packed" / "ccs+datacomp" / "manifest.json")
     write_json(res / "packed" / "ccs+datacomp" / "stats.json",
                {"sequences": 40, "documents_packed": 100, "text_tokens": 2000, "real_tokens": 3800})
     write_json(res / "packed" / "ccs+laion" / "stats.json",
                {"sequences": 30, "documents_packed": 80, "text_tokens": 1600, "real_tokens": 3040})
-    write_json(res / "mixtures" / "ccs+datacomp" / "manifest.json",
-               {"stage": "mixture", "counts": {"ccs": 60, "datacomp": 40, "total": 100},
-                "code_version": "abc123", "files": {}})
+    manifest(res / "mixtures" / "ccs+datacomp" / "manifest.json", "mixture", 100, "pairs",
+             counts={"ccs": 60, "datacomp": 40, "total": 100})
     # r12: pretrained on 2 GPUs (granted and reported), evaluated on both protocols.
-    bench(b / "train" / "pretrain_r12.tsv", 3600.0, 3500.0, 20000.0, "pretrain", {"run": "r12"}, {}, 8,
+    bench(b / "train" / "r12_pretrain.tsv", 3600.0, 3500.0, 20000.0, "pretrain", {"run": "r12"}, {}, 8,
           {**res_, "gpu": 2})
     write_json(res / "runs" / "r12" / "pretrain" / "summary.json",
                summary("r12", "pretrain", device="NVIDIA H100 80GB HBM3", gpus=2, world_size=2,
                        tokens=7_200_000, loss_tokens=1_800_000, tokens_per_s=2400.0))
+    manifest(res / "runs" / "r12" / "pretrain" / "manifest.json", "pretrain", 7_200_000, "tokens",
+             "NVIDIA H100 80GB HBM3", 2)
+    w.job(b / "train" / "r12_pretrain.tsv", res / "runs" / "r12" / "pretrain" / "manifest.json")
     for name, (p, l) in SCORES.items():
         eval_file(res / "runs" / "r12" / "eval" / f"{name}.json", "r12", name, {"paper": p, "lmms": l},
                   below=("MathVista",))
-    bench(b / "eval" / "eval_r12_POPE.tsv", 60.0, 55.0, 3000.0, "evaluate", {"run": "r12", "benchmark": "POPE"},
+    bench(b / "evaluate" / "r12_POPE.tsv", 60.0, 55.0, 3000.0, "evaluate", {"run": "r12", "benchmark": "POPE"},
           {}, 1, res_)
+    manifest(res / "runs" / "r12" / "eval" / "POPE.manifest.json", "evaluate", 800, "samples")
+    w.job(b / "evaluate" / "r12_POPE.tsv", res / "runs" / "r12" / "eval" / "POPE.manifest.json")
     # r13: pretrained on the CPU, never evaluated.
-    bench(b / "train" / "pretrain_r13.tsv", 120.0, 230.0, 2500.0, "pretrain", {"run": "r13"}, {}, 2, res_)
+    bench(b / "train" / "r13_pretrain.tsv", 120.0, 230.0, 2500.0, "pretrain", {"run": "r13"}, {}, 2, res_)
     write_json(res / "runs" / "r13" / "pretrain" / "summary.json", summary("r13", "pretrain"))
-    return res
+    manifest(res / "runs" / "r13" / "pretrain" / "manifest.json", "pretrain", 400_000, "tokens")
+    w.job(b / "train" / "r13_pretrain.tsv", res / "runs" / "r13" / "pretrain" / "manifest.json")
+    for run, mixture in (("r12", "ccs+datacomp"), ("r13", "ccs+laion")):
+        w.pretrain[run] = {"summary": str(res / "runs" / run / "pretrain" / "summary.json"),
+                           "packed_stats": str(res / "packed" / mixture / "stats.json")}
+        w.records[run] = run_record(res, run, mixture)
+    w.records["r13"]["evals"] = []  # never evaluated: the rule would wait; the table has no row
+    return w
 
 
 CONFIG = {
@@ -125,8 +173,8 @@ CONFIG = {
 
 # ------------------------------------------------------------------------------------ accounting
 
-def jobs_of(res):
-    return compute.job_rows(res / "benchmarks", res).set_index("job")
+def jobs_of(w):
+    return compute.job_rows(w.jobs).set_index("job")
 
 
 def test_mlm_filter_scoring_is_accounted_per_gpu(world):
@@ -163,9 +211,9 @@ def test_gpu_job_hours_and_throughput_per_gpu(world):
 def test_work_done_per_stage_and_missing_values(world):
     jobs = jobs_of(world)
     assert jobs.loc["download[source=ccs]", "work"] == 300
-    assert jobs.loc["pack[mixture=ccs+datacomp]", "work_unit"] == "sequences"
-    assert jobs.loc["pack[mixture=ccs+datacomp]", "work"] == 40
-    assert jobs.loc["evaluate[benchmark=POPE,run=r12]", "work"] == 200  # both protocols, same 200 questions
+    assert jobs.loc["pack[mixture=ccs+datacomp]", "work_unit"] == "documents"
+    assert jobs.loc["pack[mixture=ccs+datacomp]", "work"] == 100
+    assert jobs.loc["evaluate[benchmark=POPE,run=r12]", "work"] == 800
     fast = jobs.loc["table4"]
     assert fast["wall_h"] == pytest.approx(0.4 / 3600)
     assert math.isnan(fast["cpu_h"]) and math.isnan(fast["peak_mem_mb"]) and math.isnan(fast["work"])
@@ -177,7 +225,8 @@ def test_repeated_benchmark_is_averaged(tmp_path):
     bench(path, 10.0, 5.0, 100.0, "generate_pairs", {"source": "ccs"}, {"n_pairs": 50}, 1, {"_cores": 1})
     lines = path.read_text().splitlines()
     path.write_text("\n".join([lines[0], lines[1], lines[1].replace("10.00", "20.00", 1)]) + "\n")
-    row = compute.job_rows(tmp_path / "b", tmp_path).iloc[0]
+    manifest(tmp_path / "pairs.manifest.json", "generate_pairs", 50, "pairs")
+    row = compute.job_rows([[path, tmp_path / "pairs.manifest.json"]]).iloc[0]
     assert row["wall_h"] == pytest.approx(15 / 3600)
     assert row["work"] == 50 and row["throughput"] == pytest.approx(50 / 15)
     assert "2 repeats" in row["note"]
@@ -199,7 +248,7 @@ def test_reads_a_record_snakemake_wrote(tmp_path):
 
 def test_compute_csv(world, tmp_path):
     out = tmp_path / "compute.csv"
-    compute.main(["--benchmarks", str(world / "benchmarks"), "--results", str(world),
+    compute.main(["--inputs-json", json.dumps({"jobs": world.jobs, "pretrain": world.pretrain}),
                   "--config-json", json.dumps(CONFIG), "--out", str(out), "--html", str(tmp_path / "c.html")])
     df = pd.read_csv(out)
     assert list(df.columns) == compute.COLUMNS
@@ -256,7 +305,7 @@ def test_paper_model_numbers():
 
 
 def test_projection_rows_by_hand(world):
-    rows = {r["run"]: r for r in compute.projection_rows(CONFIG, world)}
+    rows = {r["run"]: r for r in compute.projection_rows(CONFIG, world.pretrain)}
     proj = compute.report_settings({})["projection"]
     # r13: toy model on the CPU, 4000 tokens/s; captions 1600 / 80 = 20 tokens; L = 16 + 20 + 2.
     p = TOY_PARAMS
@@ -274,7 +323,7 @@ def test_projection_rows_by_hand(world):
     r12 = rows["r12"]
     assert r12["gpu_h"] == pytest.approx(5e9 * f_paper / (1200 * f_toy12) / 3600, rel=1e-9)
     assert r12["device"] == "NVIDIA H100 80GB HBM3"
-    paper = [r for r in compute.projection_rows(CONFIG, world) if r["row_type"] == "paper"]
+    paper = [r for r in compute.projection_rows(CONFIG, world.pretrain) if r["row_type"] == "paper"]
     v2 = next(r for r in paper if r["job"].endswith("v2"))
     rate = 5e9 * f_paper / (220 * 3600)
     assert f"{rate / 312e12:.0%}" in v2["note"]
@@ -283,19 +332,19 @@ def test_projection_rows_by_hand(world):
 def test_projection_from_a_paper_scale_run_is_tokens_over_throughput(world):
     # A run of the paper's own model (preset with a released LM): the FLOP ratio is 1, so the
     # projection is 5B tokens at the measured rate per GPU.
-    path = world / "runs" / "r12" / "pretrain" / "summary.json"
+    path = world.res / "runs" / "r12" / "pretrain" / "summary.json"
     s = json.loads(path.read_text())
     s["train_config"] = {"preset": "open-qwen2vl"}
     s["loss_tokens"] = s["tokens"] * 21 / 166  # caption + EOS of 144 + 20 + 2, as the formula assumes
     path.write_text(json.dumps(s))
     cfg = {**CONFIG, "report": {"projection": {"text_tokens_per_image": 20}}}
-    r12 = next(r for r in compute.projection_rows(cfg, world) if r["run"] == "r12")
+    r12 = next(r for r in compute.projection_rows(cfg, world.pretrain) if r["run"] == "r12")
     assert r12["gpu_h"] == pytest.approx(5e9 / 1200 / 3600)
 
 
 def test_projection_without_packed_stats_says_so(world):
-    cfg = {**CONFIG, "runs": {"r12": {"mixture": "gone"}, "r13": {"mixture": "ccs+laion"}}}
-    rows = {r["run"]: r for r in compute.projection_rows(cfg, world) if r["row_type"] == "projection"}
+    pretrain = {**world.pretrain, "r12": {**world.pretrain["r12"], "packed_stats": "results/packed/gone/stats.json"}}
+    rows = {r["run"]: r for r in compute.projection_rows(CONFIG, pretrain) if r["row_type"] == "projection"}
     assert rows["r12"]["note"].startswith("not projected")
     assert math.isnan(rows["r12"]["gpu_h"])
 
@@ -312,7 +361,7 @@ def test_measured_trained_parts():
 # ---------------------------------------------------------------------------------------- tables
 
 def test_table4_paper_rows_only_without_a_run(world):
-    df = tables.build("table4", {k: v for k, v in CONFIG.items() if k not in ("runs", "table4_run")}, world)
+    df = tables.build("table4", {k: v for k, v in CONFIG.items() if k not in ("runs", "table4_run")}, {})
     assert list(df.columns) == tables.COLUMNS
     assert (df["scale"] == "paper").all() and (df["protocol"] == "paper").all()
     ours = df.set_index("row").loc["Open-Qwen2VL-2B"]
@@ -322,7 +371,7 @@ def test_table4_paper_rows_only_without_a_run(world):
 
 
 def test_table4_reproduced_rows_with_provenance(world):
-    df = tables.build("table4", CONFIG, world)
+    df = tables.build("table4", CONFIG, {"r12": world.records["r12"]})
     ours = df[df["scale"] == "toy"].set_index("protocol")
     assert list(ours.index) == ["paper", "lmms"]
     assert (ours["run"] == "r12").all() and (ours["row"] == "r12").all()
@@ -342,30 +391,30 @@ def test_table4_reproduced_rows_with_provenance(world):
     lock = hashlib.sha256((REPO / "requirements.lock").read_bytes()).hexdigest()[:16]
     assert ours["lock_hash"].eq(lock).all()
     assert ours["container_image"].fillna("").eq("").all()  # none ran here: empty, not guessed
-    pope = world / "runs" / "r12" / "eval" / "POPE.json"
+    pope = world.res / "runs" / "r12" / "eval" / "POPE.json"
     assert f"results/runs/r12/eval/POPE.json:{hashlib.sha256(pope.read_bytes()).hexdigest()[:16]}" in ours.loc["paper", "input_hashes"]
     assert "results/mixtures/ccs+datacomp/manifest.json:" in ours.loc["paper", "input_hashes"]
     # The report section is presentation only: it does not change the config hash.
-    other = tables.build("table4", {**CONFIG, "report": {"paper_device": "x"}}, world)
+    other = tables.build("table4", {**CONFIG, "report": {"paper_device": "x"}}, {"r12": world.records["r12"]})
     assert other.loc[other["scale"] == "toy", "config_hash"].tolist() == ours["config_hash"].tolist()
 
 
 def test_preferred_metric_from_config(world):
     cfg = {**CONFIG, "report": {"metrics": {"POPE": "yes_ratio"}}}
-    df = tables.build("table4", cfg, world)
+    df = tables.build("table4", cfg, {"r12": world.records["r12"]})
     ours = df[df["scale"] == "toy"].set_index("protocol")
     assert ours.loc["paper", "POPE"] == 51.5 and ours.loc["paper", "MMBench"] == 62.0
 
 
 def test_missing_benchmark_is_empty_and_no_partial_average(world):
-    (world / "runs" / "r12" / "eval" / "MathVista.json").unlink()
-    df = tables.build("table4", CONFIG, world)
+    (world.res / "runs" / "r12" / "eval" / "MathVista.json").write_text("[]")  # evaluated, no rows
+    df = tables.build("table4", CONFIG, {"r12": world.records["r12"]})
     ours = df[df["scale"] == "toy"]
     assert len(ours) == 2 and ours["MathVista"].isna().all() and ours["avg_5"].isna().all()
 
 
 def test_table3_rows_of_evaluated_runs_beside_the_paper(world):
-    df = tables.build("table3", CONFIG, world)
+    df = tables.build("table3", CONFIG, world.records)
     assert list(df["row"]) == ["1+2", "1+2", "1+2", "1+3", "1+2+3", "1+4"]
     assert list(df["scale"]) == ["paper", "toy", "toy", "paper", "paper", "paper"]
     assert not (df["run"] == "r13").any()  # trained, never evaluated: absent, not filled in
@@ -377,7 +426,7 @@ def test_table3_rows_of_evaluated_runs_beside_the_paper(world):
 
 def test_table_cli_and_html(world, tmp_path):
     out, page = tmp_path / "t4.csv", tmp_path / "t4.html"
-    tables.main(["table4", "--results", str(world), "--config-json", json.dumps(CONFIG),
+    tables.main(["table4", "--runs-json", json.dumps({"r12": world.records["r12"]}), "--config-json", json.dumps(CONFIG),
                  "--out", str(out), "--html", str(page)])
     df = pd.read_csv(out)
     text = page.read_text()
@@ -390,16 +439,18 @@ def test_table_cli_and_html(world, tmp_path):
 
 def test_plots(world, tmp_path):
     for stage, base in (("pretrain", 5.0), ("sft", 2.0)):
-        log = world / "runs" / "r12" / stage / "train_log.jsonl"
+        log = world.res / "runs" / "r12" / stage / "train_log.jsonl"
         log.parent.mkdir(parents=True, exist_ok=True)
         log.write_text("".join(json.dumps({"step": i + 1, "loss": base / (1 + i), "lr": 1e-3, "tokens": 1000,
                                            "tokens_per_s": 900.0, "grad_norm": 1.0}) + "\n" for i in range(20)))
     t3, c = tmp_path / "t3.csv", tmp_path / "c.csv"
-    tables.build("table3", CONFIG, world).to_csv(t3, index=False)
-    compute.build(world / "benchmarks", world, CONFIG).to_csv(c, index=False)
+    tables.build("table3", CONFIG, world.records).to_csv(t3, index=False)
+    compute.build({"jobs": world.jobs, "pretrain": world.pretrain}, CONFIG).to_csv(c, index=False)
     out = tmp_path / "plots"
-    plots.main(["--table3", str(t3), "--compute", str(c), "--results", str(world),
-                "--config-json", json.dumps(CONFIG), "--out-dir", str(out)])
+    logs = {run: {stage: str(world.res / "runs" / run / stage / "train_log.jsonl") for stage in ("pretrain", "sft")}
+            for run in ("r12", "r13")}
+    plots.main(["--table3", str(t3), "--compute", str(c), "--train-logs-json", json.dumps(logs),
+                "--out-dir", str(out)])
     for name in plots.PLOTS.values():
         img = np.asarray(Image.open(out / name).convert("RGB"))
         assert img.shape[0] > 200 and img.shape[1] > 600
@@ -414,9 +465,9 @@ def test_plots(world, tmp_path):
 
 def test_plots_before_any_run(tmp_path):
     t3, c = tmp_path / "t3.csv", tmp_path / "c.csv"
-    tables.build("table3", {}, tmp_path).to_csv(t3, index=False)
+    tables.build("table3", {}, {}).to_csv(t3, index=False)
     pd.DataFrame(columns=compute.COLUMNS).to_csv(c, index=False)
-    plots.main(["--table3", str(t3), "--compute", str(c), "--results", str(tmp_path), "--out-dir", str(tmp_path)])
+    plots.main(["--table3", str(t3), "--compute", str(c), "--out-dir", str(tmp_path)])
     assert all((tmp_path / n).stat().st_size > 1000 for n in plots.PLOTS.values())
 
 
@@ -452,7 +503,44 @@ def test_manifests_record_the_container_image(tmp_path, monkeypatch):
     (tmp_path / "f.txt").write_text("x")
     monkeypatch.delenv("APPTAINER_CONTAINER", raising=False)
     monkeypatch.delenv("SINGULARITY_CONTAINER", raising=False)
-    assert write_manifest(tmp_path / "m.json", "s", [tmp_path / "f.txt"], {}, "h")["container_image"] is None
+    def write():
+        return write_manifest(tmp_path / "m.json", "s", work=(1, "pairs"), config={"a": 1}, files=[tmp_path / "f.txt"])
+
+    assert write()["container_image"] is None
     monkeypatch.setenv("APPTAINER_CONTAINER", "localhost/oqvl-model:abc")
-    assert write_manifest(tmp_path / "m.json", "s", [tmp_path / "f.txt"], {}, "h")["container_image"] == \
-        "localhost/oqvl-model:abc"
+    assert write()["container_image"] == "localhost/oqvl-model:abc"
+
+
+def test_manifests_record_work_config_values_and_library_versions(tmp_path):
+    from oqvl.manifest import write_manifest
+
+    (tmp_path / "f.txt").write_text("x")
+    m = write_manifest(tmp_path / "m.json", "pack", work=(100, "documents"), config={"context_len": 512},
+                       files=[tmp_path / "f.txt"], device="cuda", gpus=2)
+    on_disk = json.loads((tmp_path / "m.json").read_text())
+    assert on_disk == m
+    assert m["work"] == {"amount": 100.0, "unit": "documents"} and m["device"] == {"type": "cuda", "gpus": 2}
+    assert m["config"] == {"context_len": 512} and len(m["config_hash"]) == 16
+    assert m["files"] == {"f.txt": hashlib.sha256(b"x").hexdigest()}
+    from importlib.metadata import version
+    assert m["versions"]["pandas"] == version("pandas") and m["versions"]["python"].count(".") == 2
+
+
+def test_summary_from_the_declared_files(world, tmp_path):
+    from oqvl.report import summary as summary_md
+
+    t4 = tmp_path / "t4.csv"
+    tables.build("table4", CONFIG, {"r12": world.records["r12"]}).to_csv(t4, index=False)
+    out = tmp_path / "summary.md"
+    summary_md.main(["--table4", str(t4), "--runs-json", json.dumps({"r12": world.records["r12"]}),
+                     "--jobs-json", json.dumps(world.jobs), "--config-json", json.dumps(CONFIG), "--out", str(out)])
+    text = out.read_text()
+    assert text.startswith("# Summary: `r12` at toy scale")
+    assert "snakemake --cores all results/table4.csv" in text
+    # The run's scores with chance and control; bold where above both; the paper's row beside them.
+    rows = {line.split("|")[1].strip(): line for line in text.splitlines() if line.startswith("| ")}
+    assert "**62.0** (25.0, 26.0)" in rows["paper"] and "30.0 (25.0, 26.0)" in rows["paper"]  # MathVista below
+    assert "80.9" in rows["paper's Open-Qwen2VL-2B"]
+    # Every job with its wall time and work, from the benchmark files and manifests.
+    assert "| pretrain[run=r12] | NVIDIA H100 80GB HBM3 | 3600 | 7200000 tokens |" in text
+    assert f"{len(world.jobs)} jobs" in text and "code version: `abc123`" in text

@@ -17,22 +17,31 @@ def test_dry_run_plans_every_stage(tmp_path):
         assert rule in out
 
 
+def paper_downloads(root):
+    """Placeholders at every path config/full.yaml names (the releases a user downloads first):
+    pair lists in the release columns, weight files, model folders, benchmark folders."""
+    cfg = __import__("yaml").safe_load((REPO / "config" / "full.yaml").read_text())
+    for src in cfg["sources"].values():
+        (root / src["pair_list"]).parent.mkdir(parents=True, exist_ok=True)
+        pd.DataFrame({"url": ["http://127.0.0.1:9/x.jpg"], "caption": ["c"], "text": ["c"],
+                      "uid": ["u"]}).to_parquet(root / src["pair_list"])
+    files = [cfg["filter"]["sources"]["datacomp"]["uid_list"], cfg["filter"]["clip"]["pretrained"],
+             cfg["model"]["vision_weights"], cfg["sft_data"]["path"]]
+    folders = [cfg["model"]["lm_path"], cfg["model"]["tokenizer"]["path"], *cfg["evaluate"]["real"].values(),
+               *(f"{cfg['filter']['mlm']['scores_dir']}/{s}" for s in cfg["filter"]["mlm"]["sources"])]
+    for f in files:
+        (root / f).parent.mkdir(parents=True, exist_ok=True)
+        (root / f).write_bytes(b"")
+    for d in folders:
+        (root / d).mkdir(parents=True, exist_ok=True)
+    cfg_path = root / "full.yaml"
+    cfg_path.write_text((REPO / "config" / "full.yaml").read_text())
+    return cfg_path
+
+
 def test_paper_config_plans_the_same_dag(tmp_path):
     # Paper scale imports released pair lists instead of generating them; same rules otherwise.
-    for source in ("ccs", "datacomp", "laion"):
-        path = tmp_path / "data" / source
-        path.mkdir(parents=True)
-    cfg_text = (REPO / "config" / "full.yaml").read_text()
-    for rel in ("data/ccs/ccs_synthetic_filtered_large.parquet", "data/datacomp/medium_metadata.parquet",
-                "data/laion/laion_15m.parquet"):
-        pd.DataFrame({"url": ["http://127.0.0.1:9/x.jpg"], "caption": ["c"], "text": ["c"],
-                      "uid": ["u"]}).to_parquet(tmp_path / rel)
-    (tmp_path / "data" / "datacomp" / "datacomp_medium_dfn_20m_inds.npy").write_bytes(b"")
-    for bench in ("MMBench/en", "SEED-Bench/data", "MMStar", "MathVista/data", "POPE/data"):
-        (tmp_path / "data" / "benchmarks" / bench).mkdir(parents=True)
-    (tmp_path / "data" / "llava_v1_5_mix665k.json").write_text("[]")
-    cfg = tmp_path / "full.yaml"
-    cfg.write_text(cfg_text)
+    cfg = paper_downloads(tmp_path)
     proc = snakemake(tmp_path, "-n", "results/table4.csv", configfile=cfg)
     out = proc.stdout + proc.stderr
     assert "import_pairs" in out and "generate_pairs" not in out
@@ -44,11 +53,9 @@ def test_paper_config_plans_the_same_dag(tmp_path):
 
 
 def test_paper_config_trains_on_8_processes_from_the_released_models(tmp_path):
-    cfg = tmp_path / "full.yaml"
-    cfg.write_text((REPO / "config" / "full.yaml").read_text())
-    for path in ("results/packed/ccs+datacomp/sequences.parquet", "data/llava_v1_5_mix665k.json"):
-        (tmp_path / path).parent.mkdir(parents=True, exist_ok=True)
-        (tmp_path / path).write_text("")
+    cfg = paper_downloads(tmp_path)
+    (tmp_path / "results/packed/ccs+datacomp").mkdir(parents=True)
+    (tmp_path / "results/packed/ccs+datacomp/sequences.parquet").write_text("")
     (tmp_path / "results/mixtures/ccs+datacomp/shards").mkdir(parents=True)
     proc = snakemake(tmp_path, "-n", "-p", "results/runs/ccs+datacomp/sft/final/config.json",
                      "--allowed-rules", "pretrain", "sft", configfile=cfg)

@@ -98,8 +98,8 @@ def _refuse_user_paths(config: dict) -> None:
                               f"pair list, or set mixed_inputs: true to read it at toy scale")
     for name, spec in config["filter"]["sources"].items():
         if spec["method"] == "uid_list":
-            raise ConfigError(f"filter.sources.{name}.uid_list: a released uid list is paper-scale data; "
-                              f"use a clip filter, or set mixed_inputs: true")
+            raise ConfigError(f"filter.sources.{name}.uid_list: scale toy filters its sources by CLIP score; "
+                              f"remove the released uid list, or set mixed_inputs: true to read it at toy scale")
 
 
 def _require_user_paths(config: dict) -> None:
@@ -115,6 +115,15 @@ def _require_user_paths(config: dict) -> None:
         raise ConfigError("model.preset: scale paper trains the open-qwen2vl preset, not the toy one")
     if config.get("mixed_inputs"):
         raise ConfigError("mixed_inputs: only toy scale mixes toy-built and user-provided inputs")
+
+
+def _missing_toy_sections(config, clip_weights, vision_weights, mlm_mode) -> str | None:
+    """What a toy-built model needs to be trained: its train section."""
+    if layout.CLIP_MODEL in (clip_weights, vision_weights) and not config["filter"]["clip"]["train"]:
+        return "filter.clip.train: the toy CLIP model is trained here (no pretrained weights given); give its train section"
+    if mlm_mode == "train" and not config["filter"]["mlm"]["train"]:
+        return "filter.mlm.train: the toy MLM-Filter is trained here (no model or scores_dir given); give its train section"
+    return None
 
 
 def resolve(config: dict) -> Scale:
@@ -139,6 +148,11 @@ def resolve(config: dict) -> Scale:
         mlm_mode, mlm_model = "model", mlm["model"]
     else:
         mlm_mode, mlm_model = "train", f"{layout.MLM_MODEL}/train/final"
+
+    if missing := _missing_toy_sections(config, clip_weights, vision_weights, mlm_mode):
+        raise ConfigError(missing)
+    if model["preset"] == "open-qwen2vl" and not model["lm_path"]:
+        raise ConfigError("model.lm_path: the open-qwen2vl preset needs the local Qwen2.5-1.5B-Instruct directory")
 
     rules = set()
     if generated:
