@@ -215,7 +215,7 @@ def reproduced_rows(table: str, runs: dict, config: dict, label=None) -> pd.Data
 
 
 def with_average(df: pd.DataFrame) -> pd.DataFrame:
-    vals = df[BENCHMARKS].apply(pd.to_numeric, errors="coerce")
+    vals = df[list(BENCHMARKS)].apply(pd.to_numeric, errors="coerce")
     # The mean of the five reproduced benchmarks, only where all five exist (never a partial mean).
     df["avg_5"] = vals.mean(axis=1).where(vals.notna().all(axis=1)).round(2)
     return df
