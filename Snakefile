@@ -1,6 +1,7 @@
 # Open-Qwen2VL reproduction harness. Stages live in rules/*.smk; code in src/oqvl.
 #   snakemake --cores all results/table4.csv                       (toy scale, config/default.yaml)
 #   snakemake --configfile config/full.yaml --profile profiles/slurm results/table4.csv   (paper)
+import shlex
 import sys
 from pathlib import Path
 
@@ -20,7 +21,8 @@ try:
 except ConfigError as e:
     sys.exit(f"config error: {e}")
 
-PY = sys.executable  # the interpreter running Snakemake, so rules see the same pinned packages
+# Every job runs `$PY`, the interpreter running Snakemake, so it sees the same pinned packages.
+shell.prefix(f"set -euo pipefail; PY={shlex.quote(sys.executable)}; ")
 
 include: "rules/common.smk"
 include: "rules/raw.smk"

@@ -5,21 +5,18 @@ import os
 import re
 
 from oqvl import layout as L
+from oqvl.plan import Plan, as_json, compute_files, job_files, record_files
 from oqvl.scale import resolve
 
 SCALE = resolve(config)
-BENCHMARKS = config["evaluate"]["benchmarks"]
+P = Plan(config, SCALE)
+BENCHMARKS = P.benchmarks
 
 
 def preset_file(name):
     """A model preset's JSON: an input of the rules that build a model from it, so editing it (an
     LM init scale, a width) reruns them."""
     return os.path.join(workflow.basedir, "src", "oqvl", "model", "model_configs", f"{name}.json")
-
-
-def as_json(obj):
-    """A config fragment as one compact JSON string for a command line (quote with :q)."""
-    return json.dumps(obj, sort_keys=True, separators=(",", ":"))
 
 
 def alternatives(names):
@@ -35,8 +32,22 @@ def world_args():
 
 def train_launch():
     """torchrun on one node, one process per GPU (or CPU rank), running `python -m oqvl.train`."""
-    return f"{PY} -m torch.distributed.run --standalone --nproc-per-node {config['train']['nproc']} -m oqvl.train"
+    return f"$PY -m torch.distributed.run --standalone --nproc-per-node {config['train']['nproc']} -m oqvl.train"
 
 
 def train_threads():
     return max(1, config["train"]["nproc"] * max(1, config["train"]["threads"]))
+
+
+def folder_of(output_name):
+    """The folder an output file lies in: a stage's --out, derived from its outputs (not a second path)."""
+    return lambda wildcards, output: os.path.dirname(output[output_name])
+
+
+def model_folder(input_name):
+    """The model a job loads, from its input: a user's folder or weights file itself, or the folder
+    of the file a toy rule builds (the input is then `<folder>/config.json` or the like)."""
+    def folder(wildcards, input):
+        path = input[input_name]
+        return path if path in SCALE.user_inputs() else os.path.dirname(path)
+    return folder

@@ -1,34 +1,7 @@
 # Stage 7, evaluate: the benchmark files (toy world or real releases), then each run's checkpoint
 # on each benchmark through lmms-eval, under both protocols, with the shuffled-image control.
-import shlex
 
 EVAL = config["evaluate"]
-
-
-def eval_data_files():
-    files = [L.eval_data(b) for b in BENCHMARKS]
-    if EVAL["shuffled_control"]:
-        files += [L.eval_data(b, shuffled=True) for b in BENCHMARKS]
-    return files
-
-
-def training_streams():
-    """Toy-world streams a model trains on (name -> images): no benchmark image may equal one."""
-    streams = {s: config["sources"][s]["n_pairs"] for s in SCALE.generated}
-    if SCALE.has("train_clip"):
-        streams["clip_seed"] = config["filter"]["clip"]["train"]["n_pairs"]  # the toy tower's images
-    if SCALE.has("sft_data"):
-        streams["sft"] = config["sft_data"]["n_conversations"]
-    return streams
-
-
-def eval_data_command():
-    if SCALE.real_benchmarks is not None:
-        sources = " ".join(f"--source {b}={shlex.quote(SCALE.real_benchmarks[b])}" for b in BENCHMARKS)
-        return f"-m oqvl.evaluate.convert {sources}"
-    excludes = " ".join(f"--exclude {s}:{n}" for s, n in training_streams().items())
-    sizes = as_json({b: EVAL["toy_sizes"][b] for b in BENCHMARKS})
-    return f"-m oqvl.evaluate.toy --sizes {shlex.quote(sizes)} {world_args()} {excludes}"
 
 
 rule eval_data:
@@ -37,20 +10,20 @@ rule eval_data:
     input:
         [SCALE.real_benchmarks[b] for b in BENCHMARKS] if SCALE.real_benchmarks is not None else [],
     output:
-        eval_data_files(),
+        P.eval_data_files(),
         manifest=L.manifest("eval_data"),
     params:
-        command=eval_data_command(),
+        command=P.eval_data_command(world_args()),
         seed=config["seed"],
         control="" if EVAL["shuffled_control"] else "--no-control",
-        out=L.EVAL_DATA,
+        out=folder_of("manifest"),
     container: config["containers"]["model"]
     log:
         L.log("eval_data"),
     benchmark:
         L.benchmark("eval_data")
     shell:
-        "{PY} {params.command} --seed {params.seed} {params.control} --out {params.out} > {log} 2>&1"
+        "$PY {params.command} --seed {params.seed} {params.control} --out {params.out} > {log} 2>&1"
 
 
 rule evaluate:
@@ -67,8 +40,8 @@ rule evaluate:
     wildcard_constraints:
         benchmark=alternatives(BENCHMARKS),
     params:
-        checkpoint=lambda w: os.path.dirname(L.final_model(w.run, "sft")),
-        data_dir=L.EVAL_DATA,
+        checkpoint=lambda w, input: os.path.dirname(input.checkpoint),
+        data_dir=lambda w, input: os.path.dirname(input.data[0]),
         protocols=",".join(EVAL["protocols"]),
         control="" if EVAL["shuffled_control"] else "--no-control",
         batch_size=EVAL["batch_size"],
@@ -84,7 +57,7 @@ rule evaluate:
     benchmark:
         L.benchmark("evaluate")
     shell:
-        "{PY} -m oqvl.evaluate --checkpoint {params.checkpoint:q} --run {wildcards.run:q}"
+        "$PY -m oqvl.evaluate --checkpoint {params.checkpoint:q} --run {wildcards.run:q}"
         " --benchmark {wildcards.benchmark} --data-dir {params.data_dir} --protocols {params.protocols}"
         " {params.control} --batch-size {params.batch_size} {params.max_new_tokens}"
         " --device {params.device} --threads {threads} --out {output.rows:q} > {log} 2>&1"
@@ -103,4 +76,4 @@ rule run_results:
     benchmark:
         L.benchmark("run_results")
     shell:
-        "{PY} -m oqvl.evaluate.tidy {input:q} --out {output.csv:q} > {log} 2>&1"
+        "$PY -m oqvl.evaluate.tidy {input:q} --out {output.csv:q} > {log} 2>&1"

@@ -4,10 +4,6 @@
 CLIP = config["filter"]["clip"]
 
 
-def filter_spec(source):
-    return config["filter"]["sources"][source]
-
-
 if SCALE.has("train_clip"):
 
     rule train_clip:
@@ -20,7 +16,7 @@ if SCALE.has("train_clip"):
             train=CLIP["train"],
             seed=config["seed"],
             world=world_args(),
-            out=L.CLIP_MODEL,
+            out=folder_of("weights"),
         threads: 2
         container: config["containers"]["model"]
         log:
@@ -28,7 +24,7 @@ if SCALE.has("train_clip"):
         benchmark:
             L.benchmark("train_clip")
         shell:
-            "{PY} -m oqvl.filter.train_clip --out {params.out}"
+            "$PY -m oqvl.filter.train_clip --out {params.out}"
             " --n-pairs {params.train[n_pairs]} --steps {params.train[steps]}"
             " --batch-size {params.train[batch_size]} --lr {params.train[lr]} --seed {params.seed}"
             " --threads {threads} {params.world} > {log} 2>&1"
@@ -47,7 +43,7 @@ rule clip_score:
         manifest=L.manifest("clip_score"),
     params:
         model=CLIP["model"],
-        pretrained=SCALE.clip_weights,
+        pretrained=model_folder("weights"),
         batch_size=CLIP["batch_size"],
         expected=lambda w, input: json.load(open(input.accounting))["samples_in_shards"],
     threads: 2
@@ -59,55 +55,30 @@ rule clip_score:
     benchmark:
         L.benchmark("clip_score")
     shell:
-        "{PY} -m oqvl.filter.clip_score --shards {input.shards} --model {params.model}"
+        "$PY -m oqvl.filter.clip_score --shards {input.shards} --model {params.model}"
         " --pretrained {params.pretrained:q} --batch-size {params.batch_size} --threads {threads}"
         " --expected {params.expected} --out {output.scores} --failures {output.failures}"
         " --stats {output.stats} > {log} 2>&1"
 
 
-def keep_inputs(wildcards):
-    spec = filter_spec(wildcards.source)
-    if spec["method"] == "uid_list":
-        return {"uid_list": spec["uid_list"], "shards": L.shards(wildcards.source)}
-    return {"scores": L.clip_scores(wildcards.source), "failures": L.clip_failures(wildcards.source)}
-
-
-def keep_args(wildcards, input):
-    spec = filter_spec(wildcards.source)
-    if spec["method"] == "uid_list":
-        return f"--uid-list {input.uid_list} --shards {input.shards}"
-    rule_arg = f"--threshold {spec['threshold']}" if "threshold" in spec else f"--fraction {spec['fraction']}"
-    return f"--scores {input.scores} --failures {input.failures} {rule_arg}"
-
-
 rule keep:
     """The kept uids of a source under its configured filter."""
     input:
-        unpack(keep_inputs),
+        unpack(lambda w: P.keep_inputs(w.source)),
     output:
         kept=L.kept(),
         stats=L.kept_stats(),
         manifest=L.manifest("keep"),
     params:
-        spec=lambda w: filter_spec(w.source),
-        args=keep_args,
+        spec=lambda w: P.filter_spec(w.source),
+        args=lambda w, input: P.keep_args(w.source, input),
     container: config["containers"]["data"]
     log:
         L.log("keep"),
     benchmark:
         L.benchmark("keep")
     shell:
-        "{PY} -m oqvl.filter.keep {params.args} --out {output.kept} --stats {output.stats} > {log} 2>&1"
-
-
-def quality_entries():
-    """(source, filter name, scores or '-', kept set) of every filter to judge (toy sources)."""
-    out = [(s, filter_spec(s)["method"], L.clip_scores(s), L.kept(s)) for s in SCALE.generated]
-    mlm = config["filter"].get("mlm")
-    for s in (mlm["sources"] if mlm else []):
-        if s in SCALE.generated:
-            out += [(s, "mlm", L.mlm_scores(s), L.kept(s, "mlm")), (s, "union", "-", L.kept(s, "union"))]
-    return out
+        "$PY -m oqvl.filter.keep {params.args} --out {output.kept} --stats {output.stats} > {log} 2>&1"
 
 
 if SCALE.has("filter_quality"):
@@ -116,20 +87,20 @@ if SCALE.has("filter_quality"):
         """Toy scale: precision/recall of every filter against the truth tables, by corruption kind."""
         input:
             truth=[L.truth(s) for s in SCALE.generated],
-            scores=[e[2] for e in quality_entries() if e[2] != "-"],
-            kept=[e[3] for e in quality_entries()],
+            scores=[e[2] for e in P.quality_entries() if e[2] != "-"],
+            kept=[e[3] for e in P.quality_entries()],
         output:
             summary=f"{L.QUALITY}/summary.csv",
             by_kind=f"{L.QUALITY}/by_corruption.csv",
             report=f"{L.QUALITY}/report.md",
             manifest=L.manifest("filter_quality"),
         params:
-            entries=" ".join(f"--entry {s} {f} {L.truth(s)} {sc} {k}" for s, f, sc, k in quality_entries()),
-            out=L.QUALITY,
+            entries=" ".join(f"--entry {s} {f} {L.truth(s)} {sc} {k}" for s, f, sc, k in P.quality_entries()),
+            out=folder_of("summary"),
         container: config["containers"]["data"]
         log:
             L.log("filter_quality"),
         benchmark:
             L.benchmark("filter_quality")
         shell:
-            "{PY} -m oqvl.filter.quality {params.entries} --out {params.out} > {log} 2>&1"
+            "$PY -m oqvl.filter.quality {params.entries} --out {params.out} > {log} 2>&1"

@@ -1,15 +1,9 @@
 # Stage 3, mixture: the kept pairs of the listed sources, resharded together.
 
 
-def mixture_parts(wildcards):
-    mix = config["mixtures"][wildcards.mixture]
-    return {"shards": [L.shards(s) for s in mix["sources"]],
-            "kept": [L.kept(s, mix["kept"].get(s, "filter")) for s in mix["sources"]]}
-
-
 rule mixture:
     input:
-        unpack(mixture_parts),
+        unpack(lambda w: P.mixture_parts(w.mixture)),
     output:
         shards=directory(L.mixture_shards()),
         manifest=L.manifest("mixture"),
@@ -20,12 +14,12 @@ rule mixture:
             f"--part {s} {sh} {k}" for s, sh, k in
             zip(config["mixtures"][w.mixture]["sources"], input.shards, input.kept)),
         per_shard=lambda w: config["mixtures"][w.mixture]["samples_per_shard"],
-        out=lambda w: L.mixture_dir(w.mixture),
+        out=folder_of("manifest"),
     container: config["containers"]["data"]
     log:
         L.log("mixture"),
     benchmark:
         L.benchmark("mixture")
     shell:
-        "{PY} -m oqvl.mixture {params.parts} --out {params.out:q}"
+        "$PY -m oqvl.mixture {params.parts} --out {params.out:q}"
         " --samples-per-shard {params.per_shard} > {log} 2>&1"

@@ -22,19 +22,19 @@ if SCALE.has("mlm_filter_seed"):
         params:
             n=MLM["train"]["n_pairs"],
             metric=MLM["metric"],
-            tokenizer=SCALE.tokenizer,
+            tokenizer=model_folder("tokenizer"),
             visual=MLM["visual_tokens"],
             seed=config["seed"],
             world=world_args(),
-            out=L.MLM_MODEL,
-            clip=L.CLIP_MODEL,
+            out=folder_of("seed"),
+            clip=lambda w, input: os.path.dirname(input.clip),
         container: config["containers"]["model"]
         log:
             L.log("mlm_filter_seed"),
         benchmark:
             L.benchmark("mlm_filter_seed")
         shell:
-            "{PY} -m oqvl.filter.mlm_filter seed --out {params.out} --n {params.n} --metric {params.metric}"
+            "$PY -m oqvl.filter.mlm_filter seed --out {params.out} --n {params.n} --metric {params.metric}"
             " --vision-weights {params.clip} --tokenizer {params.tokenizer:q} --visual-tokens {params.visual}"
             " --seed {params.seed} {params.world} > {log} 2>&1"
 
@@ -45,14 +45,15 @@ if SCALE.has("train_mlm_filter"):
         input:
             seed=f"{L.MLM_MODEL}/seed.parquet",
             init=f"{L.MLM_MODEL}/init/config.json",
+            tokenizer=SCALE.tokenizer_input(),
         output:
             model=f"{SCALE.mlm_model}/config.json",
             summary=f"{L.MLM_MODEL}/train/summary.json",
             manifest=L.manifest("train_mlm_filter"),
         params:
-            out=f"{L.MLM_MODEL}/train",
-            init=f"{L.MLM_MODEL}/init",
-            tokenizer=SCALE.tokenizer,
+            out=folder_of("summary"),
+            init=lambda w, input: os.path.dirname(input.init),
+            tokenizer=model_folder("tokenizer"),
             train=MLM["train"],
             micro=MLM["train"]["global_batch"] // config["train"]["nproc"],
             threads=config["train"]["threads"],
@@ -95,7 +96,7 @@ if SCALE.mlm == "import":
         benchmark:
             L.benchmark("mlm_import")
         shell:
-            "{PY} -m oqvl.filter.mlm_filter import --scores-dir {input:q} --metric {params.metric}"
+            "$PY -m oqvl.filter.mlm_filter import --scores-dir {input:q} --metric {params.metric}"
             " --out {output.scores} --failures {output.failures} --stats {output.stats} > {log} 2>&1"
 
 if SCALE.mlm in ("train", "model"):
@@ -114,7 +115,7 @@ if SCALE.mlm in ("train", "model"):
         wildcard_constraints:
             source=alternatives(MLM_SOURCES),
         params:
-            model=SCALE.mlm_model,
+            model=lambda w, input: os.path.dirname(input.model),
             spec=MLM,
             expected=lambda w, input: json.load(open(input.accounting))["samples_in_shards"],
         threads: 2
@@ -126,7 +127,7 @@ if SCALE.mlm in ("train", "model"):
         benchmark:
             L.benchmark("mlm_score")
         shell:
-            "{PY} -m oqvl.filter.mlm_filter score --shards {input.shards} --model {params.model:q}"
+            "$PY -m oqvl.filter.mlm_filter score --shards {input.shards} --model {params.model:q}"
             " --metric {params.spec[metric]} --batch-size {params.spec[batch_size]}"
             " --max-new-tokens {params.spec[max_new_tokens]} --chunk {params.spec[chunk]}"
             " --threads {threads} --expected {params.expected} --out {output.scores}"
@@ -152,7 +153,7 @@ if MLM:
         benchmark:
             L.benchmark("keep_mlm")
         shell:
-            "{PY} -m oqvl.filter.keep --scores {input.scores} --failures {input.failures}"
+            "$PY -m oqvl.filter.keep --scores {input.scores} --failures {input.failures}"
             " --threshold {params.threshold} --out {output.kept} --stats {output.stats} > {log} 2>&1"
 
     rule keep_union:
@@ -170,4 +171,4 @@ if MLM:
         benchmark:
             L.benchmark("keep_union")
         shell:
-            "{PY} -m oqvl.filter.keep --union {input.a} {input.b} --out {output.kept} --stats {output.stats} > {log} 2>&1"
+            "$PY -m oqvl.filter.keep --union {input.a} {input.b} --out {output.kept} --stats {output.stats} > {log} 2>&1"

@@ -10,14 +10,14 @@ if SCALE.has("tokenizer"):
             manifest=L.manifest("tokenizer"),
         params:
             vocab_size=config["model"]["tokenizer"]["vocab_size"],
-            out=L.TOKENIZER,
+            out=folder_of("manifest"),
         container: config["containers"]["model"]
         log:
             L.log("tokenizer"),
         benchmark:
             L.benchmark("tokenizer")
         shell:
-            "{PY} -m oqvl.model.tokenizer --out {params.out} --vocab-size {params.vocab_size} > {log} 2>&1"
+            "$PY -m oqvl.model.tokenizer --out {params.out} --vocab-size {params.vocab_size} > {log} 2>&1"
 
 
 rule pack:
@@ -30,12 +30,12 @@ rule pack:
         stats=L.packed_stats(),
         manifest=L.manifest("pack"),
     params:
-        tokenizer=SCALE.tokenizer,
+        tokenizer=model_folder("tokenizer"),
         visual_tokens=config["model"]["visual_tokens_pretrain"],
         context_len=config["pack"]["context_len"],
         scope=config["pack"]["scope"],
         too_long=config["pack"]["too_long"],
-        out=lambda w: L.packed_dir(w.mixture),
+        out=folder_of("stats"),
     resources:
         mem_mb=8000,
     container: config["containers"]["model"]
@@ -44,6 +44,6 @@ rule pack:
     benchmark:
         L.benchmark("pack")
     shell:
-        "{PY} -m oqvl.pack --shards {input.shards} --tokenizer {params.tokenizer:q}"
+        "$PY -m oqvl.pack --shards {input.shards} --tokenizer {params.tokenizer:q}"
         " --visual-tokens {params.visual_tokens} --context-len {params.context_len}"
         " --scope {params.scope} --too-long {params.too_long} --out {params.out:q} > {log} 2>&1"

@@ -17,14 +17,14 @@ if SCALE.has("generate_pairs"):
             rates=lambda w: as_json(config["sources"][w.source]["corruption"]),
             seed=config["seed"],
             world=world_args(),
-            out=lambda w: L.raw_dir(w.source),
+            out=folder_of("pairs"),
         container: config["containers"]["data"]
         log:
             L.log("generate_pairs"),
         benchmark:
             L.benchmark("generate_pairs")
         shell:
-            "{PY} -m oqvl.raw.generate --source {wildcards.source} --n-pairs {params.n_pairs}"
+            "$PY -m oqvl.raw.generate --source {wildcards.source} --n-pairs {params.n_pairs}"
             " --rates {params.rates:q} --seed {params.seed} {params.world} --out {params.out:q} > {log} 2>&1"
 
 
@@ -47,7 +47,7 @@ rule import_pairs:
     benchmark:
         L.benchmark("import_pairs")
     shell:
-        "{PY} -m oqvl.raw.import_pairs --source {wildcards.source} --pair-list {input:q}"
+        "$PY -m oqvl.raw.import_pairs --source {wildcards.source} --pair-list {input:q}"
         " --url-col {params.url_col:q} --caption-col {params.caption_col:q}"
         " --uid-col {params.uid_col:q} --out {output.pairs:q} > {log} 2>&1"
 
@@ -71,5 +71,5 @@ rule download:
     benchmark:
         L.benchmark("download")
     shell:
-        "{PY} -m oqvl.raw.download --pairs {input:q} --out {output.shards:q}"
+        "$PY -m oqvl.raw.download --pairs {input:q} --out {output.shards:q}"
         " --options {params.options:q} --accounting {output.accounting:q} > {log} 2>&1"

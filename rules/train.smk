@@ -6,22 +6,6 @@ TRAIN = config["train"]
 SFT_DATA = config["sft_data"]
 
 
-def run_mixture(wildcards):
-    return config["runs"][wildcards.run]["mixture"]
-
-
-def run_train_flags(run):
-    """Train switches of a run: the train section, overridden by the run's own entry."""
-    spec = {k: TRAIN[k] for k in ("freeze_vision", "doc_isolation", "grad_checkpointing")}
-    spec.update({k: v for k, v in config["runs"][run].items() if k != "mixture"})
-    return " ".join(f"--{'' if on else 'no-'}{k.replace('_', '-')}" for k, on in spec.items())
-
-
-def optim_flags(stage):
-    return " ".join(f"--{k.replace('_', '-')} {v}" for k, v in TRAIN[stage].items()
-                    if not (stage == "pretrain" and k == "max_len"))
-
-
 if SCALE.has("sft_data"):
 
     rule sft_data:
@@ -42,7 +26,7 @@ if SCALE.has("sft_data"):
         benchmark:
             L.benchmark("sft_data")
         shell:
-            "{PY} -m oqvl.train.sft_data --out {output.data} --n {params.n} --turns {params.turns}"
+            "$PY -m oqvl.train.sft_data --out {output.data} --n {params.n} --turns {params.turns}"
             " --seed {params.seed} {params.world}"
             " --caption-share {params.mix[caption_share]} --lookup-share {params.mix[lookup_share]}"
             " {params.weights} > {log} 2>&1"
@@ -50,8 +34,8 @@ if SCALE.has("sft_data"):
 
 rule pretrain:
     input:
-        packed=lambda w: L.packed_sequences(run_mixture(w)),
-        shards=lambda w: L.mixture_shards(run_mixture(w)),
+        packed=lambda w: L.packed_sequences(P.run_mixture(w.run)),
+        shards=lambda w: L.mixture_shards(P.run_mixture(w.run)),
         tokenizer=SCALE.tokenizer_input(),
         vision=SCALE.vision_input(),
         lm=[SCALE.lm_path] if SCALE.lm_path else [],
@@ -61,16 +45,16 @@ rule pretrain:
         summary=L.train_summary(stage="pretrain"),
         manifest=L.manifest("pretrain"),
     params:
-        out=lambda w: L.train_dir(w.run, "pretrain"),
-        packed=lambda w: L.packed_dir(run_mixture(w)),
-        tokenizer=SCALE.tokenizer,
+        out=folder_of("summary"),
+        packed=lambda w, input: os.path.dirname(input.packed),
+        tokenizer=model_folder("tokenizer"),
         preset=SCALE.preset_name,
-        vision=SCALE.vision_weights,
+        vision=model_folder("vision"),
         lm=f"--lm-path {SCALE.lm_path}" if SCALE.lm_path else "",
         visual=f"--visual-tokens-pretrain {config['model']['visual_tokens_pretrain']}"
                f" --visual-tokens-sft {config['model']['visual_tokens_sft']}",
-        switches=lambda w: run_train_flags(w.run),
-        optim=optim_flags("pretrain"),
+        switches=lambda w: P.train_flags(w.run),
+        optim=P.optim_flags("pretrain"),
         threads=TRAIN["threads"],
         seed=config["seed"],
         launch=train_launch(),
@@ -93,17 +77,18 @@ rule sft:
     input:
         pretrained=L.final_model(stage="pretrain"),
         data=SCALE.sft_data,
+        tokenizer=SCALE.tokenizer_input(),
     output:
         model=L.final_model(stage="sft"),
         summary=L.train_summary(stage="sft"),
         manifest=L.manifest("sft"),
     params:
-        out=lambda w: L.train_dir(w.run, "sft"),
-        init=lambda w: os.path.dirname(L.final_model(w.run, "pretrain")),
-        tokenizer=SCALE.tokenizer,
+        out=folder_of("summary"),
+        init=lambda w, input: os.path.dirname(input.pretrained),
+        tokenizer=model_folder("tokenizer"),
         image_root=f"--image-root {SCALE.sft_image_root}" if SCALE.sft_image_root else "",
-        switches=lambda w: run_train_flags(w.run),
-        optim=optim_flags("sft"),
+        switches=lambda w: P.train_flags(w.run),
+        optim=P.optim_flags("sft"),
         threads=TRAIN["threads"],
         seed=config["seed"],
         launch=train_launch(),

@@ -1,6 +1,8 @@
 """The workflow end to end on the CI subset config, in a scratch directory."""
 
 import json
+import subprocess
+import sys
 
 import pandas as pd
 import pytest
@@ -137,3 +139,14 @@ def test_ci_config_end_to_end(tmp_path):
     # A second run has nothing to do: outputs are complete and up to date.
     proc = snakemake(tmp_path, "-n", "results/table4.csv", *packed, configfile=CI_CONFIG)
     assert "Nothing to be done" in proc.stdout + proc.stderr
+
+
+@pytest.mark.parametrize("config", ["default.yaml", "full.yaml"])
+def test_snakemake_lint_is_clean(tmp_path, config):
+    # Toy scale in the checkout itself; paper scale (its own rules) with the downloads in place.
+    cmd = [sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"), "--lint"]
+    if config == "full.yaml":
+        cmd += ["--configfile", str(paper_downloads(tmp_path))]
+    proc = subprocess.run(cmd, cwd=REPO if config == "default.yaml" else tmp_path, capture_output=True, text=True)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0 and "Congratulations, your workflow is in a good condition!" in out, out[-3000:]

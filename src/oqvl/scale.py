@@ -69,6 +69,11 @@ class Scale:
         """`[path]` when `rule` builds it here, else `[]`: an input only where the DAG makes it."""
         return [path] if self.has(rule) else []
 
+    def user_inputs(self) -> set[str]:
+        """The model paths this config takes from the user (not toy-built)."""
+        built = {layout.CLIP_MODEL, layout.TOKENIZER}
+        return {p for p in (self.clip_weights, self.vision_weights, self.tokenizer) if p not in built}
+
     # Inputs a job reads, each either built by a toy rule or given by the user (so a missing
     # download stops the DAG before the job, naming the file).
     def tokenizer_input(self) -> str:

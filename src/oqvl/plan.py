@@ -1,0 +1,200 @@
+"""What each rule reads and passes, derived from the config: the rules' input functions and flags.
+
+The rules (rules/*.smk) stay declarations; the decisions behind their inputs live here, in plain
+Python that tests can call: which kept set a mixture reads, which flags a run trains with, which
+jobs a run's results rest on (what the report declares as its inputs), and what a table reads
+of each run. Paths are oqvl.layout's; what exists at this scale is oqvl.scale's.
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+from dataclasses import dataclass
+
+from . import layout as L
+from .scale import Scale
+
+Job = tuple[str, dict]  # (rule, wildcards)
+TRAIN_SWITCHES = ("freeze_vision", "doc_isolation", "grad_checkpointing")
+
+
+def as_json(obj) -> str:
+    """A config fragment as one compact JSON string for a command line (quote with :q)."""
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"))
+
+
+@dataclass(frozen=True)
+class Plan:
+    config: dict
+    scale: Scale
+
+    @property
+    def benchmarks(self) -> list[str]:
+        return self.config["evaluate"]["benchmarks"]
+
+    # ------------------------------------------------------------------------------ filter
+    def filter_spec(self, source: str) -> dict:
+        return self.config["filter"]["sources"][source]
+
+    def keep_inputs(self, source: str) -> dict:
+        """A keep job's inputs: the released uid list (and the shards it selects from), or the scores."""
+        spec = self.filter_spec(source)
+        if spec["method"] == "uid_list":
+            return {"uid_list": spec["uid_list"], "shards": L.shards(source)}
+        return {"scores": L.clip_scores(source), "failures": L.clip_failures(source)}
+
+    def keep_args(self, source: str, input) -> str:
+        spec = self.filter_spec(source)
+        if spec["method"] == "uid_list":
+            return f"--uid-list {input.uid_list} --shards {input.shards}"
+        rule = f"--threshold {spec['threshold']}" if "threshold" in spec else f"--fraction {spec['fraction']}"
+        return f"--scores {input.scores} --failures {input.failures} {rule}"
+
+    def quality_entries(self) -> list[tuple[str, str, str, str]]:
+        """(source, filter name, scores or '-', kept set) of every filter to judge (toy sources)."""
+        out = [(s, self.filter_spec(s)["method"], L.clip_scores(s), L.kept(s)) for s in self.scale.generated]
+        mlm = self.config["filter"].get("mlm")
+        for s in (mlm["sources"] if mlm else []):
+            if s in self.scale.generated:
+                out += [(s, "mlm", L.mlm_scores(s), L.kept(s, "mlm")), (s, "union", "-", L.kept(s, "union"))]
+        return out
+
+    # ----------------------------------------------------------------------------- mixture
+    def mixture_kept(self, mixture: str) -> list[tuple[str, str]]:
+        """(source, kept set) of each source of a mixture: its own filter's unless the mixture says."""
+        mix = self.config["mixtures"][mixture]
+        return [(s, mix["kept"].get(s, "filter")) for s in mix["sources"]]
+
+    def mixture_parts(self, mixture: str) -> dict:
+        parts = self.mixture_kept(mixture)
+        return {"shards": [L.shards(s) for s, _ in parts], "kept": [L.kept(s, k) for s, k in parts]}
+
+    # ------------------------------------------------------------------------------- train
+    def run_mixture(self, run: str) -> str:
+        return self.config["runs"][run]["mixture"]
+
+    def train_flags(self, run: str) -> str:
+        """Train switches of a run: the train section, overridden by the run's own entry."""
+        train = self.config["train"]
+        spec = {k: train[k] for k in TRAIN_SWITCHES}
+        spec.update({k: v for k, v in self.config["runs"][run].items() if k != "mixture"})
+        return " ".join(f"--{'' if on else 'no-'}{k.replace('_', '-')}" for k, on in spec.items())
+
+    def optim_flags(self, stage: str) -> str:
+        return " ".join(f"--{k.replace('_', '-')} {v}" for k, v in self.config["train"][stage].items()
+                        if not (stage == "pretrain" and k == "max_len"))
+
+    # ---------------------------------------------------------------------------- evaluate
+    def eval_data_files(self) -> list[str]:
+        files = [L.eval_data(b) for b in self.benchmarks]
+        if self.config["evaluate"]["shuffled_control"]:
+            files += [L.eval_data(b, shuffled=True) for b in self.benchmarks]
+        return files
+
+    def training_streams(self) -> dict[str, int]:
+        """Toy-world streams a model trains on (name -> images): no benchmark image may equal one."""
+        streams = {s: self.config["sources"][s]["n_pairs"] for s in self.scale.generated}
+        if self.scale.has("train_clip"):
+            streams["clip_seed"] = self.config["filter"]["clip"]["train"]["n_pairs"]  # the toy tower's images
+        if self.scale.has("sft_data"):
+            streams["sft"] = self.config["sft_data"]["n_conversations"]
+        return streams
+
+    def eval_data_command(self, world_args: str) -> str:
+        """The module that writes the benchmark files: toy benchmarks, or the releases converted."""
+        if self.scale.real_benchmarks is not None:
+            sources = " ".join(f"--source {b}={shlex.quote(self.scale.real_benchmarks[b])}" for b in self.benchmarks)
+            return f"-m oqvl.evaluate.convert {sources}"
+        excludes = " ".join(f"--exclude {s}:{n}" for s, n in self.training_streams().items())
+        sizes = as_json({b: self.config["evaluate"]["toy_sizes"][b] for b in self.benchmarks})
+        return f"-m oqvl.evaluate.toy --sizes {shlex.quote(sizes)} {world_args} {excludes}"
+
+    # ------------------------------------------------------------------------------ report
+    def source_jobs(self, source: str, kept: str) -> list[Job]:
+        """The jobs behind one source's kept set (`filter`, `mlm` or `union`)."""
+        wc = {"source": source}
+        jobs = [("generate_pairs" if source in self.scale.generated else "import_pairs", wc), ("download", wc)]
+        if self.filter_spec(source)["method"] == "clip":
+            jobs.append(("clip_score", wc))
+        jobs.append(("keep", wc))
+        if kept in ("mlm", "union"):
+            jobs += [("mlm_import" if self.scale.mlm == "import" else "mlm_score", wc), ("keep_mlm", wc)]
+        if kept == "union":
+            jobs.append(("keep_union", wc))
+        return jobs
+
+    def toy_jobs(self, *rules: str) -> list[Job]:
+        return [(r, {}) for r in rules if self.scale.has(r)]
+
+    def run_jobs(self, run: str) -> list[Job]:
+        """Every job one run's results rest on, from the raw pairs to its evaluations."""
+        mixture = self.run_mixture(run)
+        jobs = [j for s, k in self.mixture_kept(mixture) for j in self.source_jobs(s, k)]
+        if any(r == "mlm_score" for r, _ in jobs):
+            jobs += self.toy_jobs("mlm_filter_seed", "train_mlm_filter")
+        jobs += self.toy_jobs("train_clip", "tokenizer", "sft_data")
+        jobs += [("mixture", {"mixture": mixture}), ("pack", {"mixture": mixture}),
+                 ("pretrain", {"run": run}), ("sft", {"run": run}), ("eval_data", {})]
+        jobs += [("evaluate", {"run": run, "benchmark": b}) for b in self.benchmarks]
+        return _unique(jobs)
+
+    def all_jobs(self) -> list[Job]:
+        """Every accounted job: the configured runs', every packed mixture, (toy) the filter report."""
+        jobs = [j for run in self.config["runs"] for j in self.run_jobs(run)]
+        for m in self.config["mixtures"]:
+            jobs += [("mixture", {"mixture": m}), ("pack", {"mixture": m})]
+        return _unique(jobs + self.toy_jobs("filter_quality"))
+
+    def run_record(self, run: str) -> dict:
+        """What a table reads of one run: its evaluation rows, its pretraining (summary and job), and
+        the manifests its rows' provenance lists."""
+        mixture = self.run_mixture(run)
+        return {
+            "mixture": mixture,
+            "evals": [L.eval_rows(run, b) for b in self.benchmarks],
+            "pretrain_summary": L.train_summary(run, "pretrain"),
+            "pretrain_job": job_files(("pretrain", {"run": run})),
+            "manifests": [L.manifest(r, **wc) for r, wc in
+                          [("mixture", {"mixture": mixture}), ("pack", {"mixture": mixture}),
+                           ("pretrain", {"run": run}), ("sft", {"run": run}),
+                           *[("evaluate", {"run": run, "benchmark": b}) for b in self.benchmarks]]],
+        }
+
+    def compute_inputs(self) -> dict:
+        """What the accounting reads: every job's benchmark file and manifest; each run's pretraining
+        summary and its mixture's packed stats (the projection)."""
+        return {"jobs": [job_files(j) for j in self.all_jobs()],
+                "pretrain": {run: {"summary": L.train_summary(run, "pretrain"),
+                                   "packed_stats": L.packed_stats(self.run_mixture(run))}
+                             for run in self.config["runs"]}}
+
+    def report_config(self) -> dict:
+        """The config keys the report reads (the params show what the rule depends on)."""
+        return {k: self.config.get(k) for k in ("scale", "model", "mixtures", "runs", "table4_run", "report")}
+
+
+def job_files(job: Job) -> list[str]:
+    """[benchmark file, manifest] of a job: what the accounting reads of it."""
+    rule, wc = job
+    return [L.benchmark(rule, **wc), L.manifest(rule, **wc)]
+
+
+def record_files(record: dict) -> list[str]:
+    """Every file a run record names (a table rule's inputs)."""
+    return [*record["evals"], record["pretrain_summary"], *record["pretrain_job"], *record["manifests"]]
+
+
+def compute_files(inputs: dict) -> list[str]:
+    return [*(f for pair in inputs["jobs"] for f in pair),
+            *(f for p in inputs["pretrain"].values() for f in p.values())]
+
+
+def _unique(jobs: list[Job]) -> list[Job]:
+    seen, out = set(), []
+    for rule, wc in jobs:
+        key = (rule, tuple(sorted(wc.items())))
+        if key not in seen:
+            seen.add(key)
+            out.append((rule, wc))
+    return out
