@@ -33,6 +33,26 @@ def repo() -> Path:
     return REPO
 
 
+CI_CONFIG = REPO / "config" / "ci.yaml"
+
+
+def ci_targets() -> list[str]:
+    """What the CI run builds: table 4 (and the summary), every packed mixture, the filter report."""
+    import yaml
+
+    mixtures = yaml.safe_load(CI_CONFIG.read_text())["mixtures"]
+    return ["results/table4.csv", *(f"results/packed/{m}/stats.json" for m in mixtures),
+            "results/filter/quality/report.md"]
+
+
+@pytest.fixture(scope="session")
+def ci_run(tmp_path_factory) -> Path:
+    """The workflow on config/ci.yaml, run once per session in a scratch directory (its root)."""
+    root = tmp_path_factory.mktemp("ci_run")
+    snakemake(root, *ci_targets(), configfile=CI_CONFIG)
+    return root
+
+
 def raw_toy_source(out: Path, source: str, n_pairs: int, seed: int, rates: dict | None = None,
                    samples_per_shard: int = 20) -> Path:
     """A real raw toy source: pairs generated, then downloaded by img2dataset into shards under out."""

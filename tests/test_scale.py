@@ -127,3 +127,17 @@ def test_no_rule_decides_the_scale_by_testing_a_path():
     # The rules ask oqvl.scale; a `... is None` test in a rule file would decide the scale again.
     for path in [REPO / "Snakefile", *sorted((REPO / "rules").glob("*.smk"))]:
         assert " is None" not in path.read_text(), path
+
+
+def test_the_toy_worlds_defaults_are_the_schemas():
+    from oqvl.world.source import WorldConfig
+
+    schema = yaml.safe_load((REPO / "schemas" / "config.schema.yaml").read_text())["properties"]["world"]["properties"]
+    assert {k: v["default"] for k, v in schema.items()} == WorldConfig().__dict__
+
+
+def test_the_benchmark_list_is_the_schemas():
+    from oqvl.evaluate import BENCHMARKS
+
+    schema = yaml.safe_load((REPO / "schemas" / "config.schema.yaml").read_text())["properties"]["evaluate"]["properties"]
+    assert tuple(schema["benchmarks"]["items"]["enum"]) == tuple(schema["benchmarks"]["default"]) == BENCHMARKS

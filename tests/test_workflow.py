@@ -7,9 +7,7 @@ import sys
 import pandas as pd
 import pytest
 
-from conftest import REPO, snakemake
-
-CI_CONFIG = REPO / "config" / "ci.yaml"
+from conftest import CI_CONFIG, REPO, ci_targets, snakemake
 
 
 def test_dry_run_plans_every_stage(tmp_path):
@@ -77,12 +75,9 @@ def test_paper_config_trains_on_8_processes_from_the_released_models(tmp_path):
 
 
 @pytest.mark.slow
-def test_ci_config_end_to_end(tmp_path):
-    cfg = json.loads(json.dumps(__import__("yaml").safe_load(CI_CONFIG.read_text())))
-    packed = [f"results/packed/{name}/stats.json" for name in cfg["mixtures"]] + [
-        "results/filter/quality/report.md"]
-    snakemake(tmp_path, "results/table4.csv", *packed, configfile=CI_CONFIG)
-    results = tmp_path / "results"
+def test_ci_config_end_to_end(ci_run):
+    cfg = __import__("yaml").safe_load(CI_CONFIG.read_text())
+    results = ci_run / "results"
     for source, scfg in cfg["sources"].items():
         acc = json.loads((results / "raw" / source / "accounting.json").read_text())
         assert acc["pairs_in"] == scfg["n_pairs"]
@@ -136,8 +131,17 @@ def test_ci_config_end_to_end(tmp_path):
     assert (table.loc[table["row"] == "Open-Qwen2VL-2B", "MMBench"] == 80.9).all()
     toy = table[table["scale"] == "toy"]
     assert set(toy["protocol"]) == {"paper", "lmms"} and toy["MMBench"].notna().all()
+    # The summary of the run: its scores, every job of its chain, provenance.
+    summary = (results / "summary.md").read_text()
+    assert summary.startswith(f"# Summary: `{cfg['table4_run']}` at toy scale")
+    assert "| paper |" in summary and "| lmms |" in summary and "pretrain[run=ccs+datacomp]" in summary
+    # Every job's manifest says what it did; the accounting reads it.
+    pack = json.loads((results / "packed" / "ccs+datacomp" / "manifest.json").read_text())
+    packed = json.loads((results / "packed" / "ccs+datacomp" / "stats.json").read_text())
+    assert pack["work"]["unit"] == "documents" and pack["work"]["amount"] == packed["documents_packed"]
+    assert pack["config"]["context_len"] == 512 and "torch" in pack["versions"]
     # A second run has nothing to do: outputs are complete and up to date.
-    proc = snakemake(tmp_path, "-n", "results/table4.csv", *packed, configfile=CI_CONFIG)
+    proc = snakemake(ci_run, "-n", *ci_targets(), configfile=CI_CONFIG)
     assert "Nothing to be done" in proc.stdout + proc.stderr
 
 

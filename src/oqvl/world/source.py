@@ -24,9 +24,22 @@ def stream_rng(seed: int, stream: str, *ids: int) -> np.random.Generator:
 
 @dataclass(frozen=True)
 class WorldConfig:
+    """The toy world's generator settings; the defaults are config `world:`'s (the schema's)."""
     image_size: int = 64
     max_objects: int = 3
     glyph_prob: float = 0.25
+
+    @staticmethod
+    def add_args(ap) -> None:
+        """The world's command-line flags, as every toy stage takes them (rules pass config `world:`)."""
+        d = WorldConfig()
+        ap.add_argument("--image-size", type=int, default=d.image_size, help="side of the square images (px)")
+        ap.add_argument("--max-objects", type=int, default=d.max_objects, help="most shapes in one image")
+        ap.add_argument("--glyph-prob", type=float, default=d.glyph_prob, help="chance of a rendered letter or digit")
+
+    @classmethod
+    def from_args(cls, args) -> "WorldConfig":
+        return cls(args.image_size, args.max_objects, args.glyph_prob)
 
 
 @dataclass
