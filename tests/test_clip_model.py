@@ -109,6 +109,9 @@ def test_short_training_run_writes_a_loadable_checkpoint(trained):
     assert meta["train_args"]["steps"] == 3 and np.isfinite(meta["final_loss"])
     log = [json.loads(line) for line in (trained / "train_log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log] == [0, 1, 2]
+    manifest = json.loads((trained / "manifest.json").read_text())
+    assert manifest["stage"] == "train_clip" and manifest["work"] == {"amount": 3.0 * 16, "unit": "pairs"}
+    assert manifest["counts"]["final_loss"] == meta["final_loss"]
     model, preprocess, tokenizer = load_clip(str(trained), None)
     images, captions = toy_pairs(4)
     assert np.isfinite(score_pairs(model, preprocess, tokenizer, images, captions)).all()

@@ -2,15 +2,19 @@
 
 import io
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
+import open_clip
 import pandas as pd
 import pytest
+import torch
 from PIL import Image
 
 from oqvl.filter import clip_score, keep, quality, train_clip
-from oqvl.filter.clip_model import TOY_MODEL
+from oqvl.filter.clip_model import TOY_MODEL, save_checkpoint
+from oqvl.io import weights_identity
 from oqvl.raw import download, generate
 from oqvl.shards import ShardSink, iter_samples, sample_meta, shard_paths
 
@@ -46,7 +50,7 @@ def ckpt(tmp_path_factory):
 
 
 def parts_of(out_dir: Path, ckpt) -> Path:
-    return clip_score.parts_dir(out_dir / "scores.parquet", TOY_MODEL, str(ckpt))
+    return clip_score.parts_dir(out_dir / "scores.parquet", clip_score.weights_key(TOY_MODEL, str(ckpt)))
 
 
 def run_scoring(raw, ckpt, out_dir: Path, batch_size=16):
@@ -171,6 +175,9 @@ def test_uid_list_keeps_the_listed_uids_in_the_shards(raw, tmp_path):
         s = json.loads(stats.read_text())
         assert s == {"method": "uid_list", "pairs_in": len(in_shards), "kept": len(expected),
                      "rejected": len(in_shards) - len(expected), "failed": 0}
+        manifest = json.loads(out.with_name(out.stem + ".manifest.json").read_text())
+        assert manifest["work"] == {"amount": float(len(in_shards)), "unit": "pairs"}
+        assert list(manifest["inputs"]) == [str(path)]
 
 
 def test_uid_list_of_datacomp_pairs_end_to_end(tmp_path):
@@ -273,7 +280,7 @@ def test_half_written_part_is_redone(raw, ckpt, scored, tmp_path, monkeypatch):
     parts = parts_of(tmp_path, ckpt)
     parts.mkdir(parents=True)
     failures.iloc[:0].to_parquet(parts / "00000.failed.parquet", index=False)  # wrong on purpose
-    (parts / "00000.scores.tmp").write_bytes(b"partial")
+    (parts / "00000.scores.parquet.tmp").write_bytes(b"partial")
     calls = []
     real = clip_score.score_shard
     monkeypatch.setattr(clip_score, "score_shard",
@@ -281,11 +288,68 @@ def test_half_written_part_is_redone(raw, ckpt, scored, tmp_path, monkeypatch):
     _, resumed, resumed_f = run_scoring(raw, ckpt, tmp_path)
     assert calls == [p.name for p in paths]
     # Parts scored with other weights are never reused.
-    other = clip_score.parts_dir(tmp_path / "scores.parquet", TOY_MODEL, "other-weights")
+    other = clip_score.parts_dir(tmp_path / "scores.parquet", clip_score.weights_key(TOY_MODEL, "other-weights"))
     assert other != parts
     pd.testing.assert_frame_equal(resumed, scores)
     pd.testing.assert_frame_equal(resumed_f, failures)
     assert not parts.exists()
+
+
+def test_weights_retrained_under_the_same_path_start_over(raw, ckpt, scored, tmp_path, monkeypatch):
+    # A crash leaves the first shard's scores; the model is then retrained under the same path.
+    weights = tmp_path / "clip_model"
+    shutil.copytree(ckpt, weights)
+    paths = shard_paths(raw / "shards")
+    real = clip_score.score_shard
+
+    def crash_on_second(path, *args, **kw):
+        if Path(path) == paths[1]:
+            raise RuntimeError("simulated crash")
+        return real(path, *args, **kw)
+
+    monkeypatch.setattr(clip_score, "score_shard", crash_on_second)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        run_scoring(raw, weights, tmp_path / "a")
+    stale = parts_of(tmp_path / "a", weights)
+    assert (stale / "00000.scores.parquet").exists()
+
+    torch.manual_seed(1)
+    save_checkpoint(open_clip.create_model(TOY_MODEL), weights, {"model_name": TOY_MODEL})
+    assert parts_of(tmp_path / "a", weights) != stale
+    calls = []
+    monkeypatch.setattr(clip_score, "score_shard",
+                        lambda path, *a, **k: calls.append(Path(path).name) or real(path, *a, **k))
+    _, scores, failures = run_scoring(raw, weights, tmp_path / "a")
+    assert calls == [p.name for p in paths]  # the first shard too: its old part is not reused
+    _, fresh, fresh_f = run_scoring(raw, weights, tmp_path / "b")
+    pd.testing.assert_frame_equal(scores, fresh)
+    pd.testing.assert_frame_equal(failures, fresh_f)
+    old = scored[1]
+    assert scores["config_hash"].iloc[0] != old["config_hash"].iloc[0]
+    assert not np.allclose(scores["score"], old["score"], atol=1e-3)
+
+
+def test_clip_score_cli_writes_stats_and_its_manifest(raw, ckpt, scored, tmp_path):
+    stats, scores, failures = scored
+    out = tmp_path / "clip_scores.parquet"
+    clip_score.main(["--shards", str(raw / "shards"), "--model", TOY_MODEL, "--pretrained", str(ckpt),
+                     "--batch-size", "16", "--device", "cpu", "--out", str(out),
+                     "--failures", str(tmp_path / "clip_failures.parquet"), "--stats", str(tmp_path / "st.json")])
+    assert json.loads((tmp_path / "st.json").read_text()) == stats
+    pd.testing.assert_frame_equal(pd.read_parquet(out), scores)
+    manifest = json.loads((tmp_path / "clip_scores.manifest.json").read_text())
+    assert manifest["stage"] == "clip_score" and manifest["counts"] == stats
+    assert manifest["work"] == {"amount": float(len(scores) + len(failures)), "unit": "pairs"}
+    assert set(manifest["files"]) == {"clip_scores.parquet", "clip_failures.parquet", "st.json"}
+    assert manifest["inputs"] == {str(ckpt): weights_identity(ckpt)}
+    assert manifest["device"] == {"type": "cpu", "gpus": 0} and manifest["config"]["pretrained"] == str(ckpt)
+
+
+def test_clip_training_writes_its_manifest(ckpt):
+    manifest = json.loads((ckpt / "manifest.json").read_text())
+    assert manifest["stage"] == "train_clip"
+    assert manifest["work"] == {"amount": 2.0 * 16, "unit": "pairs"}  # steps x batch size
+    assert set(manifest["files"]) == {"model.safetensors", "config.json", "train_log.jsonl"}
 
 
 def test_undecodable_and_missing_images_are_failures(ckpt, tmp_path):
@@ -332,6 +396,11 @@ def test_keep_accounting_from_scores(raw, scored, tmp_path, rule):
     stats = json.loads((d / "stats.json").read_text())
     kept = pd.read_parquet(d / "kept.parquet")["uid"]
     assert stats["pairs_in"] == stats["kept"] + stats["rejected"] + stats["failed"]
+    manifest = json.loads((d / "kept.manifest.json").read_text())
+    assert manifest["stage"] == "keep" and manifest["counts"] == stats
+    assert manifest["work"] == {"amount": float(stats["pairs_in"]), "unit": "pairs"}
+    assert set(manifest["files"]) == {"kept.parquet", "stats.json"}
+    assert set(manifest["inputs"]) == {str(d / "scores.parquet"), str(d / "failures.parquet")}
     assert stats["pairs_in"] == len(shard_sample_uids(raw / "shards"))
     assert stats["failed"] == len(failures) and stats["kept"] == len(kept) and kept.is_unique
     assert set(kept) <= set(scores["uid"])
@@ -409,3 +478,8 @@ def test_quality_main_writes_the_report(raw, scored, tmp_path):
     report = (out / "report.md").read_text()
     assert "![hist_ccs_clip](hist_ccs_clip.png)" in report
     assert "precision" in report and "| clip" in report and "dfn" in report
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["stage"] == "filter_quality"
+    assert manifest["work"] == {"amount": 2.0 * N_PAIRS, "unit": "pairs"}  # two entries, one truth table each
+    assert set(manifest["files"]) == {"summary.csv", "by_corruption.csv", "report.md", "hist_ccs_clip.png"}
+    assert set(manifest["inputs"]) == {str(p) for p in (truth_p, scores_p, kept_p, listed_p)}

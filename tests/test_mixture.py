@@ -89,6 +89,7 @@ def test_shards_hold_exactly_the_kept_pairs(sources, mixed):
 def test_manifest_counts_and_hashes(sources, mixed):
     out, manifest = mixed
     assert manifest["stage"] == "mixture"
+    assert manifest["work"] == {"amount": float(manifest["counts"]["total"]), "unit": "pairs"}
     assert manifest["counts"] == {"ccs": len(sources["ccs"]["kept"]),
                                   "laion": len(sources["laion"]["kept"]),
                                   "total": sum(len(s["kept"]) for s in sources.values())}

@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -16,6 +17,8 @@ import pytest
 import torch
 from conftest import raw_toy_source
 from PIL import Image, ImageFile
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
 from oqvl.filter import keep, mlm_filter
 from oqvl.filter.clip_model import TOY_MODEL, save_checkpoint
@@ -120,6 +123,8 @@ def test_keep_counts_pairs_without_a_score(tmp_path):
     stats = json.loads((tmp_path / "k.json").read_text())
     assert pd.read_parquet(tmp_path / "k.parquet")["uid"].tolist() == ["a"]
     assert (stats["pairs_in"], stats["kept"], stats["rejected"], stats["failed"], stats["no_score"]) == (4, 1, 2, 1, 1)
+    manifest = json.loads((tmp_path / "k.manifest.json").read_text())
+    assert manifest["stage"] == "keep" and manifest["work"] == {"amount": 4.0, "unit": "pairs"}
 
 
 def test_union_keeps_what_either_set_keeps(tmp_path):
@@ -131,6 +136,9 @@ def test_union_keeps_what_either_set_keeps(tmp_path):
     stats = json.loads((tmp_path / "u.json").read_text())
     assert (stats["kept_a"], stats["kept_b"], stats["both"], stats["only_a"], stats["only_b"], stats["kept"]) == \
         (3, 2, 1, 2, 1, 4)
+    manifest = json.loads((tmp_path / "u.manifest.json").read_text())
+    assert manifest["work"] == {"amount": 4.0, "unit": "pairs"}
+    assert set(manifest["inputs"]) == {str(tmp_path / "a.parquet"), str(tmp_path / "b.parquet")}
 
 
 def test_union_names_a_missing_kept_set(tmp_path):
@@ -244,6 +252,9 @@ def test_import_reads_the_official_outputs(tmp_path):
                      "--stats", str(tmp_path / "st.json")])
     s = pd.read_parquet(tmp_path / "s.parquet").set_index("uid")
     assert s.loc["a", "score"] == 88 and s.loc["b", "status"] == "unparsable" and s.loc["c", "status"] == "out_of_range"
+    manifest = json.loads((tmp_path / "s.manifest.json").read_text())
+    assert manifest["stage"] == "mlm_import" and manifest["work"] == {"amount": 3.0, "unit": "pairs"}
+    assert set(manifest["files"]) == {"s.parquet", "f.parquet", "st.json"} and len(manifest["inputs"]) == 2
     with pytest.raises(SystemExit, match=r"missing columns \['image_text_matching_score'\]"):
         mlm_filter.main(["import", "--scores-dir", str(d), "--metric", "image_text_matching",
                          "--out", str(tmp_path / "s2.parquet"), "--failures", str(tmp_path / "f2.parquet"),
@@ -262,14 +273,21 @@ def toy_model(tmp_path_factory):
     mlm_filter.main(["seed", "--out", str(root / "m"), "--n", "20", "--metric", "image_text_matching",
                      "--vision-weights", str(root / "clip"), "--tokenizer", str(root / "tok")])
     assert len(pd.read_parquet(root / "m" / "seed.parquet")) == 20
+    manifest = json.loads((root / "m" / "seed.manifest.json").read_text())
+    assert manifest["stage"] == "mlm_filter_seed" and manifest["work"] == {"amount": 20.0, "unit": "pairs"}
+    assert {"seed.parquet", "seed_stats.json", "init/config.json", "init/model.safetensors"} <= set(manifest["files"])
     return root / "m" / "init"
 
 
+def score_cmd(raw, model, out):
+    return [sys.executable, "-m", "oqvl.filter.mlm_filter", "score", "--shards", str(raw / "shards"),
+            "--model", str(model), "--metric", "image_text_matching", "--batch-size", "8",
+            "--chunk", "8", "--max-new-tokens", "2", "--out", str(out / "s.parquet"),
+            "--failures", str(out / "f.parquet"), "--stats", str(out / "st.json")]
+
+
 def test_cli_killed_mid_run_resumes(raw, toy_model, tmp_path):
-    cmd = [sys.executable, "-m", "oqvl.filter.mlm_filter", "score", "--shards", str(raw / "shards"),
-           "--model", str(toy_model), "--metric", "image_text_matching", "--batch-size", "8",
-           "--chunk", "8", "--max-new-tokens", "2", "--out", str(tmp_path / "s.parquet"),
-           "--failures", str(tmp_path / "f.parquet"), "--stats", str(tmp_path / "st.json")]
+    cmd = score_cmd(raw, toy_model, tmp_path)
     env = {**os.environ, mlm_filter.FAULT_ENV: "3"}
     killed = subprocess.run(cmd, env=env, capture_output=True, text=True)
     assert killed.returncode == 17, killed.stderr[-2000:]
@@ -287,6 +305,36 @@ def test_cli_killed_mid_run_resumes(raw, toy_model, tmp_path):
                                    first.loc[first["text"].notna()].set_index("uid")["text"])
     stats = json.loads((tmp_path / "st.json").read_text())
     assert sum(stats["by_status"].values()) == len(s)
+    manifest = json.loads((tmp_path / "s.manifest.json").read_text())
+    assert manifest["stage"] == "mlm_score" and manifest["counts"] == stats
+    assert manifest["work"] == {"amount": float(len(out)), "unit": "pairs"}
+    assert manifest["device"] == {"type": "cpu", "gpus": 0}
+    assert set(manifest["files"]) == {"s.parquet", "f.parquet", "st.json"}
+
+
+def test_cli_model_retrained_under_the_same_path_starts_over(raw, toy_model, tmp_path):
+    model = tmp_path / "model"
+    shutil.copytree(toy_model, model)
+    env = {**os.environ, mlm_filter.FAULT_ENV: "1"}
+    assert subprocess.run(score_cmd(raw, model, tmp_path), env=env, capture_output=True).returncode == 17
+    stale = next(tmp_path.glob("s.parquet.parts-*"))
+    # Other weights of the same size and mtime: a size-and-mtime key would take them for the old ones.
+    weights = model / "model.safetensors"
+    stat = weights.stat()
+    with safe_open(weights, "pt") as f:
+        metadata = f.metadata()
+    tensors = load_file(weights)
+    name = next(k for k, v in tensors.items() if v.is_floating_point() and v.numel() > 1)
+    tensors[name] = tensors[name] + 1.0
+    save_file(tensors, weights, metadata)
+    os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert weights.stat().st_size == stat.st_size
+    done = subprocess.run(score_cmd(raw, model, tmp_path), capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    # A resumed run ends by removing its parts folder: the stale one is still there, as it was.
+    assert stale.is_dir() and len(list(stale.glob("*.parquet"))) == 1
+    key = pd.read_parquet(tmp_path / "s.parquet")["config_hash"].unique().tolist()
+    assert len(key) == 1 and stale.name != f"s.parquet.parts-{key[0]}"
 
 
 def test_captions_reach_the_prompt(raw):

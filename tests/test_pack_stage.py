@@ -135,6 +135,11 @@ def test_too_long_documents_are_dropped_and_counted(shards, tokenizer_dir, packe
     assert stats["too_long"] == {"count": len(over), "handling": "drop"}
     assert stats["documents_in"] == N_PAIRS and stats["documents_packed"] == N_PAIRS - len(over)
     assert stats["real_tokens"] == int(full.loc[~full["uid"].isin(over), "length"].sum())
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    assert manifest["stage"] == "pack" and manifest["work"] == {"amount": N_PAIRS - len(over), "unit": "documents"}
+    assert set(manifest["files"]) == {"documents.parquet", "sequences.parquet", "stats.json"}
+    assert manifest["counts"]["documents_in"] == N_PAIRS and manifest["config"]["too_long"] == "drop"
+    assert list(manifest["inputs"]) == [str(tokenizer_dir / "tokenizer.json")]
 
 
 def test_too_long_documents_are_truncated_and_counted(shards, tokenizer_dir, packed, tokenizer, tmp_path):

@@ -6,6 +6,7 @@ import pandas as pd
 import pytest
 import webdataset as wds
 
+from oqvl.manifest import manifest_path
 from oqvl.raw import download, generate, import_pairs
 from oqvl.world.corrupt import IMAGE_KINDS
 
@@ -56,11 +57,25 @@ def test_shards_read_back_with_webdataset(raw_source):
 
 
 def test_manifest_lists_shards_with_hashes(raw_source):
-    manifest = json.loads((raw_source / "shards" / "manifest.json").read_text())
-    assert manifest["stage"] == "raw"
-    assert {"00000.tar", "00001.tar", "00002.tar", "failures.parquet"} <= set(manifest["files"])
+    # beside accounting.json: a file inside shards/ (a directory output) cannot be declared
+    path = raw_source / "accounting.manifest.json"
+    assert manifest_path(raw_source / "accounting.json") == path
+    manifest = json.loads(path.read_text())
+    assert manifest["stage"] == "raw" and manifest["work"] == {"amount": 100.0, "unit": "pairs"}
+    assert set(manifest["files"]) == {"shards/00000.tar", "shards/00001.tar", "shards/00002.tar",
+                                      "shards/failures.parquet", "accounting.json"}
     assert all(len(h) == 64 for h in manifest["files"].values())
-    assert manifest["counts"]["pairs_in"] == 100
+    assert manifest["counts"] == json.loads((raw_source / "accounting.json").read_text())
+    assert manifest["config"]["options"] == OPTIONS
+    assert list(manifest["inputs"]) == [str(raw_source / "pairs.parquet")]
+
+
+def test_generate_writes_its_manifest_beside_the_pair_list(raw_source):
+    manifest = json.loads((raw_source / "pairs.manifest.json").read_text())
+    assert manifest["stage"] == "generate_pairs" and manifest["work"] == {"amount": 100.0, "unit": "pairs"}
+    assert set(manifest["files"]) == {"pairs.parquet", "truth.parquet"}
+    assert sum(manifest["counts"]["by_corruption"].values()) == manifest["counts"]["pairs"] == 100
+    assert manifest["config"]["n_pairs"] == 100 and manifest["device"] == {"type": "cpu", "gpus": 0}
 
 
 def test_generated_pair_list_has_the_release_columns(raw_source):
@@ -84,8 +99,12 @@ def test_import_pairs_normalises_a_release(tmp_path):
     pd.DataFrame({"uid": ["a1", "b2", "c3"], "url": ["http://x/1.jpg", None, "http://x/3.jpg"],
                   "text": ["a cat", "a dog", None]}).to_parquet(release)
     out = tmp_path / "pairs.parquet"
-    counts = import_pairs.import_pairs("datacomp", release, "url", "text", "uid", out)
-    assert counts == {"rows_in": 3, "pairs_out": 2, "dropped_no_url": 1}
+    import_pairs.main(["--source", "datacomp", "--pair-list", str(release), "--url-col", "url",
+                       "--caption-col", "text", "--uid-col", "uid", "--out", str(out)])
+    manifest = json.loads((tmp_path / "pairs.manifest.json").read_text())
+    assert manifest["stage"] == "import_pairs" and manifest["work"] == {"amount": 2.0, "unit": "pairs"}
+    assert manifest["counts"] == {"rows_in": 3, "pairs_out": 2, "dropped_no_url": 1}
+    assert set(manifest["files"]) == {"pairs.parquet"} and list(manifest["inputs"]) == [str(release)]
     df = pd.read_parquet(out)
     assert list(df.columns) == ["url", "caption", "uid", "source"]
     assert df["uid"].tolist() == ["a1", "c3"] and df["caption"].tolist() == ["a cat", ""]

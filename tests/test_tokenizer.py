@@ -1,6 +1,7 @@
 """The offline Qwen2 tokenizer: real ids at full scale, a small vocabulary with the same specials at toy scale."""
 
 import functools
+import json
 import os
 import unicodedata
 
@@ -21,6 +22,7 @@ from oqvl.model.tokenizer import (
     SPECIAL_TOKENS,
     build_qwen2_tokenizer,
     load_tokenizer,
+    main,
     ranks_path,
 )
 
@@ -154,6 +156,17 @@ def test_toy_round_trips_specials_in_text(toy):
 
 
 # --- loading -----------------------------------------------------------------------------------
+
+def test_cli_writes_the_toy_tokenizer_and_its_manifest(tmp_path):
+    out = tmp_path / "tokenizer"
+    main(["--out", str(out), "--vocab-size", str(TOY_VOCAB)])
+    manifest = json.loads((out / "manifest.json").read_text())
+    n = len(load_tokenizer(out))
+    assert manifest["stage"] == "tokenizer" and manifest["work"] == {"amount": float(n), "unit": "vocab entries"}
+    assert n == TOY_VOCAB + len(SPECIAL_TOKENS)
+    assert {"tokenizer.json", "tokenizer_config.json"} <= set(manifest["files"]) and "manifest.json" not in manifest["files"]
+    assert manifest["config"]["vocab_size"] == TOY_VOCAB
+
 
 def test_load_tokenizer_missing_dir(tmp_path):
     missing = tmp_path / "nope"

@@ -18,8 +18,8 @@ from pathlib import Path
 import pandas as pd
 from tqdm import tqdm
 
-from .config import config_hash
-from .manifest import sha256_file, write_manifest
+from .io import sha256_file
+from .manifest import args_config, manifest_path, write_manifest
 from .shards import ShardSink, iter_samples, sample_uid, shard_paths
 
 
@@ -76,8 +76,8 @@ def main(argv=None):
     parts = [(n, Path(s), Path(k)) for n, s, k in args.part]
     counts = build_mixture(parts, args.out, args.samples_per_shard)
     files = sorted((args.out / "shards").glob("*.tar"))
-    write_manifest(args.out / "manifest.json", "mixture", files, counts,
-                   config_hash({"parts": [p[0] for p in parts], "per_shard": args.samples_per_shard}),
+    write_manifest(manifest_path(args.out), "mixture", work=(counts["total"], "pairs"),
+                   config=args_config(args), files=files, counts=counts,
                    inputs={str(k): sha256_file(k) for _, _, k in parts})
     print(f"{args.out}: {counts}")
 

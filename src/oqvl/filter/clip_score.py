@@ -4,15 +4,16 @@
         --pretrained WEIGHTS --out results/filter/ccs/clip_scores.parquet
 
 A sample whose image does not decode or whose caption is empty is not scored: it goes to
---failures with its reason. Scores are written per shard into OUT.parts/ first, so a crashed
-run resumes at the first unfinished shard.
+--failures with its reason. Scores are written per shard into OUT.parts-<key>/ first, so a crashed
+run resumes at the first unfinished shard; the key is the model name and the content of its
+weights (`weights_key`), so a model retrained under the same path starts over. The job's manifest
+lies beside OUT (clip_scores.manifest.json).
 """
 
 from __future__ import annotations
 
 import argparse
 import io
-import os
 from pathlib import Path
 
 import pandas as pd
@@ -21,7 +22,8 @@ from PIL import Image
 from tqdm import tqdm
 
 from ..config import config_hash
-from ..manifest import write_json_atomic
+from ..io import weights_identity, write_json, write_parquet
+from ..manifest import args_config, manifest_path, write_manifest
 from ..shards import iter_samples, sample_caption, sample_uid, shard_paths
 from .clip_model import load_clip, score_pairs
 
@@ -72,17 +74,25 @@ def score_shard(path: Path, clip, batch_size: int, device: str, bar) -> tuple[pd
             pd.DataFrame(failed, columns=["uid", "reason"]))
 
 
-def parts_dir(out: Path, model: str, pretrained: str | None) -> Path:
-    """Where finished shards' scores wait; named by the model, so other weights start over."""
-    return out.with_name(f"{out.name}.parts-{config_hash({'model': model, 'pretrained': str(pretrained)})}")
+def weights_key(model: str, pretrained: str | None) -> dict:
+    """What decides the scores: the model name and the content of its weights (a toy checkpoint
+    folder, a weights file or an open_clip tag; the model itself when it is the checkpoint)."""
+    return {"model": model, "weights": weights_identity(pretrained if pretrained is not None else model)}
+
+
+def parts_dir(out: Path, key: dict) -> Path:
+    """Where finished parts of OUT wait; named by what decides the scores, so a change starts over."""
+    return out.with_name(f"{out.name}.parts-{config_hash(key)}")
 
 
 def score_source(shards: Path, model: str, pretrained: str | None, out: Path, failures: Path,
                  batch_size: int = 256, threads: int = 1, device: str = "cpu",
-                 expected: int | None = None) -> dict:
+                 expected: int | None = None, key: dict | None = None) -> dict:
+    """Score every pair of the shards; `key` is weights_key(model, pretrained) if already known."""
     torch.set_num_threads(threads)
+    key = key or weights_key(model, pretrained)
     clip = load_clip(model, pretrained, device)
-    parts = parts_dir(out, model, pretrained)
+    parts = parts_dir(out, key)
     parts.mkdir(parents=True, exist_ok=True)
     paths = shard_paths(shards)
     with tqdm(total=expected, desc=f"clip score {shards.parent.name}", unit="pair", mininterval=2) as bar:
@@ -92,19 +102,17 @@ def score_source(shards: Path, model: str, pretrained: str | None, out: Path, fa
                 bar.update(len(pd.read_parquet(done_s)) + len(pd.read_parquet(done_f)))
                 continue
             s, f = score_shard(path, clip, batch_size, device, bar)
-            f.to_parquet(done_f.with_suffix(".tmp"), index=False)
-            os.replace(done_f.with_suffix(".tmp"), done_f)
-            s.to_parquet(done_s.with_suffix(".tmp"), index=False)
-            os.replace(done_s.with_suffix(".tmp"), done_s)
+            write_parquet(f, done_f)
+            write_parquet(s, done_s)  # last: both parts there mark a finished shard
     scores = pd.concat([pd.read_parquet(parts / f"{p.stem}.scores.parquet") for p in paths], ignore_index=True)
     failed = pd.concat([pd.read_parquet(parts / f"{p.stem}.failed.parquet") for p in paths], ignore_index=True)
     # uid order: the raw shards' order within a shard is the download's, which varies run to run
     scores = scores.sort_values("uid", kind="stable", ignore_index=True)
     failed = failed.sort_values("uid", kind="stable", ignore_index=True)
     scores["model"] = f"{model}:{pretrained}"
-    scores["config_hash"] = config_hash({"model": model, "pretrained": str(pretrained)})
-    failed.to_parquet(failures, index=False)
-    scores.to_parquet(out, index=False)
+    scores["config_hash"] = config_hash(key)
+    write_parquet(failed, failures)
+    write_parquet(scores, out)
     for p in parts.iterdir():
         p.unlink()
     parts.rmdir()
@@ -125,9 +133,15 @@ def main(argv=None):
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--expected", type=int, default=None, help="samples in the shards (progress bar total)")
     args = ap.parse_args(argv)
+    key = weights_key(args.model, args.pretrained)
     stats = score_source(args.shards, args.model, args.pretrained, args.out, args.failures,
-                         args.batch_size, args.threads, args.device, args.expected)
-    write_json_atomic(args.stats, stats)
+                         args.batch_size, args.threads, args.device, args.expected, key)
+    write_json(args.stats, stats)
+    cuda = str(args.device).startswith("cuda")
+    write_manifest(manifest_path(args.out), "clip_score", work=(stats["scored"] + stats["failed"], "pairs"),
+                   config=args_config(args), files=[args.out, args.failures, args.stats],
+                   counts=stats, inputs={str(args.pretrained or args.model): key["weights"]},
+                   device="cuda" if cuda else "cpu", gpus=int(cuda))
     print(f"{args.shards}: {stats}")
 
 

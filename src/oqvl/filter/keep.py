@@ -10,7 +10,7 @@ pairs of the shards whose uid is in the list (DataComp's DFN release: an .npy of
 strings or 128-bit ids as two uint64 fields); `--union A B` keeps the pairs either kept set
 holds (the paper's mixture 4: MLM-Filter | DFN). A pair with no score (an MLM-Filter answer that
 had no number in 0-100) is rejected by any rule and counted. Every pair in is kept, rejected or
-failed.
+failed. The job's manifest lies beside OUT (kept.manifest.json for kept.parquet).
 """
 
 from __future__ import annotations
@@ -22,7 +22,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from ..manifest import write_json_atomic
+from ..io import sha256_file, write_json, write_parquet
+from ..manifest import args_config, manifest_path, write_manifest
 
 
 def keep_by_score(scores: pd.DataFrame, threshold: float | None = None,
@@ -91,6 +92,7 @@ def main(argv=None):
         ap.error("give --scores and --failures, --uid-list and --shards, or --union")
     try:
         if args.union:
+            read = args.union
             a, b = (set(read_kept(p)) for p in args.union)
             kept = pd.Series(sorted(a | b), dtype=str)
             stats = {"method": "union", "kept_a": len(a), "kept_b": len(b), "both": len(a & b),
@@ -99,12 +101,14 @@ def main(argv=None):
         elif args.uid_list:
             if not args.uid_list.exists():
                 raise FileNotFoundError(f"{args.uid_list}: uid list not found")
+            read = [args.uid_list]
             uids = shard_uids(args.shards)
             listed = read_uid_list(args.uid_list)
             kept = uids[uids.isin(listed)]
             stats = {"method": "uid_list", "pairs_in": len(uids), "kept": len(kept),
                      "rejected": len(uids) - len(kept), "failed": 0}
         else:
+            read = [args.scores, args.failures]
             scores = pd.read_parquet(args.scores)
             failed = pd.read_parquet(args.failures)
             mask = keep_by_score(scores, args.threshold, args.fraction)
@@ -118,8 +122,11 @@ def main(argv=None):
     except (FileNotFoundError, ValueError) as e:
         sys.exit(f"error: {e}")
     assert stats["pairs_in"] == stats["kept"] + stats["rejected"] + stats["failed"]
-    pd.DataFrame({"uid": kept.astype(str).tolist()}).to_parquet(args.out, index=False)
-    write_json_atomic(args.stats, stats)
+    write_parquet(pd.DataFrame({"uid": kept.astype(str).tolist()}), args.out)
+    write_json(args.stats, stats)
+    write_manifest(manifest_path(args.out), "keep", work=(stats["pairs_in"], "pairs"),
+                   config=args_config(args), files=[args.out, args.stats], counts=stats,
+                   inputs={str(f): sha256_file(f) for f in read})
     print(f"{args.out}: {stats}")
 
 

@@ -20,8 +20,10 @@ the released checkpoint is a LLaVA model (docs/mlm_filter.md says what this proj
 scores its official scoring script writes (one parquet per shard, a `<metric>_score` text column)
 are read instead and parsed by the same `parse_score`.
 
-Resumable: scores are written in chunks of --chunk pairs under OUT.parts-<hash>/; a crashed run
-keeps its finished chunks and restarts at the first pair no chunk holds.
+Resumable: scores are written in chunks of --chunk pairs under OUT.parts-<hash>/ (the hash of the
+model path, the content of its folder, the metric and the decoding length); a crashed run keeps its
+finished chunks and restarts at the first pair no chunk holds. Each job writes its manifest:
+OUT/seed.manifest.json (`seed`), beside the scores for `score` and `import` (mlm_scores.manifest.json).
 """
 
 from __future__ import annotations
@@ -38,7 +40,8 @@ import numpy as np
 import pandas as pd
 
 from ..config import config_hash
-from ..manifest import write_json_atomic
+from ..io import sha256_file, weights_identity, write_json, write_parquet
+from ..manifest import args_config, manifest_path, write_manifest
 
 FAULT_ENV = "OQVL_FAULT_AFTER_CHUNKS"  # tests: exit 17 after writing this many chunks
 STATUSES = ("ok", "empty", "unparsable", "out_of_range")
@@ -175,9 +178,7 @@ def make_seed(out: Path, n: int, seed: int, world, metric: str, vision_weights: 
 
     out.mkdir(parents=True, exist_ok=True)
     df = seed_conversations(n, seed, world, metric)
-    tmp = out / "seed.parquet.tmp"
-    df.to_parquet(tmp, index=False)
-    os.replace(tmp, out / "seed.parquet")
+    write_parquet(df, out / "seed.parquet")
     model = OpenQwen2VL.from_preset("toy", vision_weights=vision_weights, visual_tokens_pretrain=visual_tokens,
                                     visual_tokens_sft=visual_tokens)
     model.save_pretrained(out / "init")
@@ -187,17 +188,6 @@ def make_seed(out: Path, n: int, seed: int, world, metric: str, vision_weights: 
 
 
 # ---------------------------------------------------------------------------------- scoring
-
-def parts_dir(out: Path, key: dict) -> Path:
-    """Where finished chunks wait; named by what decides the scores, so a change starts over."""
-    return out.with_name(f"{out.name}.parts-{config_hash(key)}")
-
-
-def _write_atomic(df: pd.DataFrame, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    df.to_parquet(tmp, index=False)
-    os.replace(tmp, path)
-
 
 class Scorer:
     """Batched greedy scoring with one model (visual tokens at the model's SFT resolution)."""
@@ -237,7 +227,7 @@ def score_source(shards: Path, score_batch, key: dict, out: Path, failures: Path
     from tqdm import tqdm
 
     from ..shards import iter_samples, sample_uid, shard_paths
-    from .clip_score import decode
+    from .clip_score import decode, parts_dir
 
     parts = parts_dir(out, key)
     parts.mkdir(parents=True, exist_ok=True)
@@ -264,7 +254,7 @@ def score_source(shards: Path, score_batch, key: dict, out: Path, failures: Path
                 nonlocal written
                 flush_batch()
                 if rows:
-                    _write_atomic(pd.DataFrame(rows, columns=["uid", "text", "score", "status"]),
+                    write_parquet(pd.DataFrame(rows, columns=["uid", "text", "score", "status"]),
                                   parts / f"{path.stem}.{len(done):05d}.parquet")
                     done.append(parts / f"{path.stem}.{len(done):05d}.parquet")
                     rows.clear()
@@ -295,8 +285,8 @@ def score_source(shards: Path, score_batch, key: dict, out: Path, failures: Path
     fails = pd.DataFrame({"uid": table.loc[failed, "uid"], "reason": table.loc[failed, "status"].str[8:]})
     scores["model"] = str(key.get("model"))
     scores["config_hash"] = config_hash(key)
-    _write_atomic(fails, failures)
-    _write_atomic(scores, out)
+    write_parquet(fails, failures)
+    write_parquet(scores, out)
     for p in parts.iterdir():
         p.unlink()
     parts.rmdir()
@@ -332,8 +322,8 @@ def import_scores(files: list[Path], metric: str, out: Path, failures: Path) -> 
     scores["model"] = f"imported:{metric}"
     scores["config_hash"] = config_hash({"files": sorted(map(str, files)), "metric": metric})
     fails = pd.DataFrame({"uid": pd.Series(dtype=str), "reason": pd.Series(dtype=str)})
-    _write_atomic(fails, failures)
-    _write_atomic(scores, out)
+    write_parquet(fails, failures)
+    write_parquet(scores, out)
     return summarize(scores, fails)
 
 
@@ -378,33 +368,40 @@ def main(argv=None):
             world = WorldConfig(args.image_size, args.max_objects, args.glyph_prob)
             stats = make_seed(args.out, args.n, args.seed, world, args.metric, args.vision_weights,
                               args.tokenizer, args.visual_tokens)
-            write_json_atomic(args.out / "seed_stats.json", stats)
-        elif args.cmd == "score":
-            import torch
-
-            torch.set_num_threads(args.threads)
-            device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-            scorer = Scorer(args.model, args.metric, args.max_new_tokens, device)
-            key = {"model": args.model, "weights": _weights_id(Path(args.model)), "metric": args.metric,
-                   "max_new_tokens": args.max_new_tokens}
-            stats = score_source(args.shards, scorer, key, args.out, args.failures, args.batch_size,
-                                 args.chunk, args.expected)
-            write_json_atomic(args.stats, stats)
+            write_json(args.out / "seed_stats.json", stats)
+            seed = args.out / "seed.parquet"
+            init = sorted(p for p in (args.out / "init").rglob("*") if p.is_file())
+            write_manifest(manifest_path(seed), "mlm_filter_seed", work=(stats["pairs"], "pairs"),
+                           config=args_config(args), files=[seed, args.out / "seed_stats.json", *init],
+                           counts=stats, inputs={p: weights_identity(p) for p in (args.vision_weights, args.tokenizer)})
         else:
-            if not args.scores_dir.is_dir():
-                raise FileNotFoundError(f"{args.scores_dir}: MLM-Filter scores folder not found")
-            files = sorted(args.scores_dir.glob(f"*_{args.metric}.parquet")) or sorted(args.scores_dir.glob("*.parquet"))
-            stats = import_scores(files, args.metric, args.out, args.failures)
-            write_json_atomic(args.stats, stats)
+            if args.cmd == "score":
+                import torch
+
+                torch.set_num_threads(args.threads)
+                device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+                scorer = Scorer(args.model, args.metric, args.max_new_tokens, device)
+                weights = weights_identity(args.model)  # content: a retrained model starts over
+                key = {"model": args.model, "weights": weights, "metric": args.metric,
+                       "max_new_tokens": args.max_new_tokens}
+                stats = score_source(args.shards, scorer, key, args.out, args.failures, args.batch_size,
+                                     args.chunk, args.expected)
+                inputs = {args.model: weights}
+            else:
+                if not args.scores_dir.is_dir():
+                    raise FileNotFoundError(f"{args.scores_dir}: MLM-Filter scores folder not found")
+                files = sorted(args.scores_dir.glob(f"*_{args.metric}.parquet")) or sorted(args.scores_dir.glob("*.parquet"))
+                stats = import_scores(files, args.metric, args.out, args.failures)
+                device, inputs = "cpu", {str(f): sha256_file(f) for f in files}
+            write_json(args.stats, stats)
+            cuda = device.startswith("cuda")
+            write_manifest(manifest_path(args.out), f"mlm_{args.cmd}",
+                           work=(stats["scored"] + stats["no_score"] + stats["failed"], "pairs"),
+                           config=args_config(args), files=[args.out, args.failures, args.stats],
+                           counts=stats, inputs=inputs, device="cuda" if cuda else "cpu", gpus=int(cuda))
     except (FileNotFoundError, ValueError) as e:
         sys.exit(f"error: {e}")
     print(f"{args.cmd}: {stats}")
-
-
-def _weights_id(model_dir: Path) -> str:
-    """Size and mtime of the weights: a retrained model invalidates unfinished chunks."""
-    w = model_dir / "model.safetensors"
-    return f"{w.stat().st_size}:{w.stat().st_mtime_ns}" if w.exists() else "none"
 
 
 if __name__ == "__main__":

@@ -6,7 +6,8 @@
 This is the only code that reads a truth table next to a filter's output. For each source and
 filter it reports precision (share of kept pairs whose caption is true), recall (share of true
 pairs kept), the unfiltered clean rate (precision of keeping everything), and the kept rate of
-each corruption kind; plus a score histogram per source and filter.
+each corruption kind; plus a score histogram per source and filter. Writes OUT/summary.csv,
+OUT/by_corruption.csv, OUT/report.md, OUT/hist_<source>_<filter>.png and OUT/manifest.json.
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
+from ..io import atomic_path, sha256_file, write_text  # noqa: E402
+from ..manifest import args_config, manifest_path, write_manifest  # noqa: E402
 from ..world.corrupt import CLEAN, KINDS  # noqa: E402
 
 
@@ -65,7 +68,8 @@ def histogram(truth: pd.DataFrame, scores: pd.DataFrame, kept_uids: set[str], ti
     ax.set_title(title)
     ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
-    fig.savefig(path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")
     plt.close(fig)
     return True
 
@@ -78,20 +82,21 @@ def main(argv=None):
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
-    summaries, kinds = [], []
+    summaries, kinds, hists, read = [], [], [], set()
     for source, filt, truth_p, scores_p, kept_p in args.entry:
+        read |= {truth_p, kept_p} | ({scores_p} - {"-"})
         truth = pd.read_parquet(truth_p)
         kept = set(pd.read_parquet(kept_p)["uid"].astype(str))
         summary, by_kind = judge(truth, kept)
         summaries.append({"source": source, "filter": filt, **summary})
         kinds.append(by_kind.assign(source=source, filter=filt))
-        if scores_p != "-":
-            histogram(truth, pd.read_parquet(scores_p), kept, f"{filt} scores, {source}",
-                      args.out / f"hist_{source}_{filt}.png")
+        hist = args.out / f"hist_{source}_{filt}.png"
+        if scores_p != "-" and histogram(truth, pd.read_parquet(scores_p), kept, f"{filt} scores, {source}", hist):
+            hists.append(hist)
     summary = pd.DataFrame(summaries)
     by_kind = pd.concat(kinds, ignore_index=True)[["source", "filter", "corruption", "pairs", "kept", "kept_rate"]]
-    summary.to_csv(args.out / "summary.csv", index=False)
-    by_kind.to_csv(args.out / "by_corruption.csv", index=False)
+    write_text(args.out / "summary.csv", summary.to_csv(index=False))
+    write_text(args.out / "by_corruption.csv", by_kind.to_csv(index=False))
     wide = by_kind.pivot_table(index="corruption", columns=["source", "filter"], values="kept_rate")
     wide = wide.reindex([k for k in (CLEAN, *KINDS) if k in wide.index])
     md = ["# Filter quality against the toy world's truth", "",
@@ -100,7 +105,13 @@ def main(argv=None):
           summary.to_markdown(index=False), "", "## Kept rate by corruption kind", "",
           wide.to_markdown(floatfmt=".3f"), ""]
     md += [f"![{p.stem}]({p.name})" for p in sorted(args.out.glob("hist_*.png"))]
-    (args.out / "report.md").write_text("\n".join(md) + "\n")
+    write_text(args.out / "report.md", "\n".join(md) + "\n")
+    judged = int(summary["pairs"].sum())  # the rows of the truth table each entry reads
+    files = [args.out / f for f in ("summary.csv", "by_corruption.csv", "report.md")]
+    write_manifest(manifest_path(args.out), "filter_quality", work=(judged, "pairs"),
+                   config=args_config(args), files=files + hists,
+                   counts={"entries": len(summary), "pairs_judged": judged},
+                   inputs={p: sha256_file(p) for p in sorted(read)})
     print(summary.to_string(index=False))
     print(wide.to_string(float_format=lambda x: f"{x:.3f}"))
 

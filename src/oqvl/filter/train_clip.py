@@ -14,7 +14,8 @@ No image augmentation: scored images come from the same renderer (whose jitter a
 positions), and flips or colour jitter would make the captions' left/right and colours false.
 
 Writes OUT/model.safetensors, OUT/config.json (model name and config, training args, final loss)
-and OUT/train_log.jsonl, all loadable by `clip_model.load_clip(OUT, None)`.
+and OUT/train_log.jsonl, all loadable by `clip_model.load_clip(OUT, None)`, then OUT/manifest.json
+(work: the pairs seen, steps x batch size).
 """
 
 from __future__ import annotations
@@ -31,11 +32,12 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from ..manifest import args_config, manifest_path, write_manifest
 from ..world.captions import describe
 from ..world.corrupt import corrupt_scene
 from ..world.scene import render
 from ..world.source import WorldConfig, stream_rng, true_pair
-from .clip_model import TOY_MODEL, model_config, save_checkpoint
+from .clip_model import CONFIG_FILE, TOY_MODEL, WEIGHTS_FILE, model_config, save_checkpoint
 
 STREAM = "clip_seed"
 HARD_KINDS = ("wrong_attribute", "wrong_object", "wrong_count")
@@ -217,7 +219,15 @@ def parse_args(argv=None):
 
 
 def main(argv=None):
-    train(parse_args(argv))
+    args = parse_args(argv)
+    meta = train(args)
+    batch = min(args.batch_size, args.n_pairs)  # what train() used
+    out = Path(args.out)
+    write_manifest(manifest_path(out), "train_clip", work=(args.steps * batch, "pairs"),
+                   config=args_config(args),
+                   files=[out / WEIGHTS_FILE, out / CONFIG_FILE, out / "train_log.jsonl"],
+                   counts={"steps": args.steps, "batch_size": batch, "seed_pairs": args.n_pairs,
+                           "final_loss": meta["final_loss"]})
 
 
 if __name__ == "__main__":

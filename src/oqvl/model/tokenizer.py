@@ -10,6 +10,7 @@ a real downloaded Qwen2.5 directory loads through the same `load_tokenizer`.
 
 Toy scale keeps only the first K ranks (the 256 byte tokens come first, so any text still encodes)
 and puts the same special tokens right after them, so prompts and chat templates are unchanged.
+The CLI also writes OUT/manifest.json (work: the vocabulary size).
 """
 
 from __future__ import annotations
@@ -30,6 +31,8 @@ from tokenizers import (
     pre_tokenizers,
     processors,
 )
+
+from ..manifest import args_config, manifest_path, write_manifest
 
 ENDOFTEXT = "<|endoftext|>"
 IM_START = "<|im_start|>"
@@ -227,6 +230,10 @@ def main(argv=None):
     t0 = time.perf_counter()
     tok = build_qwen2_tokenizer(args.out, args.vocab_size)
     ids = {t: tok.convert_tokens_to_ids(t) for t, _ in SPECIAL_TOKENS}
+    manifest = manifest_path(args.out)
+    write_manifest(manifest, "tokenizer", work=(len(tok), "vocab entries"), config=args_config(args),
+                   files=sorted(p for p in args.out.iterdir() if p.is_file() and p != manifest),
+                   counts={"vocab": len(tok), "bpe": len(tok) - len(ids), "added": len(ids)})
     print(f"{args.out}: vocab {len(tok)} ({len(tok) - len(ids)} BPE + {len(ids)} added) "
           f"in {time.perf_counter() - t0:.1f}s")
     print(f"eos {tok.eos_token} = {tok.eos_token_id}, pad {tok.pad_token} = {tok.pad_token_id}")

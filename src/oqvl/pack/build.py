@@ -17,18 +17,15 @@ are copied: documents reference their shard and key.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import pyarrow as pa
-import pyarrow.parquet as pq
 from tqdm import tqdm
 
-from ..config import config_hash
-from ..manifest import sha256_file, write_json_atomic, write_manifest
+from ..io import sha256_file, write_json, write_parquet
+from ..manifest import args_config, manifest_path, write_manifest
 from ..model.tokenizer import ENDOFTEXT, load_tokenizer
 from ..shards import iter_samples, sample_caption, sample_uid, shard_paths
 from .ffd import fill_ratio, first_fit_decreasing
@@ -110,12 +107,6 @@ def fills(docs: pd.DataFrame, context_len: int) -> dict:
     return result
 
 
-def write_parquet_atomic(table: pa.Table, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    pq.write_table(table, tmp)
-    os.replace(tmp, path)
-
-
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shards", type=Path, required=True)
@@ -154,14 +145,15 @@ def main(argv=None):
         "fill_by_scope": fills(docs, args.context_len),
     }
     assert sum(len(d) for d in seqs["docs"]) == len(docs)
-    write_parquet_atomic(pa.Table.from_pandas(docs, preserve_index=False), args.out / "documents.parquet")
-    write_parquet_atomic(pa.Table.from_pandas(seqs, preserve_index=False), args.out / "sequences.parquet")
-    write_json_atomic(args.out / "stats.json", stats)
-    write_manifest(args.out / "manifest.json", "pack",
-                   [args.out / "documents.parquet", args.out / "sequences.parquet", args.out / "stats.json"],
-                   {k: stats[k] for k in ("documents_in", "documents_packed", "sequences")},
-                   config_hash({k: str(v) for k, v in vars(args).items() if k != "out"}),
-                   inputs={"tokenizer.json": sha256_file(args.tokenizer / "tokenizer.json")})
+    files = [args.out / "documents.parquet", args.out / "sequences.parquet", args.out / "stats.json"]
+    write_parquet(docs, files[0])
+    write_parquet(seqs, files[1])
+    write_json(files[2], stats)
+    tokenizer_json = args.tokenizer / "tokenizer.json"
+    write_manifest(manifest_path(args.out), "pack", work=(stats["documents_packed"], "documents"),
+                   config=args_config(args), files=files,
+                   counts={k: stats[k] for k in ("documents_in", "documents_packed", "sequences")},
+                   inputs={str(tokenizer_json): sha256_file(tokenizer_json)})
     print(f"{args.out}: {stats}")
 
 

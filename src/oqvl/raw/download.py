@@ -4,7 +4,9 @@
 
 The same call serves both scales: toy pair lists hold file:// URLs, paper ones http(s) URLs.
 After img2dataset, every pair is either a sample in a shard or a failure with its reason
-(OUT/failures.parquet); OUT/accounting.json holds the counts and the check in = out + failures.
+(OUT/failures.parquet); ACCOUNTING holds the counts and the check in = out + failures, and the
+job's manifest lies beside it (accounting.manifest.json: a file inside OUT, a directory output,
+could not be declared an output of its own).
 """
 
 from __future__ import annotations
@@ -18,8 +20,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from ..config import config_hash
-from ..manifest import write_json_atomic, write_manifest
+from ..io import sha256_file, write_json, write_parquet
+from ..manifest import args_config, manifest_path, write_manifest
 
 
 class AccountingError(RuntimeError):
@@ -94,8 +96,7 @@ def account(pairs: Path, out: Path) -> dict:
         "failures_by_reason": {k: int(v) for k, v in failed["reason"].value_counts().items()},
         "shards": len(list(out.glob("*.tar"))),
     }
-    failed[["uid", "url", "status", "reason", "error_message"]].to_parquet(
-        out / "failures.parquet", index=False)
+    write_parquet(failed[["uid", "url", "status", "reason", "error_message"]], out / "failures.parquet")
     missing = n_in - len(rows)
     if missing or len(ok) != in_tars:
         raise AccountingError(
@@ -115,10 +116,11 @@ def main(argv=None):
     args.out.mkdir(parents=True, exist_ok=True)
     run_img2dataset(args.pairs, args.out, opts)
     counts = account(args.pairs, args.out)
-    write_json_atomic(args.accounting, counts)
-    files = sorted(args.out.glob("*.tar")) + [args.out / "failures.parquet"]
-    write_manifest(args.out / "manifest.json", "raw", files, counts, config_hash(opts),
-                   inputs={"pairs": str(args.pairs)})
+    write_json(args.accounting, counts)
+    files = sorted(args.out.glob("*.tar")) + [args.out / "failures.parquet", args.accounting]
+    write_manifest(manifest_path(args.accounting), "raw", work=(counts["pairs_in"], "pairs"),
+                   config={**args_config(args), "options": opts}, files=files, counts=counts,
+                   inputs={str(args.pairs): sha256_file(args.pairs)})
     print(f"{args.pairs}: {counts['pairs_in']} in = {counts['samples_in_shards']} in shards "
           f"+ {counts['failures']} failed {counts['failures_by_reason']}")
 

@@ -4,26 +4,22 @@
         --out results/raw/ccs
 
 Writes OUT/images/<uid>.png, OUT/pairs.parquet (url, caption, uid, source: what a web release
-gives) and OUT/truth.parquet (what the toy world knows and filters never read).
+gives), OUT/truth.parquet (what the toy world knows and filters never read) and
+OUT/pairs.manifest.json.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 from pathlib import Path
 
 import pandas as pd
 from tqdm import tqdm
 
+from ..io import write_parquet
+from ..manifest import args_config, manifest_path, write_manifest
 from ..world.source import WorldConfig, generate_source
-
-
-def write_parquet_atomic(df: pd.DataFrame, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    df.to_parquet(tmp, index=False)
-    os.replace(tmp, path)
 
 
 def generate(source: str, n_pairs: int, rates: dict, seed: int, world: WorldConfig, out: Path):
@@ -37,8 +33,8 @@ def generate(source: str, n_pairs: int, rates: dict, seed: int, world: WorldConf
         pairs.append({"url": path.resolve().as_uri(), "caption": pair.caption, "uid": pair.uid,
                       "source": source})
         truth.append(pair.truth)
-    write_parquet_atomic(pd.DataFrame(truth), out / "truth.parquet")
-    write_parquet_atomic(pd.DataFrame(pairs), out / "pairs.parquet")
+    write_parquet(pd.DataFrame(truth), out / "truth.parquet")
+    write_parquet(pd.DataFrame(pairs), out / "pairs.parquet")  # last: it marks a complete source
     return pd.DataFrame(truth)
 
 
@@ -55,7 +51,11 @@ def main(argv=None):
     args = ap.parse_args(argv)
     world = WorldConfig(args.image_size, args.max_objects, args.glyph_prob)
     truth = generate(args.source, args.n_pairs, json.loads(args.rates), args.seed, world, args.out)
-    counts = truth["corruption"].value_counts().to_dict()
+    counts = {k: int(v) for k, v in truth["corruption"].value_counts().items()}
+    pairs = args.out / "pairs.parquet"
+    write_manifest(manifest_path(pairs), "generate_pairs", work=(len(truth), "pairs"),
+                   config=args_config(args), files=[pairs, args.out / "truth.parquet"],
+                   counts={"pairs": len(truth), "by_corruption": counts})
     print(f"{args.source}: {len(truth)} pairs, caption true {truth['caption_true'].mean():.3f}, "
           f"kinds {json.dumps(counts, sort_keys=True)}")
 
