@@ -59,8 +59,13 @@ def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
 
 
 # Files of a model folder that define what it computes (weights, configs, tokenizer); logs,
-# plots and optimizer state beside them do not.
+# plots, run records and optimizer state beside them do not.
 _MODEL_SUFFIXES = (".safetensors", ".json", ".txt", ".model")
+_RUN_RECORDS = ("manifest.json", "summary.json", "state.json", "latest.json", "train_log.jsonl")
+
+
+def _defines_model(path: Path) -> bool:
+    return path.suffix in _MODEL_SUFFIXES and not path.name.endswith(_RUN_RECORDS)
 
 
 def weights_identity(path: str | Path | None) -> str:
@@ -73,7 +78,7 @@ def weights_identity(path: str | Path | None) -> str:
         return sha256_file(p)
     if p.is_dir():
         h = hashlib.sha256()
-        for f in sorted(q for q in p.rglob("*") if q.is_file() and q.suffix in _MODEL_SUFFIXES):
+        for f in sorted(q for q in p.rglob("*") if q.is_file() and _defines_model(q)):
             h.update(f"{f.relative_to(p).as_posix()}\0{sha256_file(f)}\0".encode())
         return h.hexdigest()
     return f"tag:{path}"  # a named release (e.g. an open_clip pretrained tag), not a local file
