@@ -30,8 +30,8 @@ import torch.nn.functional as F
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
 from oqvl.model.chat import encode_prompt
+from oqvl.model.config import load_preset
 from oqvl.model.tokenizer import load_tokenizer
-from oqvl.model.vlm import load_preset
 from oqvl.train.sft_data import LETTER, lookup_turn
 
 LETTERS = "ABCD"

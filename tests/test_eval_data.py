@@ -105,6 +105,14 @@ def test_mmbench_circular_copies_rotate_the_options(toy_dir):
     assert mmb["hint"].notna().any() and mmb["hint"].isna().any()
 
 
+def test_manifest_counts_the_questions_written(toy_dir):
+    manifest = json.loads((toy_dir / "manifest.json").read_text())
+    questions = sum(pq.read_metadata(data_file(toy_dir, b)).num_rows for b in BENCHMARKS)  # not the twins
+    assert manifest["stage"] == "eval_data" and manifest["work"] == {"amount": questions, "unit": "questions"}
+    assert manifest["config"]["sizes"] == SIZES and manifest["config"]["exclude"] == {"ccs": 200}
+    assert set(manifest["files"]) == {data_file(toy_dir, b, s).name for b in BENCHMARKS for s in (False, True)}
+
+
 def test_generation_is_deterministic(toy_dir, tmp_path):
     toy.main(["--out", str(tmp_path), "--sizes", json.dumps({"MMStar": SIZES["MMStar"]}), "--exclude", "ccs:200"])
     assert data_file(tmp_path, "MMStar").read_bytes() == data_file(toy_dir, "MMStar").read_bytes()
@@ -287,6 +295,13 @@ def test_convert_real_releases(tmp_path):
     assert got["image"][0]["bytes"] == png((0, 0, 0))
     seed_out = table(data_file(out, "SEEDBench"))
     assert set(seed_out["data_type"]) == {"image"} and seed_out["question_type_id"].dtype == "int64"
+
+    from oqvl.evaluate import convert as convert_cli
+
+    convert_cli.main(["--out", str(tmp_path / "cli"), *(f"--source={b}={s}" for b, s in sources.items())])
+    manifest = json.loads((tmp_path / "cli" / "manifest.json").read_text())
+    assert manifest["work"] == {"amount": sum(expected_rows.values()), "unit": "questions"}
+    assert manifest["stage"] == "eval_data" and len(manifest["files"]) == 2 * len(BENCHMARKS)
 
 
 def test_convert_official_mmbench_tsv(tmp_path):

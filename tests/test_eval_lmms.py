@@ -326,6 +326,10 @@ def test_every_task_runs_in_lmms_eval_and_writes_its_files(seeing_rows):
                 samples = (base / f"samples_{t}.jsonl").read_text().splitlines()
                 assert len(samples) == results["n-samples"][t]["effective"] > 0
         assert {r["benchmark"] for r in rows[b]} == {b}
+        manifest = json.loads((out / f"{b}.manifest.json").read_text())
+        assert manifest["stage"] == "evaluate" and manifest["device"] == {"type": "cpu", "gpus": 0}
+        assert manifest["work"] == {"amount": sum(r["n"] for r in rows[b]), "unit": "samples"}
+        assert {f"{b}.json", f"{b}/paper/results.json", f"{b}/lmms/results.json"} <= set(manifest["files"])
         assert all(set(r) == {"run", "benchmark", "protocol", "metric", "value", "n", "chance",
                               "control", "above_chance"} for r in rows[b])
 

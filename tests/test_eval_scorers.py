@@ -2,12 +2,13 @@
 known quirks pinned in the `lmms` protocol, and the tidy rows' chance levels and verdicts."""
 
 import argparse
+import json
 import math
 import random
 
 import pytest
 
-from oqvl.evaluate import paper
+from oqvl.evaluate import paper, tidy
 from oqvl.evaluate.tidy import beats, chance_level, scored_items
 
 # ---------------------------------------------------------------------------- paper: letters
@@ -268,3 +269,17 @@ def test_above_chance_needs_a_margin_over_chance_and_control():
     assert beats(60.0, 50.0, 1000, True) and not beats(54.0, 50.0, 1000, True)
     se = math.sqrt(0.25 / 400)
     assert beats(50 + 100 * 2.01 * se, 50.0, 400, False) and not beats(50 + 100 * 1.99 * se, 50.0, 400, False)
+
+
+def test_run_results_gathers_rows_into_one_csv_with_its_manifest(tmp_path):
+    row = {"run": "r", "protocol": "paper", "metric": "accuracy", "value": 60.0, "n": 10, "chance": 25.0,
+           "control": 24.0, "above_chance": True}
+    files = []
+    for b, k in (("POPE", 2), ("MMStar", 1)):
+        files.append(tmp_path / f"{b}.json")
+        files[-1].write_text(json.dumps([dict(row, benchmark=b)] * k))
+    tidy.main([*map(str, files), "--out", str(tmp_path / "tidy.csv")])
+    assert len((tmp_path / "tidy.csv").read_text().splitlines()) == 1 + 3
+    manifest = json.loads((tmp_path / "tidy.manifest.json").read_text())
+    assert manifest["stage"] == "run_results" and manifest["work"] == {"amount": 3, "unit": "rows"}
+    assert list(manifest["files"]) == ["tidy.csv"] and set(manifest["inputs"]) == set(map(str, files))

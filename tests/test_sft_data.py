@@ -52,6 +52,10 @@ def test_cli_rejects_a_bad_mix(tmp_path):
                    "--caption-share", "0"])
     convs = [json.loads(c) for c in pd.read_parquet(tmp_path / "x.parquet")["conversations"]]
     assert all("How many objects" in t["value"] for c in convs for t in c[::2])
+    manifest = json.loads((tmp_path / "x.manifest.json").read_text())  # beside the file it describes
+    assert manifest["stage"] == "sft_data" and manifest["work"] == {"amount": 3, "unit": "conversations"}
+    assert list(manifest["files"]) == ["x.parquet"] and manifest["config"]["kind_weights"] == '{"count": 1}'
+    assert not (tmp_path / "manifest.json").exists()
 
 
 def test_numbers_are_asked_with_either_hint():

@@ -90,6 +90,13 @@ def test_pretrain_outputs_and_log(one_proc):
     summary = json.loads((one_proc / "summary.json").read_text())
     assert summary["steps"] == 4 and summary["tokens"] == sum(r["tokens"] for r in rows)
     assert summary["device"] == "cpu" and summary["gpus"] == 0
+    manifest = json.loads((one_proc / "manifest.json").read_text())
+    assert manifest["stage"] == "pretrain" and manifest["work"] == {"amount": summary["tokens"], "unit": "tokens"}
+    assert manifest["device"] == {"type": "cpu", "gpus": 0}
+    assert manifest["config"]["lr"] == 3e-3 and manifest["config"]["steps"] == 4
+    assert set(manifest["inputs"]) == {"packed/sequences.parquet", "model_configs/toy.json", "vision_weights",
+                                       "lm_path"} and manifest["inputs"]["lm_path"] == "none"
+    assert {"final/model.safetensors", "summary.json", "train_log.jsonl"} <= set(manifest["files"])
     assert (one_proc / "loss.png").stat().st_size > 1000
     model = OpenQwen2VL.from_pretrained(one_proc / "final")  # consolidated, loads without FSDP
     assert load_tokenizer(one_proc / "final").convert_tokens_to_ids("<|image_pad|>") == model.config.image_token_id
@@ -168,10 +175,12 @@ def test_preset_and_start_weights_are_inputs_of_pretraining(tmp_path):
         (tmp_path / d / "model.safetensors").touch()
     cfg = TrainConfig(stage="pretrain", out=str(tmp_path / "out"), tokenizer="tok", packed=str(tmp_path / "packed"),
                       shards="shards", vision_weights=str(tmp_path / "clip"), lm_path=str(tmp_path / "lm"))
-    names = [f"{f.parent.name}/{f.name}" for f in cfg.input_files()]
-    assert names == ["packed/sequences.parquet", "model_configs/toy.json", "clip/model.safetensors",
-                     "lm/model.safetensors"]
-    assert len(set(names)) == len(names)  # the key names every file apart
+    before = cfg.inputs()
+    assert list(before) == ["packed/sequences.parquet", "model_configs/toy.json", "vision_weights", "lm_path"]
+    (tmp_path / "lm" / "model.safetensors").write_bytes(b"another LM")  # same path, new weights
+    after = cfg.inputs()
+    assert after["lm_path"] != before["lm_path"]
+    assert {k: v for k, v in after.items() if k != "lm_path"} == {k: v for k, v in before.items() if k != "lm_path"}
 
 
 def test_interrupted_save_leaves_previous_checkpoint(one_proc, inputs, tmp_path):

@@ -15,20 +15,14 @@ from safetensors.torch import save_file
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
 from oqvl.filter.clip_model import TOY_MODEL, save_checkpoint
+from oqvl.model.chat import IGNORE_INDEX
+from oqvl.model.config import VLMConfig, grid_side, list_presets, load_preset
 from oqvl.model.tokenizer import IMAGE_TOKEN, N_BPE, SPECIAL_TOKENS
-from oqvl.model.vlm import (
-    CONFIG_FILE,
-    IGNORE_INDEX,
-    WEIGHTS_FILE,
-    OpenQwen2VL,
-    Projector,
-    VLMConfig,
+from oqvl.model.vlm import CONFIG_FILE, WEIGHTS_FILE, OpenQwen2VL, Projector
+from oqvl.pack.sequence import (
     doc_ids_from_lengths,
     document_attention_mask,
     document_position_ids,
-    grid_side,
-    list_presets,
-    load_preset,
     pretrain_labels,
 )
 

@@ -33,11 +33,13 @@ from pathlib import Path
 
 import pandas as pd
 
+from ..manifest import manifest_path, write_manifest
 from . import BENCHMARKS
 from .schemas import (
     FEATURES,
     check_schema,
     data_file,
+    questions_written,
     shuffle_images,
     write_rows,
     write_table,
@@ -134,9 +136,6 @@ def main(argv=None):
         if name not in BENCHMARKS or not path:
             raise SystemExit(f"--source wants BENCHMARK=PATH with BENCHMARK in {BENCHMARKS}, got {item!r}")
         sources[name] = path
-    from ..config import config_hash
-    from ..manifest import write_manifest
-
     args.out.mkdir(parents=True, exist_ok=True)
     files, counts = [], {}
     for benchmark in BENCHMARKS:
@@ -148,9 +147,9 @@ def main(argv=None):
         if not args.no_control:
             files.append(data_file(args.out, benchmark, True))
         print(f"{benchmark}: {counts[benchmark]} in {time.time() - t0:.1f}s")
-    write_manifest(args.out / "manifest.json", "eval_data", files, counts,
-                   config_hash({"sources": sources, "seed": args.seed, "control": not args.no_control}),
-                   inputs={"converter": "real", **sources})
+    config = {"converter": "real", "sources": sources, "seed": args.seed, "control": not args.no_control}
+    write_manifest(manifest_path(args.out), "eval_data", work=(questions_written(counts), "questions"),
+                   config=config, files=files, counts=counts, inputs=sources)
 
 
 if __name__ == "__main__":

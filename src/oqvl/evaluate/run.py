@@ -8,7 +8,7 @@ Writes, beside OUT (here results/runs/RUN/eval/POPE/):
     tasks/                      the lmms-eval task YAMLs used, bound to DATA_DIR
     <protocol>/results.json     lmms-eval's results JSON (the task and its _shuffled control)
     <protocol>/samples_<task>.jsonl   lmms-eval's per-sample log of each task
-and OUT: a JSON list of tidy rows (oqvl.evaluate.tidy).
+then OUT: a JSON list of tidy rows (oqvl.evaluate.tidy), and last its manifest (POPE.manifest.json).
 
 lmms-eval runs in this process through its Python API (`simple_evaluate` with an
 `EvaluationTracker`, the calls its CLI makes), offline, with the model loaded once for both
@@ -27,6 +27,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from ..io import sha256_file, weights_identity, write_text
+from ..manifest import manifest_path, write_manifest
 from . import BENCHMARKS, PROTOCOLS
 
 
@@ -111,8 +113,9 @@ def evaluate(checkpoint: Path, run: str, benchmark: str, data_dir: Path, protoco
         from .tasks import task_name, write_task_dir
         from .tidy import read_answers, rows_for
 
-        for shuffled in ((False, True) if control else (False,)):
-            check_schema(data_file(data_dir, benchmark, shuffled), benchmark)
+        data = [data_file(data_dir, benchmark, shuffled) for shuffled in ((False, True) if control else (False,))]
+        for path in data:
+            check_schema(path, benchmark)
         task_dir = work / "tasks"
         write_task_dir(task_dir, data_dir, [benchmark], protocols, control)
         if lm is None:
@@ -149,9 +152,15 @@ def evaluate(checkpoint: Path, run: str, benchmark: str, data_dir: Path, protoco
             os.environ.pop("LMMS_EVAL_DATASETS_CACHE", None)
         else:
             os.environ["LMMS_EVAL_DATASETS_CACHE"] = previous_cache
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text(json.dumps(rows, indent=1) + "\n")
-    os.replace(tmp, out)
+    write_text(out, json.dumps(rows, indent=1) + "\n")
+    config = {"checkpoint": str(checkpoint), "run": run, "benchmark": benchmark, "data_dir": str(data_dir),
+              "protocols": protocols, "control": control, "batch_size": batch_size,
+              "max_new_tokens": max_new_tokens, "device": device, "out": str(out)}
+    write_manifest(manifest_path(out), "evaluate", work=(sum(r["n"] for r in rows), "samples"),
+                   config=config, files=[out, *sorted(p for p in work.rglob("*") if p.is_file())],
+                   counts={"rows": len(rows), "protocols": len(protocols)},
+                   inputs={str(checkpoint): weights_identity(checkpoint), **{str(f): sha256_file(f) for f in data}},
+                   device=device, gpus=int(str(device).startswith("cuda")))
     return rows
 
 

@@ -17,7 +17,6 @@ such as MMBench's circular copies or POPE's six questions per image, move togeth
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +24,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from datasets import Dataset, Features, Image, List, Value
 
+from ..io import write_parquet
 from . import BENCHMARKS
 
 S = Value("string")
@@ -89,14 +89,18 @@ def write_rows(rows: list[dict], benchmark: str, path) -> Path:
 
 
 def write_table(table: pa.Table, path) -> Path:
-    """Write then rename; the schema metadata (the features) travels with the table. pyarrow's
+    """Write atomically; the schema metadata (the features) travels with the table. pyarrow's
     dictionary encoding stores an image shared by several rows once."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    pq.write_table(table, tmp)
-    os.replace(tmp, path)
+    write_parquet(table, path)
     return path
+
+
+def questions_written(counts: dict[str, dict]) -> int:
+    """The questions of a set of benchmark files, from their per-benchmark counts ({"rows": n,
+    "control": {...}}): the rows of each file, not of its shuffled twin."""
+    return sum(c["rows"] for c in counts.values())
 
 
 def check_schema(path, benchmark: str) -> None:

@@ -183,6 +183,9 @@ def main(argv=None):
 
     import pandas as pd
 
+    from ..io import sha256_file, write_text
+    from ..manifest import args_config, manifest_path, write_manifest
+
     ap = argparse.ArgumentParser(description=main.__doc__)
     ap.add_argument("rows", nargs="+", type=Path, help="eval/<Benchmark>.json files")
     ap.add_argument("--out", type=Path, required=True)
@@ -196,7 +199,10 @@ def main(argv=None):
         if not isinstance(got, list):
             sys.exit(f"error: {path}: expected a JSON list of tidy rows")
         rows += got
-    pd.DataFrame(rows).to_csv(args.out, index=False)
+    write_text(args.out, pd.DataFrame(rows).to_csv(index=False))
+    write_manifest(manifest_path(args.out), "run_results", work=(len(rows), "rows"), config=args_config(args),
+                   files=[args.out], counts={"rows": len(rows), "benchmarks": len(args.rows)},
+                   inputs={str(path): sha256_file(path) for path in args.rows})
     print(f"{args.out}: {len(rows)} rows")
 
 

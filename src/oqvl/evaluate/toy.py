@@ -42,12 +42,13 @@ from pathlib import Path
 
 import numpy as np
 
-from ..manifest import sha256_file, write_manifest
+from ..io import sha256_file
+from ..manifest import manifest_path, write_manifest
 from ..world.questions import FLOAT_KINDS, Question, ask, letters
 from ..world.scene import COLOURS, SHAPES, Scene, png_bytes, render, sample_scene
 from ..world.source import WorldConfig, stream_rng
 from . import BENCHMARKS
-from .schemas import CIRCULAR_OFFSET, data_file, shuffle_images, write_rows
+from .schemas import CIRCULAR_OFFSET, data_file, questions_written, shuffle_images, write_rows
 
 DEFAULT_SIZES = {"MMBench": 100, "SEEDBench": 300, "MMStar": 300, "MathVista": 350, "POPE": 60}
 """MMBench: questions (x4 circular rows); POPE: images (x 2k questions x 3 settings); others: rows."""
@@ -353,11 +354,10 @@ def main(argv=None):
             files.append(shuffled)
         print(f"{benchmark}: {len(rows)} rows, {draw.redrawn_training} training scenes redrawn, "
               f"{time.time() - t0:.1f}s -> {path} ({sha256_file(path)[:12]})")
-    params = {"sizes": sizes, "seed": args.seed, "world": vars(world), "exclude": streams,
-              "control": not args.no_control}
-    from ..config import config_hash
-    write_manifest(args.out / "manifest.json", "eval_data", files, counts, config_hash(params),
-                   inputs={"generator": "toy", **{k: str(v) for k, v in params.items()}})
+    config = {"generator": "toy", "sizes": sizes, "seed": args.seed, "world": vars(world),
+              "exclude": streams, "control": not args.no_control}
+    write_manifest(manifest_path(args.out), "eval_data", work=(questions_written(counts), "questions"),
+                   config=config, files=files, counts=counts)
 
 
 if __name__ == "__main__":

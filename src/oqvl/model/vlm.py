@@ -24,8 +24,10 @@ The number of visual tokens per image is a forward-time argument (or the `visual
 attribute), so the same weights run at 144 tokens in pretraining and 729 in SFT (low-to-high).
 
 Packed sequences: with `doc_ids` (B,T) (document index per token, padding -1) attention is
-block-diagonal causal and positions restart at 0 per document; without it, attention is causal
-over the whole packed sequence, as in the reference code.
+block-diagonal causal and positions restart at 0 per document (`oqvl.pack.sequence`); without
+it, attention is causal over the whole packed sequence, as in the reference code.
+
+The config and presets live in `oqvl.model.config`, the vision tower in `oqvl.model.vision`.
 
 Checkpoints: `save_pretrained(dir)` writes dir/model.safetensors (all weights, vision included,
 tied embeddings stored once) and then dir/config.json (a `VLMConfig`, marks completion);
@@ -36,276 +38,27 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import dataclasses
 import json
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
-import open_clip
 import torch
 import torch.nn.functional as F
-from safetensors import safe_open
 from safetensors.torch import load_model, save_model
 from torch import nn
 from transformers import Qwen2Config, Qwen2ForCausalLM
 from transformers.cache_utils import DynamicCache
 
-from ..filter.clip_model import register_model_configs
+from ..io import write_text
+from ..pack.sequence import document_attention_mask, document_position_ids
+from .chat import IGNORE_INDEX
+from .config import CONFIG_FORMAT, VLMConfig, grid_side, lm_config_dict, load_preset, make_lm_config
+from .vision import build_vision_tower, is_clip_checkpoint, load_vision_tower, vision_width
 
-register_model_configs()  # the toy open_clip config must be known before any tower is built
-
-IGNORE_INDEX = -100
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
-CONFIG_FORMAT = "oqvl-vlm/1"
-PRESET_DIR = Path(__file__).parent / "model_configs"
-OPEN_CLIP_WEIGHTS = "open_clip_model.safetensors"  # the file name in open_clip's hub repositories
-
-# Generic PretrainedConfig keys that only add noise to config.json.
-_LM_CONFIG_NOISE = ("transformers_version", "_name_or_path", "id2label", "label2id", "architectures",
-                    "problem_type", "chunk_size_feed_forward", "output_hidden_states",
-                    "output_attentions", "return_dict", "dtype")
-
-
-# --------------------------------------------------------------------------------------- config
-
-@dataclass
-class VisionConfig:
-    """The open_clip vision tower: enough to rebuild it with no registry and no network."""
-
-    open_clip_model: str
-    """open_clip model name (provenance; the tower is built from `model_cfg`)."""
-    model_cfg: dict
-    """open_clip model config: embed_dim, vision_cfg (and quick_gelu)."""
-    feature_layer: int = -1
-    """Transformer block whose output is the patch grid; negative counts from the end."""
-    preprocess: dict = field(default_factory=dict)
-    """Image preprocessing the tower expects (size, mean, std, interpolation, resize_mode)."""
-    source: str | None = None
-    """Where the weights came from when the model was assembled (provenance only)."""
-
-
-@dataclass
-class VLMConfig:
-    vision: VisionConfig
-    lm: dict
-    """Qwen2Config as a dict (Qwen2Config.to_dict())."""
-    image_token_id: int
-    """Id of <|image_pad|>: every visual-token position holds it."""
-    visual_tokens_pretrain: int
-    """Visual tokens per image in pretraining (a square: the pooled grid's cells)."""
-    visual_tokens_sft: int
-    """Visual tokens per image in SFT."""
-    projector_in: int
-    """Vision width C (channels of the patch grid)."""
-    projector_out: int
-    """LM hidden size D: the projector is Linear(C, D) -> GELU -> Linear(D, D)."""
-    freeze_vision: bool = True
-    attn_implementation: str = "sdpa"
-    lm_source: str | None = None
-    """Where the LM weights came from when the model was assembled (provenance only)."""
-
-    def __post_init__(self):
-        if isinstance(self.vision, dict):
-            self.vision = VisionConfig(**self.vision)
-        for key in ("visual_tokens_pretrain", "visual_tokens_sft"):
-            grid_side(getattr(self, key))
-        if self.projector_out != self.lm["hidden_size"]:
-            raise ValueError(f"projector_out {self.projector_out} != LM hidden size {self.lm['hidden_size']}")
-        if not 0 <= self.image_token_id < self.lm["vocab_size"]:
-            raise ValueError(f"image_token_id {self.image_token_id} outside the LM vocabulary "
-                             f"({self.lm['vocab_size']})")
-
-    def to_dict(self) -> dict:
-        return {"format": CONFIG_FORMAT, **dataclasses.asdict(self)}
-
-    @classmethod
-    def from_dict(cls, d: dict) -> VLMConfig:
-        d = dict(d)
-        fmt = d.pop("format", None)
-        if fmt != CONFIG_FORMAT:
-            raise ValueError(f"not an {CONFIG_FORMAT} config (format {fmt!r})")
-        return cls(**d)
-
-
-def grid_side(visual_tokens: int) -> int:
-    """Side of the square pooled grid that gives `visual_tokens` tokens (144 -> 12)."""
-    side = round(max(visual_tokens, 0) ** 0.5)
-    if visual_tokens < 1 or side * side != visual_tokens:
-        raise ValueError(f"visual tokens per image must be a square number, got {visual_tokens}")
-    return side
-
-
-def lm_config_dict(cfg: Qwen2Config) -> dict:
-    d = cfg.to_dict()
-    for k in _LM_CONFIG_NOISE:
-        d.pop(k, None)
-    return d
-
-
-def make_lm_config(d: dict, attn_implementation: str) -> Qwen2Config:
-    cfg = Qwen2Config.from_dict(dict(d))
-    cfg._attn_implementation = attn_implementation
-    return cfg
-
-
-# ------------------------------------------------------------------------------------- presets
-
-def list_presets() -> list[str]:
-    return sorted(p.stem for p in PRESET_DIR.glob("*.json"))
-
-
-def load_preset(name: str) -> dict:
-    """A preset (model_configs/NAME.json): the components and settings of one model scale."""
-    path = PRESET_DIR / f"{name}.json"
-    if not path.is_file():
-        raise KeyError(f"no model preset {name!r}; known: {list_presets()}")
-    preset = json.loads(path.read_text())
-    required = {"vision", "lm", "visual_tokens_pretrain", "visual_tokens_sft", "image_token_id",
-                "freeze_vision", "attn_implementation"}
-    missing = required - set(preset)
-    if missing:
-        raise ValueError(f"preset {name}: missing {sorted(missing)}")
-    if ("config" in preset["lm"]) == ("hf_hub" in preset["lm"]):
-        raise ValueError(f"preset {name}: lm needs exactly one of config (fresh) and hf_hub (local dir)")
-    return preset
-
-
-# ---------------------------------------------------------------------------------- components
-
-def open_clip_tower_config(model_name: str) -> dict:
-    cfg = open_clip.get_model_config(model_name)
-    if cfg is None:
-        raise KeyError(f"open_clip has no model config {model_name!r}")
-    return {k: cfg[k] for k in ("embed_dim", "vision_cfg", "quick_gelu") if k in cfg}
-
-
-def default_preprocess(model_name: str, model_cfg: dict) -> dict:
-    """What open_clip would preprocess with: its defaults, then the first pretrained tag's
-    mean/std/resize (SigLIP: 0.5/0.5, squash), at the tower's image size."""
-    from open_clip.transform import PreprocessCfg
-
-    pp = dataclasses.asdict(PreprocessCfg())
-    tags = open_clip.list_pretrained_tags_by_model(model_name)
-    if tags:
-        tag_cfg = open_clip.get_pretrained_cfg(model_name, tags[0])
-        pp.update({k: tag_cfg[k] for k in ("mean", "std", "interpolation", "resize_mode") if k in tag_cfg})
-    size = model_cfg["vision_cfg"].get("image_size", 224)
-    pp["size"] = [size, size] if isinstance(size, int) else list(size)
-    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in pp.items()}
-
-
-def build_vision_tower(vcfg: VisionConfig) -> nn.Module:
-    """The open_clip visual tower alone (no text tower: SO400M's would be 400M wasted params)."""
-    from open_clip.model import _build_vision_tower
-
-    mc = vcfg.model_cfg
-    vision_cfg = dict(mc["vision_cfg"])
-    if vision_cfg.get("timm_model_name"):
-        vision_cfg["timm_model_pretrained"] = False  # never fetch timm weights; ours are loaded after
-    return _build_vision_tower(mc["embed_dim"], vision_cfg, quick_gelu=mc.get("quick_gelu", False))
-
-
-def vision_width(visual: nn.Module) -> int:
-    """Channels C of the tower's patch grid (timm trunk or native open_clip ViT)."""
-    trunk = getattr(visual, "trunk", None)
-    if trunk is not None:
-        return int(trunk.num_features)
-    return int(visual.transformer.width)
-
-
-def read_open_clip_visual_state(path) -> dict[str, torch.Tensor]:
-    """The `visual.*` weights of an open_clip checkpoint (.safetensors file, or a directory holding
-    model.safetensors or open_clip_model.safetensors), prefix stripped."""
-    path = Path(path)
-    if path.is_dir():
-        for name in (WEIGHTS_FILE, OPEN_CLIP_WEIGHTS):
-            if (path / name).is_file():
-                path = path / name
-                break
-        else:
-            raise FileNotFoundError(f"{path} holds neither {WEIGHTS_FILE} nor {OPEN_CLIP_WEIGHTS}")
-    if path.suffix != ".safetensors":
-        raise ValueError(f"{path}: only .safetensors weights are loaded (no pickle); convert it first")
-    with safe_open(str(path), framework="pt") as f:
-        state = {k[len("visual."):]: f.get_tensor(k) for k in f.keys() if k.startswith("visual.")}  # noqa: SIM118
-    if not state:
-        raise ValueError(f"{path} has no visual.* weights: not an open_clip CLIP checkpoint")
-    return state
-
-
-# ------------------------------------------------------------------------------------ packing
-
-def document_position_ids(doc_ids: torch.Tensor) -> torch.Tensor:
-    """Position of each token within its document (restarts at 0 wherever doc_ids changes)."""
-    B, T = doc_ids.shape
-    idx = torch.arange(T, device=doc_ids.device).expand(B, T)
-    start = torch.ones_like(doc_ids, dtype=torch.bool)
-    start[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]
-    first = torch.where(start, idx, torch.zeros_like(idx)).cummax(dim=-1).values
-    return idx - first
-
-
-def document_attention_mask(doc_ids: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """Additive (B,1,T,T) mask: 0 where key k <= query q and both are in the same document, else the
-    dtype's minimum. Every row keeps its diagonal, so no row is fully masked (no NaN)."""
-    T = doc_ids.shape[1]
-    causal = torch.ones(T, T, dtype=torch.bool, device=doc_ids.device).tril()
-    allowed = (doc_ids[:, :, None] == doc_ids[:, None, :]) & causal
-    mask = torch.zeros(allowed.shape, dtype=dtype, device=doc_ids.device)
-    return mask.masked_fill_(~allowed, torch.finfo(dtype).min).unsqueeze(1)
-
-
-def doc_ids_from_lengths(lengths: Sequence[Sequence[int]], context_len: int) -> torch.Tensor:
-    """(B, context_len) document index per token from per-sequence document lengths (the
-    `lengths` column of sequences.parquet); padding after the last document gets -1."""
-    out = torch.full((len(lengths), context_len), -1, dtype=torch.long)
-    for b, lens in enumerate(lengths):
-        if sum(lens) > context_len:
-            raise ValueError(f"sequence {b}: documents of {sum(lens)} tokens exceed {context_len}")
-        out[b, :sum(lens)] = torch.repeat_interleave(torch.arange(len(lens)), torch.as_tensor(lens))
-    return out
-
-
-# ------------------------------------------------------------------------------------- labels
-
-def pretrain_labels(input_ids: torch.Tensor, image_token_id: int, pad_id: int,
-                    doc_ids: torch.Tensor | None = None, eos_id: int | None = None) -> torch.Tensor:
-    """Labels for packed caption documents `BOS <image tokens> "\\n" caption EOS`, right-padded.
-
-    Masked (-100): image tokens, padding and each document's BOS; kept: "\\n", caption and EOS.
-    In Qwen2 BOS = EOS = pad = <|endoftext|>, so the ids alone cannot tell them apart:
-    - with doc_ids (padding -1): BOS is a document's first token, padding is doc_ids < 0;
-    - without: BOS is an `eos_id` (BOS = EOS; default `pad_id`) token followed by an image
-      token; padding is the run of `pad_id` at the end of the sequence except its first token
-      (the last document's EOS). If `eos_id` differs from `pad_id`, every `pad_id` is padding.
-    """
-    labels = input_ids.clone()
-    ignore = input_ids == image_token_id
-    if doc_ids is not None:
-        pad = doc_ids < 0
-        first = torch.ones_like(pad)
-        first[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]
-        ignore |= pad | (first & ~pad)
-    else:
-        eos_id = pad_id if eos_id is None else eos_id
-        is_pad = input_ids == pad_id
-        bos = torch.zeros_like(is_pad)
-        bos[:, :-1] = (input_ids[:, :-1] == eos_id) & (input_ids[:, 1:] == image_token_id)
-        # trailing[t]: every token from t to the end is pad_id
-        trailing = is_pad.flip(-1).cumprod(-1).flip(-1).bool()
-        if eos_id == pad_id:
-            before = torch.zeros_like(trailing)
-            before[:, 1:] = trailing[:, :-1]
-            padding = trailing & before  # the run minus its first token
-        else:
-            padding = is_pad
-        ignore |= bos | padding
-    labels[ignore] = IGNORE_INDEX
-    return labels
-# SFT labels (assistant turns only) come from oqvl.model.chat.encode_conversation.
 
 
 # -------------------------------------------------------------------------------------- model
@@ -379,22 +132,8 @@ class OpenQwen2VL(nn.Module):
         lm: a local Hugging Face directory of a Qwen2ForCausalLM (e.g. Qwen2.5-1.5B-Instruct),
             loaded offline; or a Qwen2Config (or its kwargs) for a freshly initialised LM.
         """
-        vision_path = Path(vision)
-        if (vision_path / CONFIG_FILE).is_file():  # toy CLIP checkpoint directory
-            meta = json.loads((vision_path / CONFIG_FILE).read_text())
-            name, source = meta["model_name"], str(vision_path)
-            model_cfg = {k: meta["model_cfg"][k] for k in ("embed_dim", "vision_cfg", "quick_gelu")
-                         if k in meta["model_cfg"]}
-            state = read_open_clip_visual_state(vision_path / WEIGHTS_FILE)
-        else:
-            name, model_cfg = str(vision), open_clip_tower_config(str(vision))
-            source = None if vision_pretrained is None else str(vision_pretrained)
-            state = None if vision_pretrained is None else read_open_clip_visual_state(vision_pretrained)
-        vcfg = VisionConfig(open_clip_model=name, model_cfg=model_cfg, feature_layer=feature_layer,
-                            preprocess=preprocess or default_preprocess(name, model_cfg), source=source)
-        tower = build_vision_tower(vcfg)
-        if state is not None:
-            tower.load_state_dict(state, strict=True)
+        vcfg, tower = load_vision_tower(vision, vision_pretrained, feature_layer=feature_layer,
+                                        preprocess=preprocess)
 
         if isinstance(lm, (Qwen2Config, dict)):
             lm_cfg = copy.deepcopy(lm) if isinstance(lm, Qwen2Config) else Qwen2Config(**lm)
@@ -431,7 +170,7 @@ class OpenQwen2VL(nn.Module):
         if lm_path is None and "config" not in lm:
             raise ValueError(f"preset {name}: download {lm['hf_hub']} (revision {lm.get('revision')}) "
                              f"to a local directory and pass it as lm_path")
-        is_ckpt = vision_weights is not None and (Path(vision_weights) / CONFIG_FILE).is_file()
+        is_ckpt = is_clip_checkpoint(vision_weights)
         kwargs = {"image_token_id": p["image_token_id"],
                   "visual_tokens_pretrain": p["visual_tokens_pretrain"],
                   "visual_tokens_sft": p["visual_tokens_sft"],
@@ -452,9 +191,7 @@ class OpenQwen2VL(nn.Module):
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         save_model(self, str(out / WEIGHTS_FILE), metadata={"format": CONFIG_FORMAT})
-        tmp = out / (CONFIG_FILE + ".tmp")
-        tmp.write_text(json.dumps(self.config.to_dict(), indent=2) + "\n")
-        os.replace(tmp, out / CONFIG_FILE)
+        write_text(out / CONFIG_FILE, json.dumps(self.config.to_dict(), indent=2) + "\n")
 
     @classmethod
     def from_pretrained(cls, ckpt_dir, device: str | torch.device = "cpu") -> OpenQwen2VL:

@@ -35,7 +35,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from torch.distributed.tensor import DTensor
 
-from ..manifest import write_json_atomic
+from ..io import write_json
 
 LATEST = "latest.json"
 STATE = "state.json"
@@ -105,10 +105,10 @@ def save(root, step: int, model, optimizer, scheduler, extra: dict, keep_last: i
             "global_shapes": {k: list(v.shape) for k, v in msd.items()},
             **extra,
         }
-        write_json_atomic(tmp / STATE, state)
+        write_json(tmp / STATE, state)
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
-        write_json_atomic(root / LATEST, {"step": step, "dir": final.name})
+        write_json(root / LATEST, {"step": step, "dir": final.name})
         _prune(root, keep_last)
     _barrier()
     return final

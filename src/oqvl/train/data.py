@@ -21,8 +21,7 @@ import torch
 from PIL import Image
 
 from ..model.chat import IGNORE_INDEX, encode_conversation
-from ..model.vlm import pretrain_labels
-from ..pack.sequence import sequence_tokens
+from ..pack.sequence import pretrain_labels, sequence_tokens
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,8 +28,8 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
-from ..config import config_hash
-from ..manifest import write_manifest
+from ..io import write_parquet
+from ..manifest import args_config, manifest_path, write_manifest
 from ..world.captions import describe, sample_style
 from ..world.questions import COUNT_CHOICES, FLOAT_KINDS, INTEGER_KINDS, KINDS, ask, letters
 from ..world.scene import CELLS, COLOURS, SHAPES, png_bytes, render, sample_scene
@@ -157,9 +156,7 @@ def generate(out: Path, n: int, seed: int, world: WorldConfig, turns: int, mix: 
         rows.append({"id": f"{STREAM}-{i:07d}", "image": image, "conversations": json.dumps(conv)})
     df = pd.DataFrame(rows)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    df.to_parquet(tmp, index=False)
-    os.replace(tmp, out)
+    write_parquet(df, out)
     n_turns = sum(len(json.loads(c)) // 2 for c in df["conversations"])
     return {"conversations": n, "turns": n_turns}
 
@@ -222,8 +219,8 @@ def main(argv=None):
     world = WorldConfig(args.image_size, args.max_objects, args.glyph_prob)
     counts = generate(args.out, args.n, args.seed, world, args.turns,
                       Mix(args.caption_share, args.lookup_share, weights))
-    write_manifest(args.out.parent / "manifest.json", "sft_data", [args.out], counts,
-                   config_hash({k: str(v) for k, v in vars(args).items() if k != "out"}))
+    write_manifest(manifest_path(args.out), "sft_data", work=(counts["conversations"], "conversations"),
+                   config=args_config(args), files=[args.out], counts=counts)
     print(f"{args.out}: {counts}")
 
 

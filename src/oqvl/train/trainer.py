@@ -15,8 +15,9 @@ processes train the same model up to float rounding.
 
 Outputs in --out: train_log.jsonl (one line per step: step, loss, lr, tokens, tokens_per_s,
 grad_norm, ...), loss.png, checkpoints/ (sharded, every --save-every steps; see checkpoint.py),
-final/ (the consolidated model + tokenizer: config.json, model.safetensors, tokenizer files) and
-summary.json (steps, tokens, seconds, throughput, device) written last.
+final/ (the consolidated model + tokenizer: config.json, model.safetensors, tokenizer files),
+summary.json (steps, tokens, seconds, throughput, device) and, last, manifest.json (oqvl.manifest:
+tokens trained, the resolved config, the identity of every input).
 """
 
 from __future__ import annotations
@@ -40,10 +41,11 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from tqdm import tqdm
 
-from ..config import config_hash
-from ..manifest import sha256_file, write_json_atomic, write_manifest
+from ..io import sha256_file, weights_identity, write_json, write_text
+from ..manifest import manifest_path, write_manifest
+from ..model.config import PRESET_DIR
 from ..model.tokenizer import ENDOFTEXT, load_tokenizer
-from ..model.vlm import PRESET_DIR, OpenQwen2VL
+from ..model.vlm import OpenQwen2VL
 from . import checkpoint as ckpt
 from .data import Conversations, PackedCaptions, rank_micro_batches, step_indices
 from .plot import plot_loss
@@ -128,17 +130,24 @@ class TrainConfig:
         return {k: v for k, v in asdict(self).items() if k not in skip}
 
     def input_files(self) -> list[Path]:
-        """The files whose content defines what is trained on and from: new data, new starting
-        weights or an edited preset (its LM config, init scale included) under the same paths make
-        old checkpoints another run's."""
+        """The data and preset files trained on: their content, not their path, is keyed."""
         if self.stage == "sft":
-            return [Path(self.sft_data), Path(self.init_from) / "model.safetensors"]
+            return [Path(self.sft_data)]
         files = [Path(self.packed) / "sequences.parquet", PRESET_DIR / f"{self.preset}.json"]
-        for weights in (self.vision_weights, self.lm_path):
-            if weights:
-                w = Path(weights)
-                files.append(w / "model.safetensors" if w.is_dir() else w)
         return [f for f in files if f.is_file()]
+
+    def input_weights(self) -> dict[str, str | None]:
+        """The model weights trained from (a missing one is None)."""
+        if self.stage == "sft":
+            return {"init_from": self.init_from}
+        return {"vision_weights": self.vision_weights, "lm_path": self.lm_path}
+
+    def inputs(self) -> dict[str, str]:
+        """The content identity of what is trained on and from: new data, new starting weights or
+        an edited preset (its LM config, init scale included) under the same paths make old
+        checkpoints another run's."""
+        files = {f"{f.parent.name}/{f.name}": sha256_file(f) for f in self.input_files()}
+        return {**files, **{k: weights_identity(w) for k, w in self.input_weights().items()}}
 
 
 # --------------------------------------------------------------------------------- distributed
@@ -269,7 +278,7 @@ def _train(cfg: TrainConfig, rank: int, world: int, device: torch.device) -> dic
         opt, warmup_cosine(max(1, round(cfg.warmup_frac * steps)), steps, cfg.min_lr_ratio))
 
     start = 0
-    key = _jsonable({**cfg.resume_key(), "inputs": {f"{f.parent.name}/{f.name}": sha256_file(f)[:16] for f in cfg.input_files()}})
+    key = _jsonable({**cfg.resume_key(), "inputs": cfg.inputs()})
     resume_from = ckpt.latest(ckpt_root)
     if resume_from is not None and ckpt.saved_config(resume_from) != key:
         # A changed config makes the old checkpoints another run's: start over, say so.
@@ -370,10 +379,12 @@ def _finish(cfg, out, config, full_state, tokenizer, steps, world, device, total
         "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
         "train_config": _jsonable(asdict(cfg)),
     }
-    write_json_atomic(out / "summary.json", summary)
-    write_manifest(out / "manifest.json", cfg.stage,
-                   [final / "config.json", final / "model.safetensors", log_path, out / "summary.json"],
-                   {"steps": steps, "tokens": summary["tokens"]}, config_hash(key))
+    write_json(out / "summary.json", summary)
+    write_manifest(manifest_path(out), cfg.stage, work=(summary["tokens"], "tokens"),
+                   config=summary["train_config"],
+                   files=[final / "config.json", final / "model.safetensors", log_path, out / "summary.json"],
+                   counts={k: summary[k] for k in ("steps", "sequences", "tokens", "loss_tokens")},
+                   inputs=key["inputs"], device=summary["device"], gpus=summary["gpus"])
     print(f"{cfg.stage}: {steps} steps, final loss {summary['final_loss']:.4f}, "
           f"{summary['tokens_per_s']:.0f} tokens/s -> {final}", flush=True)
     return summary
@@ -384,9 +395,7 @@ def _truncate_log(path: Path, step: int) -> None:
     if not path.exists():
         return
     keep = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(line + "\n" for line in keep))
-    os.replace(tmp, path)
+    write_text(path, "".join(line + "\n" for line in keep))
 
 
 def _jsonable(d: dict) -> dict:
