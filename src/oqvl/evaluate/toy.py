@@ -323,9 +323,7 @@ def main(argv=None):
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--sizes", default=json.dumps(DEFAULT_SIZES), help="JSON: benchmark -> size")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--image-size", type=int, default=64)
-    ap.add_argument("--max-objects", type=int, default=3)
-    ap.add_argument("--glyph-prob", type=float, default=0.25)
+    WorldConfig.add_args(ap)
     ap.add_argument("--exclude", action="append", default=[], metavar="STREAM:N",
                     help="a training stream whose first N images no benchmark image may equal")
     ap.add_argument("--no-control", action="store_true", help="skip the shuffled-image files")
@@ -334,7 +332,7 @@ def main(argv=None):
     unknown = set(sizes) - set(BENCHMARKS)
     if unknown:
         raise SystemExit(f"unknown benchmark(s) in --sizes: {sorted(unknown)}")
-    world = WorldConfig(args.image_size, args.max_objects, args.glyph_prob)
+    world = WorldConfig.from_args(args)
     streams = parse_exclude(args.exclude)
     t0 = time.time()
     excluded = training_keys(args.seed, streams, world)

@@ -42,6 +42,7 @@ import pandas as pd
 from ..config import config_hash
 from ..io import sha256_file, weights_identity, write_json, write_parquet
 from ..manifest import args_config, manifest_path, write_manifest
+from ..world.source import WorldConfig
 
 FAULT_ENV = "OQVL_FAULT_AFTER_CHUNKS"  # tests: exit 17 after writing this many chunks
 STATUSES = ("ok", "empty", "unparsable", "out_of_range")
@@ -340,9 +341,7 @@ def main(argv=None):
     s.add_argument("--tokenizer", required=True)
     s.add_argument("--visual-tokens", type=int, default=16)
     s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--image-size", type=int, default=64)
-    s.add_argument("--max-objects", type=int, default=3)
-    s.add_argument("--glyph-prob", type=float, default=0.25)
+    WorldConfig.add_args(s)
     c = sub.add_parser("score", help="score a source's shards with a model")
     c.add_argument("--shards", type=Path, required=True)
     c.add_argument("--model", required=True, help="checkpoint directory (config.json, weights, tokenizer)")
@@ -363,9 +362,7 @@ def main(argv=None):
     args = ap.parse_args(argv)
     try:
         if args.cmd == "seed":
-            from ..world.source import WorldConfig
-
-            world = WorldConfig(args.image_size, args.max_objects, args.glyph_prob)
+            world = WorldConfig.from_args(args)
             stats = make_seed(args.out, args.n, args.seed, world, args.metric, args.vision_weights,
                               args.tokenizer, args.visual_tokens)
             write_json(args.out / "seed_stats.json", stats)

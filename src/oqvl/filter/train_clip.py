@@ -120,7 +120,7 @@ def train(args) -> dict:
         raise ValueError("need at least one step and two pairs")
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
-    world = WorldConfig(args.image_size, args.max_objects, args.glyph_prob)
+    world = WorldConfig.from_args(args)
     model, _, _ = open_clip.create_model_and_transforms(TOY_MODEL, pretrained=None)
     tokenizer = open_clip.get_tokenizer(TOY_MODEL)
     pp = model.visual.preprocess_cfg
@@ -212,9 +212,7 @@ def parse_args(argv=None):
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--log-every", type=int, default=10)
-    ap.add_argument("--image-size", type=int, default=64)
-    ap.add_argument("--max-objects", type=int, default=3)
-    ap.add_argument("--glyph-prob", type=float, default=0.25)
+    WorldConfig.add_args(ap)
     return ap.parse_args(argv)
 
 

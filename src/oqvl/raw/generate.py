@@ -44,12 +44,10 @@ def main(argv=None):
     ap.add_argument("--n-pairs", type=int, required=True)
     ap.add_argument("--rates", default="{}", help="JSON: corruption kind -> fraction")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--image-size", type=int, default=64)
-    ap.add_argument("--max-objects", type=int, default=3)
-    ap.add_argument("--glyph-prob", type=float, default=0.25)
+    WorldConfig.add_args(ap)
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args(argv)
-    world = WorldConfig(args.image_size, args.max_objects, args.glyph_prob)
+    world = WorldConfig.from_args(args)
     truth = generate(args.source, args.n_pairs, json.loads(args.rates), args.seed, world, args.out)
     counts = {k: int(v) for k, v in truth["corruption"].value_counts().items()}
     pairs = args.out / "pairs.parquet"

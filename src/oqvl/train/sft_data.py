@@ -197,9 +197,7 @@ def main(argv=None):
     ap.add_argument("--n", type=int, required=True, help="conversations")
     ap.add_argument("--turns", type=int, default=3, help="question turns per conversation")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--image-size", type=int, default=64)
-    ap.add_argument("--max-objects", type=int, default=3)
-    ap.add_argument("--glyph-prob", type=float, default=0.25)
+    WorldConfig.add_args(ap)
     ap.add_argument("--caption-share", type=float, default=Mix.caption_share, help="turns asking for a caption")
     ap.add_argument("--lookup-share", type=float, default=Mix.lookup_share, help="text-only option lookups")
     ap.add_argument("--kind-weights", default=None,
@@ -216,7 +214,7 @@ def main(argv=None):
         if unknown or not any(given.get(k, 0) > 0 for k in KINDS) or any(v < 0 for v in given.values()):
             raise SystemExit(f"error: --kind-weights: weights >= 0 over {list(KINDS)}, one positive; got {given}")
         weights = tuple(float(given.get(k, 0)) for k in KINDS)
-    world = WorldConfig(args.image_size, args.max_objects, args.glyph_prob)
+    world = WorldConfig.from_args(args)
     counts = generate(args.out, args.n, args.seed, world, args.turns,
                       Mix(args.caption_share, args.lookup_share, weights))
     write_manifest(manifest_path(args.out), "sft_data", work=(counts["conversations"], "conversations"),
