@@ -20,7 +20,6 @@ would then pick the SigLIP sentencepiece tokenizer, which needs the hub.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +27,8 @@ import open_clip
 import torch
 from PIL import Image
 from safetensors.torch import save_file
+
+from ..io import write_text
 
 TOY_MODEL = "toy-vit-p8-sigmoid"
 MODEL_CONFIG_DIR = Path(__file__).parent / "model_configs"
@@ -62,9 +63,7 @@ def save_checkpoint(model, out_dir, meta: dict) -> None:
     save_file(state, str(out / WEIGHTS_FILE))
     if "model_cfg" not in meta:
         meta = {**meta, "model_cfg": model_config(meta["model_name"])}
-    tmp = out / (CONFIG_FILE + ".tmp")
-    tmp.write_text(json.dumps(meta, indent=2) + "\n")
-    os.replace(tmp, out / CONFIG_FILE)
+    write_text(out / CONFIG_FILE, json.dumps(meta, indent=2) + "\n")
 
 
 def _is_checkpoint_dir(path) -> bool:
