@@ -81,14 +81,14 @@ rule plots:
     input:
         table3=L.TABLE3,
         compute=L.COMPUTE,
-        summaries=[L.train_summary(run, stage) for run in config["runs"] for stage in L.TRAIN_STAGES],
+        manifests=[L.manifest(stage, run=run) for run in config["runs"] for stage in L.TRAIN_STAGES],
     output:
         scores=report(f"{L.PLOTS}/{PLOTS['scores']}", caption="../report/scores.rst", category="Plots"),
         loss=report(f"{L.PLOTS}/{PLOTS['loss']}", caption="../report/loss.rst", category="Plots"),
         compute=report(f"{L.PLOTS}/{PLOTS['compute']}", caption="../report/compute_plot.rst", category="Plots"),
     params:
-        # Each training stage's loss log lies beside its summary, complete once the summary is.
-        logs=as_json({run: {stage: L.train_log(run, stage) for stage in L.TRAIN_STAGES} for run in config["runs"]}),
+        # Each training job's manifest lists its loss log (with its hash).
+        manifests=as_json({run: {stage: L.manifest(stage, run=run) for stage in L.TRAIN_STAGES} for run in config["runs"]}),
         out=folder_of("scores"),
     container: config["containers"]["data"]
     log:
@@ -97,4 +97,4 @@ rule plots:
         L.benchmark("plots")
     shell:
         "$PY -m oqvl.report.plots --table3 {input.table3:q} --compute {input.compute:q}"
-        " --train-logs-json {params.logs:q} --out-dir {params.out} > {log} 2>&1"
+        " --train-manifests-json {params.manifests:q} --out-dir {params.out} > {log} 2>&1"

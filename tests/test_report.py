@@ -447,9 +447,13 @@ def test_plots(world, tmp_path):
     tables.build("table3", CONFIG, world.records).to_csv(t3, index=False)
     compute.build({"jobs": world.jobs, "pretrain": world.pretrain}, CONFIG).to_csv(c, index=False)
     out = tmp_path / "plots"
-    logs = {run: {stage: str(world.res / "runs" / run / stage / "train_log.jsonl") for stage in ("pretrain", "sft")}
+    manifest(world.res / "runs" / "r12" / "sft" / "manifest.json", "sft", 20_000, "tokens")
+    for stage in ("pretrain", "sft"):  # the trainer lists its log among the manifest's files
+        path = world.res / "runs" / "r12" / stage / "manifest.json"
+        path.write_text(json.dumps({**json.loads(path.read_text()), "files": {"train_log.jsonl": "0" * 64}}))
+    logs = {run: {stage: str(world.res / "runs" / run / stage / "manifest.json") for stage in ("pretrain", "sft")}
             for run in ("r12", "r13")}
-    plots.main(["--table3", str(t3), "--compute", str(c), "--train-logs-json", json.dumps(logs),
+    plots.main(["--table3", str(t3), "--compute", str(c), "--train-manifests-json", json.dumps(logs),
                 "--out-dir", str(out)])
     for name in plots.PLOTS.values():
         img = np.asarray(Image.open(out / name).convert("RGB"))

@@ -141,11 +141,6 @@ def train_summary(run="{run}", stage="{stage}"):
     return f"{train_dir(run, stage)}/summary.json"
 
 
-def train_log(run="{run}", stage="{stage}"):
-    """A training stage's per-step log (JSON lines; complete once its summary is written)."""
-    return f"{train_dir(run, stage)}/train_log.jsonl"
-
-
 def eval_data(benchmark="{benchmark}", shuffled=False):
     return f"{EVAL_DATA}/{benchmark}{'_shuffled' if shuffled else ''}.parquet"
 

@@ -1,7 +1,7 @@
 """Plots of the results (PNG): scores per mixture beside the paper's, loss curves, GPU-hours by stage.
 
     python -m oqvl.report.plots --table3 results/table3.csv --compute results/compute.csv \
-        --train-logs-json '{RUN: {STAGE: LOG}}' --out-dir results/plots
+        --train-manifests-json '{RUN: {STAGE: MANIFEST}}' --out-dir results/plots
 
 A plot with nothing to show yet (no evaluated run, no training log) says so on its canvas rather
 than inventing data.
@@ -67,15 +67,24 @@ def read_train_log(path: Path) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def plot_losses(train_logs: dict, out: Path) -> None:
-    """Training loss against tokens seen, per run (train_logs: run -> stage -> its log file), for
-    pretraining and SFT."""
+def train_log_of(manifest: Path) -> Path | None:
+    """The training log a training job's manifest lists (and vouches for by its hash)."""
+    if not manifest.is_file():
+        return None
+    files = json.loads(manifest.read_text()).get("files", {})
+    name = next((f for f in files if f.endswith("train_log.jsonl")), None)
+    return manifest.parent / name if name else None
+
+
+def plot_losses(train_manifests: dict, out: Path) -> None:
+    """Training loss against tokens seen, per run (train_manifests: run -> stage -> its training
+    job's manifest), for pretraining and SFT."""
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
     for ax, stage in zip(axes, ("pretrain", "sft")):
         drawn = 0
-        for run in sorted(train_logs):
-            path = Path(train_logs[run][stage])
-            if not path.is_file():
+        for run in sorted(train_manifests):
+            path = train_log_of(Path(train_manifests[run][stage]))
+            if path is None or not path.is_file():
                 continue
             log = read_train_log(path)
             if log.empty or "loss" not in log:
@@ -142,12 +151,12 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--table3", type=Path, required=True)
     ap.add_argument("--compute", type=Path, required=True)
-    ap.add_argument("--train-logs-json", default="{}", help="run -> stage -> its train_log.jsonl")
+    ap.add_argument("--train-manifests-json", default="{}", help="run -> stage -> its training manifest")
     ap.add_argument("--out-dir", type=Path, required=True)
     args = ap.parse_args(argv)
     args.out_dir.mkdir(parents=True, exist_ok=True)
     plot_scores(pd.read_csv(args.table3, dtype={"row": str}), args.out_dir / PLOTS["scores"])
-    plot_losses(json.loads(args.train_logs_json), args.out_dir / PLOTS["loss"])
+    plot_losses(json.loads(args.train_manifests_json), args.out_dir / PLOTS["loss"])
     plot_compute(pd.read_csv(args.compute), args.out_dir / PLOTS["compute"])
     print(f"{args.out_dir}: {', '.join(PLOTS.values())}")
 
