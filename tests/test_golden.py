@@ -32,6 +32,7 @@ VARYING = {
     "*/loss.png": "rendered from the training log's losses, whose last bits follow the CPU's kernels",
     # Image shards: img2dataset writes samples in the order its threads finish and stamps tar
     # members; each sample's url is the absolute path of this run's scratch directory.
+    "results/raw/*/pairs.parquet": "file:// urls into this run's scratch directory",
     "results/raw/*/shards/*": "download order, tar mtimes, absolute urls",
     "results/mixtures/*": "the raw shards' urls and tar mtimes",
     # Everything a trained model computed: floating-point sums depend on the CPU's vector width
@@ -89,4 +90,4 @@ def test_the_diff_is_readable():
     new = {"outputs": ["a", "c", "d"], "hashes": {"a": "9", "c": "3"}}
     assert diff(old, new) == ["missing output: b", "new output: d", "content changed: a",
                               "now hashed (was varying or absent): c"]
-    assert varying("results/runs/x/sft/final/model.safetensors") and not varying("results/raw/ccs/pairs.parquet")
+    assert varying("results/runs/x/sft/final/model.safetensors") and not varying("results/raw/ccs/truth.parquet")

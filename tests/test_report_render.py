@@ -21,6 +21,7 @@ from conftest import REPO, snakemake
 from PIL import Image
 from test_report import CONFIG, bench, effective_config, eval_file, world  # noqa: F401  (world is a fixture)
 
+from oqvl.plan import job_files
 from oqvl.report import html as html_page
 from oqvl.report import tables
 
@@ -137,7 +138,7 @@ def dark_pixels(img: np.ndarray, box) -> int:
 
 def test_table_page_shows_paper_and_reproduced_rows(world, tmp_path, browser):  # noqa: F811
     page = tmp_path / "table4.html"
-    tables.main(["table4", "--results", str(world), "--config-json", json.dumps(CONFIG),
+    tables.main(["table4", "--runs-json", json.dumps({"r12": world.records["r12"]}), "--config-json", json.dumps(CONFIG),
                  "--out", str(tmp_path / "table4.csv"), "--html", str(page)])
     browser.open(page)
     img = browser.screenshot()
@@ -157,28 +158,29 @@ def test_table_page_shows_paper_and_reproduced_rows(world, tmp_path, browser):  
 
 
 def report_fixture(work, config):
-    """What the report rules read: packed stats, the filter report, benchmark records, and for
-    every configured run its training summaries and evaluation files (both protocols)."""
-    res = work / "results"
+    """Every file the report rules declare (oqvl.plan names them): each job's benchmark record and
+    manifest, each run's training summaries and evaluation files (both protocols), packed stats."""
+    from oqvl.plan import Plan
+    from oqvl.scale import resolve
+
+    plan = Plan(config, resolve(config))
+    for rule, wc in plan.all_jobs():
+        bench_path, manifest_path = (work / f for f in job_files((rule, wc)))
+        bench(bench_path, 18.0, 17.0, 500.0, rule, wc, {}, 1, {"_cores": 1, "gpu": 0})
+        manifest_path.parent.mkdir(parents=True, exist_ok=True)
+        manifest_path.write_text(json.dumps({"stage": rule, "work": {"amount": 30, "unit": "pairs"},
+                                             "device": {"type": "cpu", "gpus": 0}, "files": {}}))
     for m in config["mixtures"]:
-        (res / "packed" / m).mkdir(parents=True)
-        (res / "packed" / m / "stats.json").write_text(json.dumps({"sequences": 10, "documents_packed": 30,
-                                                                    "text_tokens": 600, "visual_tokens": 16}))
-    (res / "filter" / "quality").mkdir(parents=True)
-    (res / "filter" / "quality" / "report.md").write_text("# filter quality\n")
-    bench(res / "benchmarks" / "filter" / "clip_score_ccs.tsv", 72.0, 130.0, 900.0, "clip_score",
-          {"source": "ccs"}, {}, 2, {"_cores": 2, "gpu": 0})
-    bench(res / "benchmarks" / "pack" / "ccs+laion.tsv", 18.0, 17.0, 500.0, "pack", {"mixture": "ccs+laion"},
-          {}, 1, {"_cores": 1})
-    for run in config.get("runs") or {}:
+        (work / "results" / "packed" / m / "stats.json").write_text(json.dumps(
+            {"sequences": 10, "documents_packed": 30, "text_tokens": 600, "visual_tokens": 16}))
+    for run in config["runs"]:
         for stage in ("pretrain", "sft"):
-            (res / "runs" / run / stage).mkdir(parents=True)
-            (res / "runs" / run / stage / "summary.json").write_text(json.dumps(
+            (work / "results" / "runs" / run / stage / "summary.json").write_text(json.dumps(
                 {"stage": stage, "run": run, "tokens": 40_000, "loss_tokens": 20_000, "tokens_per_s": 300.0,
                  "device": "cpu", "gpus": 0, "threads": 2,
                  "params": {"vision": 843_008, "projector": 33_024, "lm": 1_790_336, "total": 2_666_368}}))
         for b in tables.BENCHMARKS:
-            eval_file(res / "runs" / run / "eval" / f"{b}.json", run, b, {"paper": 50.0, "lmms": 45.0})
+            eval_file(work / "results" / "runs" / run / "eval" / f"{b}.json", run, b, {"paper": 50.0, "lmms": 45.0})
 
 
 REPORT_RULES = ["compute", "table3", "table4", "plots"]
