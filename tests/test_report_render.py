@@ -233,3 +233,17 @@ def test_snakemake_report_shows_table4(tmp_path, browser):
     # Self-contained: the browser fetched nothing but the report file and data: URIs.
     assert all(u.startswith(("data:", "file:")) for u in browser.requests), browser.requests
     Image.fromarray(img.astype(np.uint8)).save(tmp_path / "report_table4.png")
+
+
+def test_a_missing_declared_input_fails_the_dag_not_the_table(tmp_path):
+    # The table rule declares every evaluation file it reads: one gone (a renamed output, a
+    # deleted file) stops the DAG, naming it, instead of leaving an empty cell.
+    ci = REPO / "config" / "ci.yaml"
+    config = effective_config(ci)
+    report_fixture(tmp_path, config)
+    gone = f"results/runs/{config['table4_run']}/eval/POPE.json"
+    (tmp_path / gone).unlink()
+    proc = snakemake(tmp_path, "results/table4.csv", "--allowed-rules", "table4", configfile=ci, check=False)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0 and gone in out
+    assert not (tmp_path / "results" / "table4.csv").exists()
