@@ -83,7 +83,7 @@ def provenance_section(table4: pd.DataFrame) -> list[str]:
     ours = table4[table4["scale"] != "paper"]
     if ours.empty:
         return []
-    r = ours.iloc[0]
+    r = ours.iloc[0].where(ours.iloc[0].notna(), "")  # an empty CSV cell reads back as NaN
     return ["## Provenance", "",
             f"- code version: `{r.get('code_version', '')}`",
             f"- config hash: `{r.get('config_hash', '')}`; lock-file hash: `{r.get('lock_hash', '')}`",
