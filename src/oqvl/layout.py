@@ -82,9 +82,6 @@ def mlm_stats(source="{source}"):
     return f"{filter_dir(source)}/mlm_score_stats.json"
 
 
-KEPT_SETS = ("filter", "mlm", "union")  # a source's own filter, the MLM-Filter, their union
-
-
 def kept(source="{source}", which="filter"):
     """A source's kept set: its own filter's (`kept.parquet`), the MLM-Filter's or their union."""
     return f"{filter_dir(source)}/kept{'' if which == 'filter' else '_' + which}.parquet"
@@ -201,7 +198,7 @@ JOBS = {
     "run_results": JobFiles("evaluate", "{run}_tidy", run_results()),
 }
 # Report rules: logged and benchmarked, not accounted (they summarise the jobs above).
-REPORT_JOBS = ("compute", "table4", "table3", "plots", "summary")
+REPORT_JOBS = ("compute", "table4", "table3", "plots")
 
 
 def _job(rule: str) -> JobFiles:

@@ -65,10 +65,6 @@ class Scale:
         """Whether a toy-only rule exists in this config's DAG (other rules always exist)."""
         return rule in self.rules
 
-    def built(self, rule: str, path: str) -> list[str]:
-        """`[path]` when `rule` builds it here, else `[]`: an input only where the DAG makes it."""
-        return [path] if self.has(rule) else []
-
     def user_inputs(self) -> set[str]:
         """The model paths this config takes from the user (not toy-built)."""
         built = {layout.CLIP_MODEL, layout.TOKENIZER}
