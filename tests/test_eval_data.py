@@ -323,11 +323,12 @@ def test_convert_official_mmbench_tsv(tmp_path):
 
 def test_task_dir_binds_the_data_and_adds_controls(tmp_path, toy_dir):
     names = write_task_dir(tmp_path / "tasks", toy_dir)
-    assert len(names) == 20 and task_name("POPE", "paper", True) in names
+    assert len(names) == 22 and task_name("POPE", "paper", True, "likelihood") in names
     text = (tmp_path / "tasks" / "oqvl_mmbench_lmms_shuffled.yaml").read_text()
     assert "task: oqvl_mmbench_lmms_shuffled\n" in text
     assert f"test: {data_file(toy_dir.resolve(), 'MMBench', True)}\n" in text
     plain = (tmp_path / "tasks" / "oqvl_mmbench_lmms.yaml").read_text()
     assert f"test: {data_file(toy_dir.resolve(), 'MMBench')}\n" in plain
-    assert len(write_task_dir(tmp_path / "tasks", toy_dir, ["POPE"], ["paper"], control=False)) == 1
-    assert [p.name for p in (tmp_path / "tasks").glob("*.yaml")] == ["oqvl_pope_paper.yaml"]
+    assert len(write_task_dir(tmp_path / "tasks", toy_dir, ["POPE"], ["paper"], control=False)) == 2
+    assert sorted(p.name for p in (tmp_path / "tasks").glob("*.yaml")) == [
+        "oqvl_pope_paper.yaml", "oqvl_pope_paper_likelihood.yaml"]

@@ -13,6 +13,7 @@ import torch
 
 from oqvl.evaluate import BENCHMARKS, toy
 from oqvl.evaluate.schemas import data_file
+from oqvl.evaluate.tasks import protocol_tasks
 from oqvl.model.tokenizer import IMAGE_TOKEN, SPECIAL_TOKENS, build_qwen2_tokenizer
 from oqvl.model.vlm import OpenQwen2VL
 
@@ -124,11 +125,61 @@ def test_adapter_prompt_is_the_sft_chat_encoding(adapter):
     from oqvl.model.chat import encode_prompt
 
     doc = adapter.task_dict["t"]["test"][0]
-    ids, images = adapter._inputs("What is it?", image_of(doc))
+    ids, images = adapter._inputs("What is it?", image_of(doc), "t")
     assert ids == encode_prompt(adapter.tokenizer, "<image>\nWhat is it?", adapter.visual_tokens)
     assert images.shape == (1, 3, 64, 64)
     with pytest.raises(ValueError, match="2 <image>"):
-        adapter._inputs("<image> and <image>", image_of(doc))
+        adapter._inputs("<image> and <image>", image_of(doc), "t")
+
+
+def paper_requests(adapter, n, task="oqvl_mmstar_paper"):
+    adapter.task_dict[task] = adapter.task_dict["t"]
+    return [request("generate_until", (f"<image>\nQuestion: {i}?{'!' * i}\nAnswer:",
+                                       {"max_new_tokens": 16, "until": ["e"]}, image_of, i, task, "test"))
+            for i in range(n)]
+
+
+def test_adapter_paper_tasks_send_raw_prompts_after_bos(adapter):
+    from oqvl.model.chat import encode_raw_prompt
+
+    doc = adapter.task_dict["t"]["test"][0]
+    for task in ("oqvl_pope_paper", "oqvl_pope_paper_likelihood_shuffled", "oqvl_mmstar_paper_shuffled"):
+        ids, _ = adapter._inputs("<image>\nQuestion: Is it red?\nAnswer:", image_of(doc), task)
+        assert ids == encode_raw_prompt(adapter.tokenizer, "<image>\nQuestion: Is it red?\nAnswer:",
+                                        adapter.visual_tokens, adapter.bos_id)
+    assert ids[0] == adapter.tokenizer.convert_tokens_to_ids("<|endoftext|>")  # the toy tokenizer has no BOS
+    assert "<|im_start|>" not in adapter.tokenizer.decode(ids)
+    with pytest.raises(ValueError, match="oqvl_pope_paper: prompt has 0 <image>"):
+        adapter._inputs("Is it red?", image_of(doc), "oqvl_pope_paper")  # no image slot added for it
+
+
+def test_adapter_paper_decoding_stops_at_the_reference_ids_and_keeps_them(adapter):
+    from oqvl.evaluate.paper import REFERENCE_STOP_IDS
+
+    reqs = paper_requests(adapter, 6)
+    texts = adapter.generate_until(reqs)
+    calls = []
+    generate = adapter.model.generate
+
+    def spy(ids, *args, **kwargs):
+        out = generate(ids, *args, **kwargs)
+        calls.append((kwargs["stop_token_ids"], kwargs["max_new_tokens"], out))
+        return out
+
+    adapter.model.generate = spy
+    try:
+        assert adapter.generate_until(reqs) == texts
+    finally:
+        adapter.model.generate = generate
+    stops, max_new, _ = calls[0]
+    assert stops == {i for i in REFERENCE_STOP_IDS if i < len(adapter.tokenizer)} == {11, 13, 198}
+    assert max_new == 16
+    outs = [new for _, _, batch in calls for new in batch]
+    for new in outs:  # 16 tokens, or the first stop token is the last
+        assert all(t not in stops for t in new[:-1]) and (len(new) == 16 or new[-1] in stops)
+    decoded = [adapter.tokenizer.decode(new, skip_special_tokens=True).strip() for new in outs]
+    assert sorted(decoded) == sorted(texts)  # no cut at the task's `until` ("e"): the reference has none
+    assert any("e" in t for t in texts)
 
 
 def test_adapter_loglikelihood_matches_the_model(adapter):
@@ -139,7 +190,7 @@ def test_adapter_loglikelihood_matches_the_model(adapter):
     got = adapter.loglikelihood(reqs)
     for req, (ll, greedy) in zip(reqs, got):
         context, cont, _, doc_id, _, _ = req.args
-        ids, images = adapter._inputs(context, image_of(docs[doc_id]))
+        ids, images = adapter._inputs(context, image_of(docs[doc_id]), "t")
         cont_ids = adapter.tokenizer(cont, add_special_tokens=False)["input_ids"]
         want = adapter.model.loglikelihood(ids, cont_ids, images, visual_tokens=adapter.visual_tokens)
         assert ll == pytest.approx(want[0], abs=1e-4) and greedy == want[1]
@@ -320,9 +371,9 @@ def test_every_task_runs_in_lmms_eval_and_writes_its_files(seeing_rows):
         for protocol in ("paper", "lmms"):
             base = out / b / protocol
             results = json.loads((base / "results.json").read_text())
-            task = f"oqvl_{b.lower()}_{protocol}"
-            assert set(results["results"]) == {task, task + "_shuffled"}
-            for t in (task, task + "_shuffled"):
+            tasks = protocol_tasks(b, protocol)
+            assert set(results["results"]) == set(tasks) and len(tasks) == (4 if (b, protocol) == ("POPE", "paper") else 2)
+            for t in tasks:
                 samples = (base / f"samples_{t}.jsonl").read_text().splitlines()
                 assert len(samples) == results["n-samples"][t]["effective"] > 0
         assert {r["benchmark"] for r in rows[b]} == {b}
@@ -349,7 +400,11 @@ def test_a_model_that_sees_the_image_beats_chance_and_control(seeing_rows):
     pope = {r["metric"]: r for r in rows["POPE"] if r["protocol"] == "paper"}
     assert pope["f1"]["value"] == 100.0 and pope["f1"]["chance"] == pytest.approx(200 / 3, abs=1e-3)
     assert pope["yes_ratio"]["value"] == 50.0 and pope["yes_ratio"]["above_chance"] is None
-    assert pope["accuracy_adversarial"]["n"] == 4 * 6
+    assert pope["accuracy_adversarial"]["n"] == pope["f1_adversarial"]["n"] == 4 * 6
+    assert pope["f1_random"]["value"] == 100.0 and pope["f1_random"]["above_chance"] is True
+    # the likelihood scorer (not the published metric) from its own task, with its own control
+    assert pope["likelihood_auc"]["value"] == 100.0 and pope["likelihood_auc"]["chance"] == 50.0
+    assert pope["likelihood_accuracy"]["value"] == 100.0 and pope["likelihood_auc"]["above_chance"] is True
     assert headline(rows["MMBench"], "lmms")["metric"] == "circular_accuracy"
     assert headline(rows["MMBench"], "lmms")["chance"] == pytest.approx(100 / 256, abs=1e-3)
     # a blind "A" gets a quarter of the letters in the control, and no circular question

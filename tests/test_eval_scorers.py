@@ -47,16 +47,7 @@ def test_paper_mmstar_is_case_sensitive(output, answer, right):
     assert paper.mmstar_process_results(doc, [output])["accuracy"]["correct"] is right
 
 
-def test_paper_prompts_end_with_answer_and_list_options():
-    text = paper.mmbench_doc_to_text(dict(MMBENCH_DOC, hint="A hint.", D=None))
-    assert text == ("A hint.\nWhat colour is the circle?\nA. red\nB. blue\nC. green\n"
-                    "Answer with the option's letter from the given choices directly.\nAnswer:")
-    assert paper.mmbench_doc_to_text(dict(MMBENCH_DOC, hint="nan")).startswith("What colour")
-    seed = {"question": "Q?", "choice_a": "1", "choice_b": "2", "choice_c": "3", "choice_d": "4"}
-    assert paper.seedbench_doc_to_text(seed).split("\n")[1:5] == ["A. 1", "B. 2", "C. 3", "D. 4"]
-    mv = {"question": "How many?", "unit": None, "choices": None}
-    assert paper.mathvista_doc_to_text(mv) == ("How many?\nAnswer the question using a single word or "
-                                               "phrase.\nAnswer:")
+def test_paper_accuracy_is_a_percentage():
     assert paper.accuracy([{"correct": True}, {"correct": False}, {"correct": True}, {"correct": True}]) == 75.0
 
 
@@ -73,15 +64,23 @@ def mv_doc(answer, answer_type, choices=None, pid="1"):
     ("There are 3 objects", mv_doc("2", "integer"), False),
     ("0.50", mv_doc("0.5", "float"), True),       # numbers compared after rounding to 2 decimals
     ("0.5", mv_doc("0.75", "float"), False),
+    ("3.", mv_doc("3.14", "float"), False),       # decoding stops at ".": a float answer cannot come out
     ("1,000", mv_doc("1000", "integer"), True),
     ("[1, 2]", mv_doc("[1, 2]", "list"), True),
     ("[2, 1]", mv_doc("[1, 2]", "list"), False),
     ("B", mv_doc("3", "text", ["2", "3", "4", "1"]), True),
+    ("B.", mv_doc("3", "text", ["2", "3", "4", "1"]), True),
     ("(B) 3", mv_doc("3", "text", ["2", "3", "4", "1"]), True),
     ("The answer is (C)", mv_doc("3", "text", ["2", "3", "4", "1"]), False),
     ("I think the correct option is the one that says blue", mv_doc("blue", "text", ["red", "blue", "green", "yellow"]), True),
+    # the reference's quirks (mathvista.py:445-452): "A " and "B." match inside words
+    ("DATA", mv_doc("2", "text", ["2", "3", "4", "1"]), True),
+    ("xB.y", mv_doc("3", "text", ["2", "3", "4", "1"]), True),
+    # the right letter of repeated option texts is the last one (mathvista.py:58, 177)
+    ("A", mv_doc("3", "text", ["3", "3", "4"]), False),
+    ("B", mv_doc("3", "text", ["3", "3", "4"]), True),
 ])
-def test_paper_mathvista_uses_mmmu_rules(output, doc, right):
+def test_paper_mathvista_uses_the_references_rules(output, doc, right):
     assert paper.mathvista_process_results(doc, [output])["accuracy"]["correct"] is right
 
 
@@ -96,48 +95,72 @@ def test_paper_mathvista_unparsed_choice_is_a_seeded_random_letter():
     assert picks == set("ABCD")  # but not one fixed letter across questions
 
 
-def test_mmmu_parsers_directly():
+def test_mathvista_parsers_directly():
     assert paper.parse_multi_choice_response("(A) or (C)? (C)", list("ABCD"), {}, random.Random(0)) == "C"
     assert paper.parse_multi_choice_response("A B", list("ABCD"), {}, random.Random(0)) == "B"
     assert paper.normalize_str("2.345") == [2.35] and paper.normalize_str("b") == [" b", "b "]
-    # MMMU's three patterns, pieces of "1,234" and "1e3" included
+    # the three patterns, pieces of "1,234" and "1e3" included
     assert paper.extract_numbers("1,234 and 5.5 and 1e3") == ["1,234", "1e3", "234", "5.5", "3"]
+    assert paper.extract_numbers("12ab") == []  # "\\d+\\b": a number ends at a word boundary
     assert 12.0 in paper.parse_open_response("so the result is 12")
 
 
 # ------------------------------------------------------------------------------ paper: POPE
 
-def pope_item(answer, ll_yes, ll_no, category="random", as_str=False):
+def pope_item(answer, output, category="random"):
+    doc = {"question_id": "1", "category": category, "answer": answer}
+    return paper.pope_process_results(doc, [output])["accuracy"]
+
+
+@pytest.mark.parametrize("output, label", [
+    ("Yes", "yes"), ("yes.", "yes"), ("No,", "no"), ("No.", "no"), ("YES", "yes"),
+    ("Yes, there is", "yes, there is"), ("yes!", "yes!"), (".no,", "no"), ("No,.", "no,"), ("", ""),  # "," first, then "."
+])
+def test_paper_pope_strips_comma_then_period_and_lower_cases(output, label):
+    assert paper.pope_label(output) == label
+
+
+def test_paper_pope_scores_generated_answers_by_exact_match_per_split():
+    items = [pope_item("yes", "Yes."), pope_item("yes", "Yes, a dog"), pope_item("no", "No"),
+             pope_item("no", "no", "adversarial"), pope_item("yes", "yes", "adversarial")]
+    assert [it["pred"] == it["answer"] for it in items] == [True, False, True, True, True]
+    assert paper.pope_accuracy_random(items) == pytest.approx(200 / 3)
+    assert paper.pope_accuracy_adversarial(items) == 100.0 and paper.pope_accuracy_popular(items) is None
+    # the final accuracy is the mean of the splits' (as pope.py:436), not of all questions (80)
+    assert paper.pope_accuracy(items) == pytest.approx((200 / 3 + 100) / 2)
+    # F1 of "yes" per split (random: tp 1, one yes missed, no false yes), then their mean
+    assert paper.pope_f1_random(items) == pytest.approx(100 * 2 * 1 / (1 + 2))
+    assert paper.pope_f1_adversarial(items) == 100.0
+    assert paper.pope_f1(items) == pytest.approx((200 / 3 + 100) / 2)
+    assert paper.pope_yes_ratio(items) == 40.0  # the outputs that read "yes" (2 of 5)
+    never_yes = [pope_item("no", "No"), pope_item("yes", "Maybe")]
+    assert paper.pope_f1(never_yes) == 0.0  # sklearn's value when nothing is predicted "yes"
+
+
+def likelihood_item(answer, ll_yes, ll_no, category="random", as_str=False):
     res = [(ll_yes, False), (ll_no, False)]
     if as_str:  # what lmms-eval 0.7.3 hands over
         res = [str(r) for r in res]
     doc = {"question_id": "1", "category": category, "answer": answer}
-    return paper.pope_process_results(doc, res)["accuracy"]
+    return paper.pope_likelihood_process_results(doc, res)["likelihood_auc"]
 
 
-def test_paper_pope_compares_yes_and_no_likelihoods():
-    assert pope_item("yes", -0.1, -2.0)["pred"] == "yes"
-    assert pope_item("yes", -2.0, -0.1)["pred"] == "no"
-    assert pope_item("no", -0.25, -3.5, as_str=True) == pope_item("no", -0.25, -3.5)
+def test_paper_pope_likelihood_scorer_compares_yes_and_no():
+    assert likelihood_item("yes", -0.1, -2.0)["pred"] == "yes"
+    assert likelihood_item("yes", -2.0, -0.1)["pred"] == "no"
+    assert likelihood_item("no", -0.25, -3.5, as_str=True) == likelihood_item("no", -0.25, -3.5)
     assert paper.loglikelihood_result("(-1.2345678901234567, True)") == (-1.2345678901234567, True)
-    items = [pope_item("yes", 0, -1), pope_item("yes", -1, 0), pope_item("no", 0, -1),
-             pope_item("no", -1, 0, "adversarial")]
-    assert paper.pope_accuracy(items) == 50.0
-    assert paper.pope_precision(items) == 50.0 and paper.pope_recall(items) == 50.0
-    assert paper.pope_f1(items) == 50.0
-    assert paper.pope_yes_ratio(items) == 50.0  # the model's answers
-    assert paper.pope_accuracy_adversarial(items) == 100.0 and paper.pope_accuracy_popular(items) is None
-    all_yes = [pope_item(a, 0, -1) for a in ("yes", "no", "yes", "no")]
-    assert paper.pope_yes_ratio(all_yes) == 100.0
-    assert paper.pope_f1(all_yes) == pytest.approx(200 / 3)
+    items = [likelihood_item("yes", 0, -1), likelihood_item("yes", -1, 0), likelihood_item("no", 0, -1),
+             likelihood_item("no", -1, 0, "adversarial")]
+    assert paper.pope_likelihood_accuracy(items) == pytest.approx((100 / 3 + 100) / 2)
 
 
 def test_paper_pope_auc():
-    perfect = [pope_item("yes", 0, -m) for m in (1, 2)] + [pope_item("no", -m, 0) for m in (1, 2)]
+    perfect = [likelihood_item("yes", 0, -m) for m in (1, 2)] + [likelihood_item("no", -m, 0) for m in (1, 2)]
     assert paper.pope_auc(perfect) == 100.0
-    tied = [pope_item(a, 0, 0) for a in ("yes", "no")]
+    tied = [likelihood_item(a, 0, 0) for a in ("yes", "no")]
     assert paper.pope_auc(tied) == 50.0
-    assert paper.pope_auc([pope_item("yes", 0, 1)]) is None
+    assert paper.pope_auc([likelihood_item("yes", 0, 1)]) is None
 
 
 # -------------------------------------------------------------------- lmms: reused, quirks kept

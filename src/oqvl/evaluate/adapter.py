@@ -9,11 +9,17 @@ bfloat16 on a GPU), visual_tokens (default: the checkpoint's visual_tokens_sft),
 cap on every task's generation length; default none: the task's own, 1024 if it names none),
 feature_cache (visual tokens of this many images kept for reuse, by image content; 0: none).
 
-Every prompt is "<image>\\n" per image followed by lmms-eval's context, encoded as one user turn
-with the chat template (`oqvl.model.chat.encode_prompt`, as in SFT). Decoding is greedy with a KV
-cache, batched with left padding; it stops at <|im_end|> or <|endoftext|>, and the text is cut at
-the first of the task's `until` strings (a token that contains one of them also ends decoding).
-Log-likelihoods are batched with right padding, which a causal model cannot see.
+Prompts and decoding follow the task's protocol, read from its name (oqvl.evaluate.tasks):
+- `paper` (oqvl.evaluate.paper): the raw prompt the task builds, "<image>" where the image goes,
+  with the model's BOS in front (`document_bos_id`); greedy, stopped by the reference's token ids
+  (paper.REFERENCE_STOP_IDS; the stop token stays in the text), decoded with special tokens
+  skipped and stripped.
+- any other task (`lmms`, lmms-eval's own): "<image>\\n" per image followed by lmms-eval's context,
+  encoded as one user turn with the chat template (`oqvl.model.chat.encode_prompt`, as in SFT);
+  greedy, stopped at <|im_end|> or <|endoftext|>, and the text cut at the first of the task's
+  `until` strings (a token that contains one of them also ends decoding).
+Decoding uses a KV cache, batched with left padding. Log-likelihoods are batched with right
+padding, which a causal model cannot see.
 """
 
 from __future__ import annotations
@@ -28,9 +34,11 @@ from lmms_eval.api.instance import Instance
 from lmms_eval.api.model import lmms
 from tqdm import tqdm
 
-from ..model.chat import IMAGE_PLACEHOLDER, encode_prompt
-from ..model.tokenizer import ENDOFTEXT, IM_END, load_tokenizer
+from ..model.chat import IMAGE_PLACEHOLDER, encode_prompt, encode_raw_prompt
+from ..model.tokenizer import ENDOFTEXT, IM_END, document_bos_id, load_tokenizer
 from ..model.vlm import OpenQwen2VL
+from .paper import REFERENCE_STOP_IDS
+from .tasks import task_protocol
 
 DEFAULT_MAX_NEW_TOKENS = 1024  # what lmms-eval's own models use when a task names no length
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -92,6 +100,8 @@ class OQVL(lmms):
         self.max_new_tokens = int(max_new_tokens) if max_new_tokens not in (None, "", "None") else None
         self.batch_size = max(1, int(batch_size or 1))
         self.stop_ids = {self.tokenizer.convert_tokens_to_ids(t) for t in (IM_END, ENDOFTEXT)}
+        self.bos_id = document_bos_id(self.tokenizer)
+        self.paper_stop_ids = {i for i in REFERENCE_STOP_IDS if i < len(self.tokenizer)}
         self._stop_cache: dict[tuple[str, ...], set[int]] = {}
 
     def clean(self):
@@ -105,17 +115,21 @@ class OQVL(lmms):
     def _doc(self, task, split, doc_id):
         return self.task_dict[task][split][doc_id]
 
-    def _inputs(self, context: str, visuals) -> tuple[list[int], torch.Tensor | None]:
-        """Prompt ids (chat template, image slots) and the stacked image tensor."""
+    def _inputs(self, context: str, visuals, task: str) -> tuple[list[int], torch.Tensor | None]:
+        """Prompt ids (the task's protocol's encoding, image slots) and the stacked image tensor."""
         visuals = [v for v in (visuals or []) if v is not None]
         if any(not hasattr(v, "convert") for v in visuals):
             raise ValueError("oqvl model takes images only (no video or audio)")
-        if IMAGE_PLACEHOLDER not in context:
+        paper = task_protocol(task) == "paper"
+        if IMAGE_PLACEHOLDER not in context and not paper:
             context = f"{IMAGE_PLACEHOLDER}\n" * len(visuals) + context
         n_slots = context.count(IMAGE_PLACEHOLDER)
         if n_slots != len(visuals):
-            raise ValueError(f"prompt has {n_slots} {IMAGE_PLACEHOLDER} but {len(visuals)} images came")
-        ids = encode_prompt(self.tokenizer, context, self.visual_tokens)
+            raise ValueError(f"{task}: prompt has {n_slots} {IMAGE_PLACEHOLDER} but {len(visuals)} images came")
+        if paper:
+            ids = encode_raw_prompt(self.tokenizer, context, self.visual_tokens, self.bos_id)
+        else:
+            ids = encode_prompt(self.tokenizer, context, self.visual_tokens)
         images = torch.stack([self.transform(v.convert("RGB")) for v in visuals]) if visuals else None
         return ids, images
 
@@ -146,10 +160,11 @@ class OQVL(lmms):
             self._stop_cache[until] = ids
         return self._stop_cache[until]
 
-    def _generate(self, prompts: list[list[int]], images: list, gen_kwargs: dict) -> list[str]:
+    def _generate(self, prompts: list[list[int]], images: list, gen_kwargs: dict, task: str) -> list[str]:
         if gen_kwargs.get("do_sample") or float(gen_kwargs.get("temperature") or 0) > 0:
             raise ValueError("oqvl model decodes greedily only (do_sample false, temperature 0)")
-        until = gen_kwargs.get("until") or []
+        paper = task_protocol(task) == "paper"
+        until = () if paper else gen_kwargs.get("until") or []
         until = tuple([until] if isinstance(until, str) else until)
         max_new = int(gen_kwargs.get("max_new_tokens") or DEFAULT_MAX_NEW_TOKENS)
         if self.max_new_tokens is not None:
@@ -161,21 +176,24 @@ class OQVL(lmms):
         for b, p in enumerate(prompts):  # left padding: every prompt ends at the last column
             ids[b, width - len(p):] = torch.tensor(p)
             mask[b, width - len(p):] = 1
+        stops = self.paper_stop_ids if paper else self._stop_token_ids(until)
         new = self.model.generate(ids.to(self.device), self._images(images), max_new_tokens=max_new,
-                                  stop_token_ids=self._stop_token_ids(until),
+                                  stop_token_ids=stops,
                                   attention_mask=mask.to(self.device) if len(prompts) > 1 else None,
                                   visual_tokens=self.visual_tokens)
         texts = self.tokenizer.batch_decode(new, skip_special_tokens=True)
+        if paper:
+            return [t.strip() for t in texts]
         return [cut_at_stop(t, until) for t in texts]
 
     def generate_until(self, requests: list[Instance]) -> list[str]:
-        groups = defaultdict(dict)  # generation settings -> input key -> (ids, images, request indices)
+        groups = defaultdict(dict)  # (settings, protocol) -> input key -> (ids, images, request indices)
         kwargs_of = {}
         for i, req in enumerate(requests):
             context, gen_kwargs, doc_to_visual, doc_id, task, split = req.args
-            ids, images = self._inputs(context, doc_to_visual(self._doc(task, split, doc_id)))
-            settings = json.dumps(gen_kwargs, sort_keys=True, default=str)
-            kwargs_of.setdefault(settings, gen_kwargs)
+            ids, images = self._inputs(context, doc_to_visual(self._doc(task, split, doc_id)), task)
+            settings = (json.dumps(gen_kwargs, sort_keys=True, default=str), task_protocol(task) == "paper")
+            kwargs_of.setdefault(settings, (gen_kwargs, task))
             entry = groups[settings].setdefault(self._content_key(ids, images), (ids, images, []))
             entry[2].append(i)
         out: list[str | None] = [None] * len(requests)
@@ -184,8 +202,8 @@ class OQVL(lmms):
             items = sorted(inputs.values(), key=lambda it: -len(it[0]))
             for start in range(0, len(items), self.batch_size):
                 chunk = items[start:start + self.batch_size]
-                texts = self._generate([it[0] for it in chunk], [it[1] for it in chunk],
-                                       dict(kwargs_of[settings]))
+                gen_kwargs, task = kwargs_of[settings]
+                texts = self._generate([it[0] for it in chunk], [it[1] for it in chunk], dict(gen_kwargs), task)
                 for (_, _, indices), text in zip(chunk, texts):
                     for i in indices:
                         out[i] = text
@@ -211,7 +229,7 @@ class OQVL(lmms):
             cont = self.tokenizer(str(continuation), add_special_tokens=False)["input_ids"]
             if not cont:
                 raise ValueError(f"empty continuation {continuation!r} in request {i}")
-            ctx, images = self._inputs(context, doc_to_visual(doc))
+            ctx, images = self._inputs(context, doc_to_visual(doc), task)
             key = self._content_key(ctx + cont[:-1], images)
             sequences.setdefault(key, (ctx + cont[:-1], images))
             wanted.append((i, key, len(ctx), cont))
@@ -261,8 +279,8 @@ class OQVL(lmms):
                     answers = list(answers)
                     if terminal:
                         break
-                ids, images = self._inputs(context, visuals)
-                answers.append(self._generate([ids], [images], dict(gen_kwargs))[0])
+                ids, images = self._inputs(context, visuals, task)
+                answers.append(self._generate([ids], [images], dict(gen_kwargs), task)[0])
                 round_idx += 1
             results.append(list(answers))  # a list: lmms-eval reads a 2-tuple as (text, token counts)
         return results

@@ -1,22 +1,37 @@
-"""The `paper` protocol: the rules behind Open-Qwen2VL's published numbers (a modified TRI-ML
-vlm-evaluation), as lmms-eval task functions.
+"""The `paper` protocol: how Open-Qwen2VL's published numbers were computed, as lmms-eval task
+functions. The source is the reference's vendored, modified TRI-ML vlm-evaluation (Victorwz/Open-
+Qwen2VL at 0d76f9f); every rule below names the file and line it comes from (paths under
+vlm-evaluation/vlm_eval/).
 
-- Prompt: the question, its options one per line, "Answer with the option's letter from the given
-  choices directly." and a last line "Answer:" (free-form questions: "Answer the question using a
-  single word or phrase." instead). The model adapter puts "<image>\\n" in front and encodes it with
-  the chat template, as SFT does.
-- Greedy decoding, at most 16 new tokens, stopped at "," "." or a newline (the task YAMLs).
-- MMBench, SEED-Bench: right if the lower-cased right letter occurs anywhere in the lower-cased
-  output (a substring test: "The answer is B" is right for B and also for A, whose letter occurs in
-  "answer"). Every MMBench row counts on its own: the circular copies are plain extra questions.
-- MMStar: the same test, case-sensitive ("(b)" is wrong for B; "The answer is B" is not right for A).
-- MathVista: MMMU's rule-based parsing, no judge: multiple choice by `parse_multi_choice_response`
-  (a letter in brackets, a lone letter, else an option's text in a longer answer, else a random
-  letter, seeded by the question id so reruns agree); free-form by `parse_open_response` and
-  `eval_open` (numbers rounded to 2 decimals, strings by containment).
-- POPE: no generation; "Yes" if log p("Yes" | prompt) > log p("No" | prompt). Accuracy, precision,
-  recall and F1 of "yes", the model's yes-ratio, AUC of the log-likelihood margin, and accuracy per
-  negative-sampling setting.
+- Prompt: a raw string, no chat template. Each harness builds a chat prompt and then overwrites it
+  with a raw one (tasks/harnesses/mmbench.py:187-190, seedbench.py:189-192, mmstar.py:169-173,
+  pope.py:168-169, mathvista.py:282). The strings, with "<image>" where the image goes:
+    MMBench     "<image>\\n" + question + "\\nA. ..." for A-D (all four, a missing one printed as
+                it is stored) + MC_SUFFIX; no hint (mmbench.py:46-54)
+    SEED-Bench  the same with choice_a..choice_d (seedbench.py:47-55)
+    MMStar      "<image>\\nQuestion: {question}\\n" + MC_SUFFIX (mmstar.py:173)
+    MathVista   "<image>\\n" + question, then for multi_choice the lettered choices + MC_SUFFIX, else
+                SHORT_SUFFIX; no unit line (mathvista.py:47-63)
+    POPE        "<image>\\nQuestion: {question}\\n" + SHORT_SUFFIX (pope.py:169)
+- Decoding (the model adapter, oqvl.evaluate.adapter, for every task of this protocol): the model's
+  BOS id in front (prismatic-vlms/prismatic/models/vlms/prismatic.py:641-642), greedy, at most 16
+  new tokens, stopped by the token ids in REFERENCE_STOP_IDS (models/prismatic.py:47), decoded with
+  special tokens skipped and stripped (prismatic.py:665). The stop token is part of the output:
+  "Yes." stays "Yes.".
+- MMBench, SEED-Bench: right if the lower-cased right letter occurs in the lower-cased output
+  (mmbench.py:330, seedbench.py:332): "The answer is B" is right for B and also for A, whose letter
+  occurs in "answer". Every MMBench row counts on its own (circular copies are plain questions).
+- MMStar: the same test, case-sensitive (mmstar.py:313).
+- MathVista: MMMU-style rule parsing, no judge (mathvista.py:426-600); its answer for multi_choice
+  is the letter of the answer's text (mathvista.py:171-177). The parser falls back to a random
+  letter; the reference's is unseeded, ours is seeded by the question id so reruns agree.
+- POPE: by generation (PopeScorer, pope.py:373-455): the output with "," then "." stripped,
+  lower-cased, must equal "yes" / "no" exactly; accuracy and F1 of "yes" per split (adversarial,
+  popular, random); the final accuracy and F1 are the means over the splits. The reference's
+  likelihood scorer (PopeProbScorer, pope.py:278-371: argmax of p(Yes) vs p(No), AUC-ROC) did not
+  produce the published numbers (its call is commented out, pope.py:250-253); it runs here as the
+  extra task `oqvl_pope_paper_likelihood`, reported as the metrics `likelihood_accuracy` and
+  `likelihood_auc`.
 
 Every aggregate is a percentage (0-100).
 """
@@ -25,23 +40,19 @@ from __future__ import annotations
 
 import ast
 import bisect
-import math
 import random
 import re
 
-LETTERS = "ABCDEFGH"
-MC_SUFFIX = "Answer with the option's letter from the given choices directly."
-SHORT_SUFFIX = "Answer the question using a single word or phrase."
-ANSWER = "Answer:"
-
-
-def _present(value) -> bool:
-    """A hint or option that is really there (not None, NaN or the string "nan")."""
-    if value is None:
-        return False
-    if isinstance(value, float) and math.isnan(value):
-        return False
-    return str(value).strip() not in ("", "nan")
+LETTERS = "ABCDEFGHI"  # mathvista.py:38
+MC_SUFFIX = "\nAnswer with the option's letter from the given choices directly.\nAnswer:"
+SHORT_SUFFIX = "\nAnswer the question using a single word or phrase.\nAnswer:"
+IMAGE = "<image>"
+# vlm_eval/models/prismatic.py:47, as listed there: "." "," and newline in several vocabularies.
+# In Qwen2's, 11 is ",", 13 "." and 198 "\n"; the others are ordinary Qwen2 tokens that stop
+# generation too (a quirk of the list, kept).
+REFERENCE_STOP_IDS = (13, 29889, 29892, 32000, 32001, 32002, 32007, 32011, 128009, 128256, 128257, 11, 198)
+MAX_NEW_TOKENS = 16  # models/prismatic.py:47
+POPE_SPLITS = ("adversarial", "popular", "random")
 
 
 def _percent(values) -> float:
@@ -65,39 +76,32 @@ def mathvista_doc_to_visual(doc):
 
 # ------------------------------------------------------------------------------ prompts
 
-def mmbench_options(doc) -> list[tuple[str, str]]:
-    return [(c, str(doc[c])) for c in "ABCD" if c in doc and _present(doc[c])]
+def _lettered(question: str, options) -> str:
+    """Every option printed as "{}".format prints it, a missing one too ("None", or "nan" where the
+    release stores that string), as the reference formats its pandas cells."""
+    return f"{IMAGE}\n{question}" + "".join(f"\n{l}. {o}" for l, o in zip(LETTERS, options)) + MC_SUFFIX
 
 
 def mmbench_doc_to_text(doc):
-    lines = [str(doc["hint"])] if _present(doc.get("hint")) else []
-    lines += [doc["question"]] + [f"{c}. {o}" for c, o in mmbench_options(doc)]
-    return "\n".join(lines + [MC_SUFFIX, ANSWER])
+    return _lettered(doc["question"], [doc[c] for c in "ABCD"])
 
 
 def seedbench_doc_to_text(doc):
-    options = [f"{c.upper()}. {doc[f'choice_{c}']}" for c in "abcd"]
-    return "\n".join([doc["question"], *options, MC_SUFFIX, ANSWER])
+    return _lettered(doc["question"], [doc[f"choice_{c}"] for c in "abcd"])
 
 
 def mmstar_doc_to_text(doc):
-    return "\n".join([doc["question"].strip(), MC_SUFFIX, ANSWER])
+    return f"{IMAGE}\nQuestion: {doc['question']}" + MC_SUFFIX
 
 
 def mathvista_doc_to_text(doc):
-    question = doc["question"]
-    if _present(doc.get("unit")):
-        question += f" (Unit: {doc['unit']})"
-    choices = doc.get("choices") or []
-    if choices:
-        lines = [question] + [f"{LETTERS[i]}. {c}" for i, c in enumerate(choices)] + [MC_SUFFIX]
-    else:
-        lines = [question, SHORT_SUFFIX]
-    return "\n".join(lines + [ANSWER])
+    if doc["question_type"] == "multi_choice":
+        return _lettered(doc["question"], doc["choices"])
+    return f"{IMAGE}\n{doc['question']}" + SHORT_SUFFIX
 
 
 def pope_doc_to_text(doc):
-    return "\n".join([doc["question"].strip(), SHORT_SUFFIX, ANSWER])
+    return f"{IMAGE}\nQuestion: {doc['question']}" + SHORT_SUFFIX
 
 
 def pope_doc_to_choice(doc):
@@ -136,12 +140,13 @@ def accuracy(items):
     return _percent(it["correct"] for it in items)
 
 
-# ------------------------------------------------------------- MMMU rule-based parsing
+# ------------------------------------------------- MathVista: the reference's rule parsing
 
 def parse_multi_choice_response(response: str, all_choices: list[str], index2ans: dict[str, str],
                                 rng: random.Random) -> str:
-    """MMMU's multiple-choice parser (a letter in brackets, then a lone letter, then an option's
-    text in an answer of more than five words; the last occurrence wins; a random letter if none)."""
+    """mathvista.py:426-485: a letter in brackets "(B)", else a letter followed by a space, else a
+    letter followed by "."; else, in an answer of more than five words, an option's text; the last
+    occurrence wins among several; a random letter if none."""
     for char in (",", ".", "!", "?", ";", ":", "'"):
         response = response.strip(char)
     response = " " + response + " "
@@ -151,9 +156,9 @@ def parse_multi_choice_response(response: str, all_choices: list[str], index2ans
             candidates.append(choice)
             ans_with_brack = True
     if not candidates:
-        for choice in all_choices:
-            if f" {choice} " in response:
-                candidates.append(choice)
+        candidates = [c for c in all_choices if f"{c} " in response]
+    if not candidates:
+        candidates = [c for c in all_choices if f"{c}." in response]
     if not candidates and len(response.split()) > 5:
         for index, ans in index2ans.items():
             if ans.lower() in response.lower():
@@ -168,7 +173,7 @@ def parse_multi_choice_response(response: str, all_choices: list[str], index2ans
         starts = [response.rfind(pattern.format(c)) for c in candidates]
     else:
         starts = [response.lower().rfind(index2ans[c].lower()) for c in candidates]
-    return candidates[max(range(len(starts)), key=lambda i: (starts[i], -i))]
+    return candidates[starts.index(max(starts))]  # np.argmax: the first of equal maxima
 
 
 def check_is_number(string: str) -> bool:
@@ -180,8 +185,8 @@ def check_is_number(string: str) -> bool:
 
 
 def normalize_str(string: str) -> list:
-    """A number becomes [float rounded to 2 decimals]; a string is lower-cased (a one-letter string
-    gets spaces on either side, so it only matches as a word)."""
+    """mathvista.py:103-126: a number becomes [float rounded to 2 decimals]; a string is lower-cased
+    (a one-letter string gets spaces on either side, so it only matches as a word)."""
     string = string.strip()
     if check_is_number(string):
         return [round(float(string.replace(",", "")), 2)]
@@ -192,15 +197,16 @@ def normalize_str(string: str) -> list:
 
 
 def extract_numbers(string: str) -> list[str]:
+    """mathvista.py:67-87."""
     with_commas = re.findall(r"-?\b\d{1,3}(?:,\d{3})+\b", string)
     scientific = re.findall(r"-?\d+(?:\.\d+)?[eE][+-]?\d+", string)
-    simple = re.findall(r"-?(?:\d+\.\d+|\.\d+|\d+)(?![eE][+-]?\d+)(?![,\d])", string)
+    simple = re.findall(r"-?(?:\d+\.\d+|\.\d+|\d+\b)(?![eE][+-]?\d+)(?![,\d])", string)
     return with_commas + scientific + simple
 
 
 def parse_open_response(response: str) -> list:
-    """MMMU's open-answer parser: the shortest text after a key phrase ("is", "answer", "=" ...) in
-    each sentence, plus every number in it, normalised."""
+    """mathvista.py:487-556: the shortest text after a key phrase ("is", "answer", "=" ...) in each
+    sentence, plus every number in it, normalised."""
     def key_subresponses(response):
         response = response.strip().strip(".").lower()
         subs = re.split(r"\.\s(?=[A-Z])|\n", response)
@@ -213,7 +219,7 @@ def parse_open_response(response: str) -> list:
             for indicator in indicators:
                 if indicator in resp:
                     tail = resp.split(indicator)[-1].strip()
-                    if shortest is None or len(tail) < len(shortest):
+                    if not shortest or len(tail) < len(shortest):
                         shortest = tail
             if shortest and shortest.strip() not in (":", ",", ".", "!", "?", ";", "'"):
                 keys.append(shortest)
@@ -226,12 +232,12 @@ def parse_open_response(response: str) -> list:
     normalized = []
     for p in preds:
         normalized.extend(normalize_str(p))
-    return list(dict.fromkeys(normalized))
+    return list(dict.fromkeys(normalized))  # the reference's set(), in a stable order
 
 
 def eval_open(gold, preds: list) -> bool:
-    """MMMU: a string answer is right if it occurs in a predicted string, a number if it equals a
-    predicted number (after rounding to 2 decimals)."""
+    """mathvista.py:576-600: a string answer is right if it occurs in a predicted string, a number
+    if it equals a predicted number (after rounding to 2 decimals)."""
     golds = []
     for g in (gold if isinstance(gold, list) else [gold]):
         golds.extend(normalize_str(str(g)))
@@ -246,13 +252,13 @@ def eval_open(gold, preds: list) -> bool:
 
 def mathvista_process_results(doc, results):
     output = results[0]
-    choices = doc.get("choices") or []
-    if doc["question_type"] == "multi_choice" and choices:
+    if doc["question_type"] == "multi_choice":
+        choices = list(doc["choices"])
         letters = list(LETTERS[:len(choices)])
-        index2ans = dict(zip(letters, choices))
+        gold = {c: l for c, l in zip(choices, letters)}[doc["answer"]]  # the last letter of equal texts
         rng = random.Random(f"mathvista-{doc['pid']}")
-        pred = parse_multi_choice_response(output, letters, index2ans, rng)
-        correct = index2ans[pred] == doc["answer"]
+        pred = parse_multi_choice_response(output, letters, dict(zip(letters, choices)), rng)
+        correct = pred == gold
     else:
         pred = parse_open_response(output)
         correct = eval_open(doc["answer"], pred)
@@ -261,10 +267,75 @@ def mathvista_process_results(doc, results):
                          "correct": bool(correct)}}
 
 
-# ------------------------------------------------------------------------------- POPE
+# ------------------------------------------------------------------ POPE: by generation
 
-POPE_METRICS = ("accuracy", "precision", "recall", "f1", "yes_ratio", "auc",
-                "accuracy_adversarial", "accuracy_popular", "accuracy_random")
+POPE_METRICS = ("accuracy", "f1", "yes_ratio", *(f"{m}_{s}" for s in POPE_SPLITS for m in ("accuracy", "f1")))
+
+
+def pope_label(output: str) -> str:
+    """pope.py:414: the output with "," then "." stripped from its ends, lower-cased. Only an exact
+    "yes" or "no" can be right ("Yes, there is" is neither)."""
+    return output.strip(",").strip(".").lower()
+
+
+def pope_process_results(doc, results):
+    item = {"question_id": doc["question_id"], "category": doc["category"],
+            "answer": doc["answer"].strip().lower(), "output": results[0], "pred": pope_label(results[0])}
+    return {m: item for m in POPE_METRICS}
+
+
+def _split_accuracy(items) -> float:
+    return _percent(it["pred"] == it["answer"] for it in items)
+
+
+def _split_f1(items) -> float:
+    """sklearn's f1_score of "yes" (pope.py:425): 0 when nothing is predicted or true "yes"."""
+    tp = sum(it["pred"] == "yes" and it["answer"] == "yes" for it in items)
+    predicted = sum(it["pred"] == "yes" for it in items)
+    true = sum(it["answer"] == "yes" for it in items)
+    return 100.0 * 2 * tp / (predicted + true) if predicted + true else 0.0
+
+
+def _by_split(items) -> dict[str, list]:
+    return {s: chosen for s in POPE_SPLITS if (chosen := [it for it in items if it["category"] == s])}
+
+
+def pope_accuracy(items):
+    """POPE-final-Accuracy (pope.py:436): the mean of the splits' accuracies."""
+    splits = _by_split(items)
+    return sum(map(_split_accuracy, splits.values())) / len(splits)
+
+
+def pope_f1(items):
+    """POPE-final-F1 (pope.py:437): the mean of the splits' F1."""
+    splits = _by_split(items)
+    return sum(map(_split_f1, splits.values())) / len(splits)
+
+
+def pope_yes_ratio(items):
+    """The share of outputs that read "yes" (not of the ground truth)."""
+    return _percent(it["pred"] == "yes" for it in items)
+
+
+def _split_metric(metric, split):
+    def aggregate(items):
+        chosen = [it for it in items if it["category"] == split]
+        return metric(chosen) if chosen else None
+    aggregate.__name__ = f"pope_{metric.__name__.strip('_').removeprefix('split_')}_{split}"
+    return aggregate
+
+
+pope_accuracy_adversarial = _split_metric(_split_accuracy, "adversarial")
+pope_accuracy_popular = _split_metric(_split_accuracy, "popular")
+pope_accuracy_random = _split_metric(_split_accuracy, "random")
+pope_f1_adversarial = _split_metric(_split_f1, "adversarial")
+pope_f1_popular = _split_metric(_split_f1, "popular")
+pope_f1_random = _split_metric(_split_f1, "random")
+
+
+# ------------------------------------------- POPE: the likelihood scorer (not the published)
+
+LIKELIHOOD_METRICS = ("likelihood_accuracy", "likelihood_auc")
 
 
 def loglikelihood_result(x) -> tuple[float, bool]:
@@ -277,48 +348,25 @@ def loglikelihood_result(x) -> tuple[float, bool]:
     return float(ll), bool(greedy)
 
 
-def pope_process_results(doc, results):
-    """results: [(log p(Yes), greedy), (log p(No), greedy)], in pope_doc_to_choice's order."""
+def pope_likelihood_process_results(doc, results):
+    """results: [(log p(Yes), greedy), (log p(No), greedy)], in pope_doc_to_choice's order. As
+    PopeProbScorer: "yes" if p(Yes) > p(No); its AUC ranks by p(Yes) / (p(Yes) + p(No)), which
+    orders as the margin log p(Yes) - log p(No)."""
     (ll_yes, _), (ll_no, _) = loglikelihood_result(results[0]), loglikelihood_result(results[1])
     item = {"question_id": doc["question_id"], "category": doc["category"],
             "answer": doc["answer"].strip().lower(), "pred": "yes" if ll_yes > ll_no else "no",
             "margin": float(ll_yes - ll_no)}
-    return {m: item for m in POPE_METRICS}
+    return {m: item for m in LIKELIHOOD_METRICS}
 
 
-def _confusion(items):
-    tp = sum(it["pred"] == "yes" and it["answer"] == "yes" for it in items)
-    fp = sum(it["pred"] == "yes" and it["answer"] == "no" for it in items)
-    fn = sum(it["pred"] == "no" and it["answer"] == "yes" for it in items)
-    return tp, fp, fn
-
-
-def pope_accuracy(items):
-    return _percent(it["pred"] == it["answer"] for it in items)
-
-
-def pope_precision(items):
-    tp, fp, _ = _confusion(items)
-    return 100.0 * tp / (tp + fp) if tp + fp else 0.0
-
-
-def pope_recall(items):
-    tp, _, fn = _confusion(items)
-    return 100.0 * tp / (tp + fn) if tp + fn else 0.0
-
-
-def pope_f1(items):
-    p, r = pope_precision(items), pope_recall(items)
-    return 2 * p * r / (p + r) if p + r else 0.0
-
-
-def pope_yes_ratio(items):
-    """The share of the model's answers that are "yes" (not of the ground truth)."""
-    return _percent(it["pred"] == "yes" for it in items)
+def pope_likelihood_accuracy(items):
+    """POPE-final-Accuracy of PopeProbScorer (pope.py:345): the mean over the splits."""
+    return pope_accuracy(items)
 
 
 def pope_auc(items):
-    """Area under the ROC curve of the margin log p(Yes) - log p(No), ties counted half."""
+    """POPE-final-AUCROC (pope.py:347, over all splits together): area under the ROC curve of the
+    margin, ties counted half."""
     pos = sorted(it["margin"] for it in items if it["answer"] == "yes")
     neg = sorted(it["margin"] for it in items if it["answer"] == "no")
     if not pos or not neg:
@@ -326,16 +374,3 @@ def pope_auc(items):
     wins = sum(bisect.bisect_left(neg, p) + 0.5 * (bisect.bisect_right(neg, p) - bisect.bisect_left(neg, p))
                for p in pos)
     return 100.0 * wins / (len(pos) * len(neg))
-
-
-def _category_accuracy(category):
-    def aggregate(items):
-        chosen = [it for it in items if it["category"] == category]
-        return pope_accuracy(chosen) if chosen else None
-    aggregate.__name__ = f"pope_accuracy_{category}"
-    return aggregate
-
-
-pope_accuracy_adversarial = _category_accuracy("adversarial")
-pope_accuracy_popular = _category_accuracy("popular")
-pope_accuracy_random = _category_accuracy("random")

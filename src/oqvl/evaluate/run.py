@@ -110,7 +110,7 @@ def evaluate(checkpoint: Path, run: str, benchmark: str, data_dir: Path, protoco
     try:
         from .adapter import OQVL  # after _offline_env: it imports lmms_eval
         from .schemas import check_schema, data_file
-        from .tasks import task_name, write_task_dir
+        from .tasks import protocol_tasks, write_task_dir
         from .tidy import read_answers, rows_for
 
         data = [data_file(data_dir, benchmark, shuffled) for shuffled in ((False, True) if control else (False,))]
@@ -130,9 +130,7 @@ def evaluate(checkpoint: Path, run: str, benchmark: str, data_dir: Path, protoco
         rows = []
         for protocol in protocols:
             t0 = time.time()
-            tasks = [task_name(benchmark, protocol)]
-            if control:
-                tasks.append(task_name(benchmark, protocol, shuffled=True))
+            tasks = protocol_tasks(benchmark, protocol, control)
             results = run_protocol(lm, model_args, tasks, task_dir, work / protocol, batch_size, verbosity)
             for task in tasks:
                 got = results["n-samples"][task]["effective"]

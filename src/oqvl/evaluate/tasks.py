@@ -8,6 +8,10 @@ The YAMLs in oqvl/evaluate/tasks/ read results/eval_data/<Benchmark>.parquet, a 
 where lmms-eval runs (the repository root); `--include_path src/oqvl/evaluate/tasks` works from
 there as they are. `write_task_dir` writes copies that read an absolute data directory, plus a
 `<task>_shuffled` twin of each reading the shuffled-image control file.
+
+A task's name says its benchmark and protocol (`oqvl_<benchmark>_<protocol>[_<variant>]
+[_shuffled]`); the model adapter reads the protocol from it to encode prompts and decode answers
+the protocol's way. A variant is an extra task of a protocol: POPE's `likelihood` scorer.
 """
 
 from __future__ import annotations
@@ -22,10 +26,34 @@ TEMPLATE_DIR = Path(__file__).parent / "tasks"
 DEFAULT_DATA = "results/eval_data"
 
 
-def task_name(benchmark: str, protocol: str, shuffled: bool = False) -> str:
+VARIANTS = {("POPE", "paper"): ("likelihood",)}
+
+
+def task_name(benchmark: str, protocol: str, shuffled: bool = False, variant: str | None = None) -> str:
     if benchmark not in BENCHMARKS or protocol not in PROTOCOLS:
         raise KeyError(f"no task for benchmark {benchmark!r} under protocol {protocol!r}")
-    return f"oqvl_{benchmark.lower()}_{protocol}" + ("_shuffled" if shuffled else "")
+    if variant is not None and variant not in VARIANTS.get((benchmark, protocol), ()):
+        raise KeyError(f"no {variant!r} task for {benchmark} under protocol {protocol!r}")
+    return (f"oqvl_{benchmark.lower()}_{protocol}" + (f"_{variant}" if variant else "")
+            + ("_shuffled" if shuffled else ""))
+
+
+def protocol_tasks(benchmark: str, protocol: str, control: bool = True) -> list[str]:
+    """Every task one protocol runs on a benchmark: the main task and its variants, each with its
+    shuffled-image twin when the control runs."""
+    names = []
+    for variant in (None, *VARIANTS.get((benchmark, protocol), ())):
+        for shuffled in ((False, True) if control else (False,)):
+            names.append(task_name(benchmark, protocol, shuffled, variant))
+    return names
+
+
+def task_protocol(task: str) -> str | None:
+    """The protocol of one of our task names (None for any other task)."""
+    parts = task.split("_")
+    if len(parts) >= 3 and parts[0] == "oqvl" and parts[2] in PROTOCOLS:
+        return parts[2]
+    return None
 
 
 def _replace_once(text: str, old: str, new: str, where: str) -> str:
@@ -34,15 +62,16 @@ def _replace_once(text: str, old: str, new: str, where: str) -> str:
     return text.replace(old, new)
 
 
-def task_yaml(benchmark: str, protocol: str, data_dir, shuffled: bool = False) -> str:
-    name = task_name(benchmark, protocol)
+def task_yaml(benchmark: str, protocol: str, data_dir, shuffled: bool = False,
+              variant: str | None = None) -> str:
+    name = task_name(benchmark, protocol, variant=variant)
     path = TEMPLATE_DIR / f"{name}.yaml"
     text = path.read_text()
     rel = f"{DEFAULT_DATA}/{benchmark}.parquet"
     data = data_file(Path(data_dir).resolve(), benchmark, shuffled)
     text = _replace_once(text, f"test: {rel}", f"test: {data}", str(path))
     if shuffled:
-        twin = task_name(benchmark, protocol, shuffled=True)
+        twin = task_name(benchmark, protocol, shuffled=True, variant=variant)
         text = _replace_once(text, f"task: {name}\n", f"task: {twin}\n", str(path))
         text = "# Shuffled-image control: the same questions, each shown another question's image.\n" + text
     return text
@@ -58,10 +87,11 @@ def write_task_dir(out_dir, data_dir, benchmarks=BENCHMARKS, protocols=PROTOCOLS
     names = []
     for benchmark in benchmarks:
         for protocol in protocols:
-            for shuffled in ((False, True) if control else (False,)):
-                name = task_name(benchmark, protocol, shuffled)
-                (out / f"{name}.yaml").write_text(task_yaml(benchmark, protocol, data_dir, shuffled))
-                names.append(name)
+            for variant in (None, *VARIANTS.get((benchmark, protocol), ())):
+                for shuffled in ((False, True) if control else (False,)):
+                    name = task_name(benchmark, protocol, shuffled, variant)
+                    (out / f"{name}.yaml").write_text(task_yaml(benchmark, protocol, data_dir, shuffled, variant))
+                    names.append(name)
     return names
 
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 import math
 import re
 from collections import Counter, defaultdict
+from typing import NamedTuple
 
 import pyarrow.parquet as pq
 
@@ -32,28 +33,37 @@ from .tasks import task_name
 
 Z = 2.0
 
-# (lmms-eval metric key, tidy metric name, factor to percent, chance rule); the first is the headline.
-METRICS: dict[tuple[str, str], list[tuple[str, str, float, str | None]]] = {
-    ("MMBench", "paper"): [("accuracy", "accuracy", 1, "options")],
-    ("SEEDBench", "paper"): [("accuracy", "accuracy", 1, "options")],
-    ("MMStar", "paper"): [("accuracy", "accuracy", 1, "options")],
-    ("MathVista", "paper"): [("accuracy", "accuracy", 1, "mathvista")],
+class Metric(NamedTuple):
+    key: str  # lmms-eval's metric key
+    name: str  # the tidy metric name
+    factor: float  # to percent
+    rule: str | None  # chance rule (chance_level)
+    variant: str | None = None  # the extra task it comes from (tasks.VARIANTS)
+
+
+M = Metric
+# The first of each list is the headline.
+METRICS: dict[tuple[str, str], list[Metric]] = {
+    ("MMBench", "paper"): [M("accuracy", "accuracy", 1, "options")],
+    ("SEEDBench", "paper"): [M("accuracy", "accuracy", 1, "options")],
+    ("MMStar", "paper"): [M("accuracy", "accuracy", 1, "options")],
+    ("MathVista", "paper"): [M("accuracy", "accuracy", 1, "mathvista")],
     ("POPE", "paper"): [
-        ("accuracy", "accuracy", 1, "majority"), ("f1", "f1", 1, "yes_f1"), ("auc", "auc", 1, "auc"),
-        ("precision", "precision", 1, None), ("recall", "recall", 1, None),
-        ("yes_ratio", "yes_ratio", 1, None),
-        ("accuracy_adversarial", "accuracy_adversarial", 1, "majority:adversarial"),
-        ("accuracy_popular", "accuracy_popular", 1, "majority:popular"),
-        ("accuracy_random", "accuracy_random", 1, "majority:random"),
+        M("accuracy", "accuracy", 1, "majority"), M("f1", "f1", 1, "yes_f1"),
+        M("yes_ratio", "yes_ratio", 1, None),
+        *(M(f"{m}_{s}", f"{m}_{s}", 1, f"{rule}:{s}") for s in ("adversarial", "popular", "random")
+          for m, rule in (("accuracy", "majority"), ("f1", "yes_f1"))),
+        M("likelihood_accuracy", "likelihood_accuracy", 1, "majority", "likelihood"),
+        M("likelihood_auc", "likelihood_auc", 1, "auc", "likelihood"),
     ],
-    ("MMBench", "lmms"): [("gpt_eval_score", "circular_accuracy", 1, "circular")],
-    ("SEEDBench", "lmms"): [("seed_image", "accuracy", 100, "options")],
-    ("MMStar", "lmms"): [("average", "accuracy", 100, "options")],
-    ("MathVista", "lmms"): [("llm_as_judge_eval", "accuracy", 1, "mathvista")],
+    ("MMBench", "lmms"): [M("gpt_eval_score", "circular_accuracy", 1, "circular")],
+    ("SEEDBench", "lmms"): [M("seed_image", "accuracy", 100, "options")],
+    ("MMStar", "lmms"): [M("average", "accuracy", 100, "options")],
+    ("MathVista", "lmms"): [M("llm_as_judge_eval", "accuracy", 1, "mathvista")],
     ("POPE", "lmms"): [
-        ("pope_accuracy", "accuracy", 100, "majority"), ("pope_f1_score", "f1", 100, "yes_f1"),
-        ("pope_precision", "precision", 100, None), ("pope_recall", "recall", 100, None),
-        ("pope_yes_ratio", "yes_ratio_ground_truth", 100, None),
+        M("pope_accuracy", "accuracy", 100, "majority"), M("pope_f1_score", "f1", 100, "yes_f1"),
+        M("pope_precision", "precision", 100, None), M("pope_recall", "recall", 100, None),
+        M("pope_yes_ratio", "yes_ratio_ground_truth", 100, None),
     ],
 }
 
@@ -117,8 +127,12 @@ def chance_level(rule: str | None, benchmark: str, rows: list[dict]) -> float | 
             return None
         yes = sum(r["answer"].strip().lower() == "yes" for r in chosen) / len(chosen)
         return 100 * max(yes, 1 - yes)
-    if rule == "yes_f1":
-        p = sum(r["answer"].strip().lower() == "yes" for r in rows) / len(rows)
+    if rule.startswith("yes_f1"):
+        _, _, category = rule.partition(":")
+        chosen = [r for r in rows if not category or r["category"] == category]
+        if not chosen:
+            return None
+        p = sum(r["answer"].strip().lower() == "yes" for r in chosen) / len(chosen)
         return 100 * 2 * p / (1 + p)
     if rule == "auc":
         return 50.0
@@ -129,7 +143,7 @@ def scored_items(rule: str | None, benchmark: str, rows: list[dict]) -> int:
     """Questions a metric is computed over (MMBench circular: questions, not rows)."""
     if rule == "circular":
         return len({r["index"] % CIRCULAR_OFFSET for r in rows})
-    if rule and rule.startswith("majority:"):
+    if rule and ":" in rule:
         return sum(r["category"] == rule.split(":", 1)[1] for r in rows)
     return len(rows)
 
@@ -155,9 +169,10 @@ def metric_value(results: dict, task: str, key: str, factor: float) -> float | N
 
 def rows_for(run: str, benchmark: str, protocol: str, results: dict, answers: list[dict],
              control: bool) -> list[dict]:
-    task, shuffled = task_name(benchmark, protocol), task_name(benchmark, protocol, shuffled=True)
     out = []
-    for key, name, factor, rule in METRICS[(benchmark, protocol)]:
+    for key, name, factor, rule, variant in METRICS[(benchmark, protocol)]:
+        task = task_name(benchmark, protocol, variant=variant)
+        shuffled = task_name(benchmark, protocol, shuffled=True, variant=variant)
         value = metric_value(results, task, key, factor)
         if value is None:
             continue

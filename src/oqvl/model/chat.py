@@ -8,6 +8,8 @@ way everywhere:
         -> (input_ids, labels)   labels: -100 except the assistant turns' content and <|im_end|>
     encode_prompt(tok, "<image>\\nIs there a cross?", visual_tokens=64)
         -> input_ids ending with "<|im_start|>assistant\\n" (the generation prompt)
+    encode_raw_prompt(tok, "<image>\\nQuestion: Is there a cross?...\\nAnswer:", 64, bos_id)
+        -> [bos_id] + the text's ids, no chat template (the `paper` evaluation protocol)
 
 The text is rendered exactly as the tokenizer's chat template renders it (a test checks this), with
 the newline before `<|im_start|>assistant` that the reference code lacked. Each `<image>` in a
@@ -84,3 +86,11 @@ def encode_prompt(tokenizer, prompt: str, visual_tokens: int, system: str | None
         [{"role": "user", "content": prompt}]
     text, _ = render(messages, add_generation_prompt=True)
     return tokenizer(expand_images(text, visual_tokens), add_special_tokens=False)["input_ids"]
+
+
+def encode_raw_prompt(tokenizer, prompt: str, visual_tokens: int, bos_id: int) -> list[int]:
+    """BOS, then the prompt as it is, each `<image>` as `visual_tokens` image slots. As the
+    reference's evaluation encodes it (prismatic-vlms/prismatic/util/data_utils.py:387-411, then
+    models/vlms/prismatic.py:641-642): the text between images is tokenized piece by piece, which
+    the image slots, special tokens, also force here."""
+    return [bos_id] + tokenizer(expand_images(prompt, visual_tokens), add_special_tokens=False)["input_ids"]

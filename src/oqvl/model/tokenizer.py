@@ -169,6 +169,15 @@ def build_backend(ranks: dict[bytes, int]) -> Tokenizer:
     return tok
 
 
+def document_bos_id(tokenizer) -> int:
+    """The token in front of every document in pretraining and of every `paper`-protocol prompt:
+    the tokenizer's BOS where it has one (the reference adds "<s>" to Qwen2's), else
+    <|endoftext|>, Qwen2's document separator."""
+    if tokenizer.bos_token_id is not None:
+        return tokenizer.bos_token_id
+    return tokenizer.convert_tokens_to_ids(ENDOFTEXT)
+
+
 def build_qwen2_tokenizer(out_dir, vocab_size: int | None = None, ranks_file=None):
     """Write a Qwen2-format tokenizer to out_dir and return it (loaded back from out_dir).
 

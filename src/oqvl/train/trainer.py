@@ -44,7 +44,7 @@ from tqdm import tqdm
 from ..io import sha256_file, weights_identity, write_json, write_text
 from ..manifest import manifest_path, write_manifest
 from ..model.config import PRESET_DIR
-from ..model.tokenizer import ENDOFTEXT, load_tokenizer
+from ..model.tokenizer import ENDOFTEXT, document_bos_id, load_tokenizer
 from ..model.vlm import OpenQwen2VL
 from . import checkpoint as ckpt
 from .data import Conversations, PackedCaptions, rank_micro_batches, step_indices
@@ -226,7 +226,7 @@ def build_data(cfg: TrainConfig, model: OpenQwen2VL, tokenizer, visual_tokens: i
     transform = model.image_transform()
     pad_id = tokenizer.convert_tokens_to_ids(ENDOFTEXT)
     if cfg.stage == "pretrain":
-        ds = PackedCaptions(cfg.packed, cfg.shards, transform, bos_id=pad_id,
+        ds = PackedCaptions(cfg.packed, cfg.shards, transform, bos_id=document_bos_id(tokenizer),
                             image_token_id=model.config.image_token_id, pad_id=pad_id,
                             doc_isolation=cfg.doc_isolation)
         if ds.visual_tokens != visual_tokens:
