@@ -245,6 +245,22 @@ def test_lmms_mathvista_without_judge_keeps_its_quirks(output, doc, right):
     assert lmms.mathvista_process_results(doc, [output])["llm_as_judge_eval"]["true_false"] is right
 
 
+def test_lmms_mathvista_counts_the_rows_its_quirks_decide():
+    from oqvl.evaluate import lmms
+
+    def flags(output, doc):
+        out = lmms.mathvista_process_results(doc, [output])
+        return out["share_float_never_scored"], out["share_choice_by_shortest"]
+
+    colours = ["red", "blue", "green", "yellow"]
+    assert flags("0.5", mv_lmms_doc("0.5", "float", precision=2.0)) == (True, False)
+    assert flags("0.5", mv_lmms_doc("0.5", "float", precision=2)) == (False, False)
+    assert flags("3", mv_lmms_doc("3", "integer")) == (False, False)
+    assert flags("B", mv_lmms_doc("blue", "text", colours)) == (False, True)
+    assert flags(" blue ", mv_lmms_doc("blue", "text", colours)) == (False, False)
+    assert lmms.share([True, False, False, False]) == 25.0 and lmms.share([]) == 0.0
+
+
 def test_lmms_mathvista_reports_zero_accuracy_as_none():
     from oqvl.evaluate import lmms
 

@@ -368,6 +368,23 @@ def test_table4_paper_rows_only_without_a_run(world):
     assert ours["MMBench"] == 80.9 and ours["pretrain_gpu_hours"] == 220 and ours["pretrain_device"] == "A100-40G"
     assert "442 (v1)" in ours["source"]
     assert df[tables.PROVENANCE].isna().all().all()  # provenance belongs to reproduced rows
+    # The paper's Table 4 model is the MAmmoTH-VL-10M one; its baselines are others' models.
+    assert ours["sft_data"] == "MAmmoTH-VL-10M (single-image)"
+    assert df.set_index("row").loc["Qwen2-VL-2B-Instruct", "sft_data"] == "its own"
+
+
+def test_table4_sets_a_reproduction_beside_the_same_mixtures_table3_row(world):
+    """The final run's mixture (1+2 here) as the paper fine-tuned it on LLaVA-665k, and the SFT
+    data of the reproduced rows, so like is read against like."""
+    df = tables.build("table4", {**CONFIG, "sft_data": {"path": "data/llava.json", "name": "LLaVA-665k"}},
+                      {"r12": world.records["r12"]}).set_index("row")
+    same = df.loc["Open-Qwen2VL-2B (1+2, Table 3)"]
+    assert same["MMBench"] == 75.6 and same["sft_data"] == "LLaVA-665k" and same["scale"] == "paper"
+    assert same["table"] == "table4" and same["source"].endswith("Table 3")
+    assert set(df.loc["r12", "sft_data"]) == {"LLaVA-665k"}
+    toy = tables.build("table4", CONFIG, {"r12": world.records["r12"]})
+    assert set(toy.loc[toy["run"] == "r12", "sft_data"]) == {"toy conversations (generated)"}
+    assert tables.sft_data_name({"sft_data": {"path": "x/mammoth_si_10M.json"}}) == "mammoth_si_10M.json"
 
 
 def test_table4_reproduced_rows_with_provenance(world):
@@ -430,7 +447,7 @@ def test_table_cli_and_html(world, tmp_path):
                  "--out", str(out), "--html", str(page)])
     df = pd.read_csv(out)
     text = page.read_text()
-    assert text.count('<tr class="paper">') == (df["scale"] == "paper").sum() == 4
+    assert text.count('<tr class="paper">') == (df["scale"] == "paper").sum() == 5  # Table 4's, the 1+2 row
     assert text.count('<tr class="repro">') == (df["scale"] == "toy").sum() == 2
     assert "Provenance of reproduced rows" in text and "80.9" in text
 

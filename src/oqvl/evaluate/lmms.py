@@ -17,7 +17,12 @@ Known quirks of lmms-eval kept here on purpose (tests pin each one):
   exactly; a letter ("B") goes to the judge, comes back empty, and is replaced by the option
   closest to "" (the shortest, the first of equal ones). Float answers never score: the released
   `precision` column is a float (2.0) and round(x, 2.0) raises, so the prediction becomes None.
-  List answers go to the judge and never score. An accuracy of 0 is reported as None.
+  List answers go to the judge and never score. An accuracy of 0 is reported as None. The real
+  release triggers both as our files do: AI4Math/MathVista declares `precision` float64 (its
+  dataset card), and the judge is lmms-eval's only route from a letter to an option. Two extra,
+  descriptive metrics say how many rows each affects: `share_float_never_scored` (free-form float
+  rows, which no output can get right) and `share_choice_by_shortest` (multiple-choice rows whose
+  output was not an option's text, so the shortest option was scored instead).
 - MMBench circular scoring needs every copy of a question right; a copy whose answer no rule can
   read makes the question wrong (no random fallback without the API).
 """
@@ -73,5 +78,22 @@ _mathvista_utils.mathvista_evaluator = NoJudgeMathVistaEvaluator(quick_extract=F
 # lmms-eval's own functions, now bound to the evaluator above.
 mathvista_doc_to_visual = _mathvista_utils.mathvista_doc_to_visual
 mathvista_doc_to_text = _mathvista_utils.mathvista_doc_to_text
-mathvista_process_results = _mathvista_utils.mathvista_process_results
 mathvista_aggregate_results = _mathvista_utils.mathvista_aggregate_results
+
+
+def mathvista_process_results(doc, results):
+    """lmms-eval's scoring, plus the rows its two quirks above decide."""
+    out = _mathvista_utils.mathvista_process_results(doc, results)
+    # round(x, 2.0) raises for any float precision, 2.0 included
+    float_never = doc["answer_type"] == "float" and doc["question_type"] != "multi_choice" \
+        and isinstance(doc.get("precision"), float)
+    by_shortest = doc["question_type"] == "multi_choice" and results[0].strip() not in (doc["choices"] or [])
+    out["share_float_never_scored"] = bool(float_never)
+    out["share_choice_by_shortest"] = bool(by_shortest)
+    return out
+
+
+def share(flags) -> float:
+    """The percentage of rows flagged."""
+    flags = list(flags)
+    return 100.0 * sum(flags) / len(flags) if flags else 0.0

@@ -59,7 +59,9 @@ METRICS: dict[tuple[str, str], list[Metric]] = {
     ("MMBench", "lmms"): [M("gpt_eval_score", "circular_accuracy", 1, "circular")],
     ("SEEDBench", "lmms"): [M("seed_image", "accuracy", 100, "options")],
     ("MMStar", "lmms"): [M("average", "accuracy", 100, "options")],
-    ("MathVista", "lmms"): [M("llm_as_judge_eval", "accuracy", 1, "mathvista")],
+    ("MathVista", "lmms"): [M("llm_as_judge_eval", "accuracy", 1, "mathvista"),
+                            M("share_float_never_scored", "share_float_never_scored", 1, None),
+                            M("share_choice_by_shortest", "share_choice_by_shortest", 1, None)],
     ("POPE", "lmms"): [
         M("pope_accuracy", "accuracy", 100, "majority"), M("pope_f1_score", "f1", 100, "yes_f1"),
         M("pope_precision", "precision", 100, None), M("pope_recall", "recall", 100, None),

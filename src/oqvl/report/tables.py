@@ -12,8 +12,11 @@ protocol=paper`; reproduced rows say which scale and protocol produced them (one
 an evaluation wrote). Rows of runs that the workflow has not evaluated are absent, never filled in;
 a benchmark a run has no score for stays empty and its average with it.
 
-table4: the final model (config `table4_run`) beside the paper's Table 4. table3: the data-mixture
-ablation (1+2, 1+3, 1+2+3, 1+4), each mixture's runs beside the paper's row of the same id.
+table4: the final model (config `table4_run`) beside the paper's Table 4, and beside the paper's
+Table 3 row of the same data mixture: the paper's Table 4 model is fine-tuned on MAmmoTH-VL 10M,
+its Table 3 rows on LLaVA-665k, and the `sft_data` column says which data every row used, so a
+reproduction is read against the row fine-tuned like it. table3: the data-mixture ablation (1+2,
+1+3, 1+2+3, 1+4), each mixture's runs beside the paper's row of the same id.
 Every reproduced row carries its provenance: code version, config hash, lock-file hash, container
 image id (when one ran), and the sha256 of the files it was computed from.
 """
@@ -42,10 +45,14 @@ LOCK_FILE = REPO_ROOT / "requirements.lock"
 
 TABLE3_IDS = ["1+2", "1+3", "1+2+3", "1+4"]
 PROVENANCE = ["code_version", "config_hash", "lock_hash", "container_image", "input_hashes"]
-COLUMNS = ["table", "row", "run", "scale", "protocol", "pretrain_data", "pretrain_tokens", *BENCHMARKS,
+COLUMNS = ["table", "row", "run", "scale", "protocol", "pretrain_data", "pretrain_tokens", "sft_data", *BENCHMARKS,
            "avg_5", "paper_avg_8", "pretrain_gpu_hours", "pretrain_wall_hours", "pretrain_device",
            "not_above_chance", "source", *PROVENANCE]
 SOURCE = "Wang et al. 2025, Open-Qwen2VL"
+# The SFT data of the paper's rows (prismatic-vlms/fine_tune_mammoth.sh for Table 4's model; Table
+# 3's mixtures are all fine-tuned on LLaVA-665k); the baselines are others' finished models.
+PAPER_FINAL = "Open-Qwen2VL-2B"
+PAPER_SFT = {"table4": {PAPER_FINAL: "MAmmoTH-VL-10M (single-image)"}, "table3": "LLaVA-665k"}
 
 
 # ------------------------------------------------------------------------------------ paper rows
@@ -60,6 +67,8 @@ def paper_rows(table: str, config: dict | None = None) -> pd.DataFrame:
     rows["run"] = ""
     rows["paper_avg_8"] = rows["Avg"]  # the paper's average is over 8 benchmarks, 3 not reproduced
     rows["source"] = f"{SOURCE}, " + ("Table 4" if table == "table4" else "Table 3")
+    sft = PAPER_SFT[table]
+    rows["sft_data"] = rows["row"].map(lambda r: sft.get(r, "its own") if isinstance(sft, dict) else sft)
     if table == "table4":
         rep = report_settings(config or {})
         hours = rep["paper_gpu_hours"]
@@ -72,6 +81,25 @@ def paper_rows(table: str, config: dict | None = None) -> pd.DataFrame:
 
 
 # ----------------------------------------------------------------------------- reproduced rows
+
+def sft_data_name(config: dict) -> str:
+    """What the workflow fine-tuned on: config sft_data.name, else its file's name."""
+    sft = config.get("sft_data") or {}
+    if sft.get("name"):
+        return sft["name"]
+    return Path(sft["path"]).name if sft.get("path") else "toy conversations (generated)"
+
+
+def same_mixture_row(config: dict) -> pd.DataFrame:
+    """The paper's Table 3 row of the final run's mixture, its model fine-tuned on LLaVA-665k."""
+    run = (config.get("runs") or {}).get(config.get("table4_run")) or {}
+    paper_id = ((config.get("mixtures") or {}).get(run.get("mixture")) or {}).get("paper_id")
+    rows = paper_rows("table3")
+    rows = rows[rows["row"] == paper_id].copy()
+    rows["row"] = f"{PAPER_FINAL} ({paper_id}, Table 3)"
+    rows["table"] = "table4"
+    return rows
+
 
 def canonical_benchmark(name: str) -> str | None:
     for b in BENCHMARKS:
@@ -204,6 +232,7 @@ def reproduced_rows(table: str, runs: dict, config: dict, label=None) -> pd.Data
             "table": table, "run": run, "scale": config.get("scale", "toy"),
             "row": label(run, mix_cfg) if label else run,
             "pretrain_data": data, "pretrain_tokens": human_count(summary.get("tokens")),
+            "sft_data": sft_data_name(config),
             "source": f"this workflow, {config.get('scale', 'toy')} scale",
             **pretrain_compute(record),
             **provenance(record, config),
@@ -236,7 +265,7 @@ def build(table: str, config: dict | None = None, runs: dict | None = None) -> p
     paper = paper_rows(table, config)
     if table == "table4":
         ours = reproduced_rows(table, runs, config)
-        df = pd.concat([paper, ours], ignore_index=True) if len(ours) else paper
+        df = pd.concat([p for p in (paper, same_mixture_row(config), ours) if len(p)], ignore_index=True)
     else:
         ours = reproduced_rows(table, runs, config, label=lambda run, mix: str(mix.get("paper_id", "")))
         # Each paper row, then the reproduced rows of the same mixture id; others after.
