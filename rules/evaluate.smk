@@ -26,11 +26,42 @@ rule eval_data:
         "$PY {params.command} --seed {params.seed} {params.control} --out {params.out} > {log} 2>&1"
 
 
+RELEASED = P.released()
+
+if RELEASED:
+
+    rule convert_released:
+        """A released checkpoint (config `released`: a prismatic-vlms run directory) converted to
+        this project's format, with an explicit key map and a strict load (oqvl.model.prismatic)."""
+        input:
+            run_dir=lambda w: RELEASED[w.name]["run_dir"],
+            lm=lambda w: RELEASED[w.name]["lm"],
+            vision_weights=lambda w: RELEASED[w.name].get("vision_weights") or [],
+        output:
+            model=L.released_model(),
+            manifest=L.manifest("convert_released"),
+        wildcard_constraints:
+            name=alternatives(RELEASED),
+        params:
+            out=lambda w: L.released_dir(w.name),
+            vision=lambda w, input: f"--vision-weights {shlex.quote(str(input.vision_weights))}"
+            if input.vision_weights else "",
+        container: config["containers"]["model"]
+        log:
+            L.log("convert_released"),
+        benchmark:
+            L.benchmark("convert_released")
+        shell:
+            "$PY -m oqvl.model.prismatic --run-dir {input.run_dir:q} --lm {input.lm:q} {params.vision}"
+            " --out {params.out:q} > {log} 2>&1"
+
+
 rule evaluate:
-    """One run's SFT checkpoint on one benchmark: lmms-eval under each protocol (results JSON and
-    samples JSONL in eval/<benchmark>/<protocol>/) and the tidy rows in eval/<benchmark>.json."""
+    """One run's SFT checkpoint (or a released checkpoint, converted) on one benchmark: lmms-eval
+    under each protocol (results JSON and samples JSONL in eval/<benchmark>/<protocol>/) and the
+    tidy rows in eval/<benchmark>.json."""
     input:
-        checkpoint=L.final_model(stage="sft"),
+        checkpoint=lambda w: P.checkpoint(w.run),
         data=lambda w: [L.eval_data(w.benchmark)]
         + ([L.eval_data(w.benchmark, shuffled=True)] if EVAL["shuffled_control"] else []),
     output:

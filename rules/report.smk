@@ -35,12 +35,14 @@ rule table4:
     input:
         record_files(P.run_record(TABLE4_RUN)),
         [f for job in P.run_jobs(TABLE4_RUN) for f in job_files(job)],
+        [f for name in P.released() for f in record_files(P.released_record(name))],
     output:
         csv=report(L.TABLE4, caption="../report/table4.rst", category="Tables"),
         html=report(f"{L.REPORT_HTML}/table4.html", caption="../report/table4.rst", category="Tables"),
         summary=L.SUMMARY,
     params:
         runs=as_json({TABLE4_RUN: P.run_record(TABLE4_RUN)}),
+        released=as_json({name: P.released_record(name) for name in P.released()}),
         jobs=as_json([job_files(job) for job in P.run_jobs(TABLE4_RUN)]),
         config=as_json(config),
         report_config=as_json(P.report_config()),
@@ -50,8 +52,8 @@ rule table4:
     benchmark:
         L.benchmark("table4")
     shell:
-        "$PY -m oqvl.report.tables table4 --runs-json {params.runs:q} --config-json {params.config:q}"
-        " --out {output.csv:q} --html {output.html:q} > {log} 2>&1"
+        "$PY -m oqvl.report.tables table4 --runs-json {params.runs:q} --released-json {params.released:q}"
+        " --config-json {params.config:q} --out {output.csv:q} --html {output.html:q} > {log} 2>&1"
         " && $PY -m oqvl.report.summary --table4 {output.csv:q} --runs-json {params.runs:q} --jobs-json {params.jobs:q}"
         " --config-json {params.report_config:q} --out {output.summary:q} >> {log} 2>&1"
 

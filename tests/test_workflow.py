@@ -28,6 +28,7 @@ def paper_downloads(root):
     files = [cfg["filter"]["sources"]["datacomp"]["uid_list"], cfg["filter"]["clip"]["pretrained"],
              cfg["model"]["vision_weights"], cfg["sft_data"]["path"]]
     folders = [cfg["model"]["lm_path"], cfg["model"]["tokenizer"]["path"], *cfg["evaluate"]["real"].values(),
+               *(r["run_dir"] for r in cfg["released"].values()),
                *(f"{cfg['filter']['mlm']['scores_dir']}/{s}" for s in cfg["filter"]["mlm"]["sources"])]
     for f in files:
         (root / f).parent.mkdir(parents=True, exist_ok=True)
@@ -50,6 +51,10 @@ def test_paper_config_plans_the_same_dag(tmp_path):
     # Paper scale uses released weights and tokenizer: nothing toy is trained or built.
     for toy_rule in ("train_clip", "tokenizer", "filter_quality", "sft_data", "train_mlm_filter"):
         assert f"rule {toy_rule}:" not in out
+    # The released model: converted, then evaluated like a run (no training), on every benchmark.
+    assert "rule convert_released:" in out and "wildcards: name=Open-Qwen2VL-2B" in out
+    for b in ("MMBench", "SEEDBench", "MMStar", "MathVista", "POPE"):
+        assert f"wildcards: run=Open-Qwen2VL-2B, benchmark={b}" in out, b
 
 
 def test_paper_config_trains_on_8_processes_from_the_released_models(tmp_path):

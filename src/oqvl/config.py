@@ -101,6 +101,10 @@ def _check_semantics(config: dict) -> None:
             raise ConfigError(f"runs.{name}: a run name is a directory name, no '/'")
     if config["table4_run"] not in config["runs"]:
         raise ConfigError(f"table4_run: no run named {config['table4_run']!r}")
+    for name in config.get("released", {}):
+        if name in config["runs"] or "/" in name:
+            raise ConfigError(f"released.{name}: a released checkpoint's name is a directory name, "
+                              "no '/', and no run's name (its evaluation goes to results/runs/<name>)")
     sd = config["sft_data"]
     if sd["caption_share"] + sd["lookup_share"] >= 1:
         raise ConfigError("sft_data: caption_share + lookup_share must be below 1 (no image questions left)")

@@ -155,6 +155,15 @@ def run_results(run="{run}"):
     return f"{run_dir(run)}/eval/tidy.csv"
 
 
+def released_dir(name="{name}"):
+    """A released checkpoint converted to this project's format (config `released`)."""
+    return f"{RESULTS}/released/{name}"
+
+
+def released_model(name="{name}"):
+    return f"{released_dir(name)}/config.json"
+
+
 # --------------------------------------------------------------------------- stage 8: report
 TABLE4 = f"{RESULTS}/table4.csv"
 TABLE3 = f"{RESULTS}/table3.csv"
@@ -196,6 +205,7 @@ JOBS = {
     "eval_data": JobFiles("evaluate", "eval_data", EVAL_DATA),
     "evaluate": JobFiles("evaluate", "{run}_{benchmark}", eval_rows()),
     "run_results": JobFiles("evaluate", "{run}_tidy", run_results()),
+    "convert_released": JobFiles("model", "released_{name}", released_dir()),
 }
 # Report rules: logged and benchmarked, not accounted (they summarise the jobs above).
 REPORT_JOBS = ("compute", "table4", "table3", "plots")

@@ -139,9 +139,29 @@ class Plan:
         jobs += [("evaluate", {"run": run, "benchmark": b}) for b in self.benchmarks]
         return _unique(jobs)
 
+    def released(self) -> dict:
+        return self.config.get("released") or {}
+
+    def checkpoint(self, run: str) -> str:
+        """What `evaluate` scores for a run: a released checkpoint, converted, or the run's SFT model."""
+        return L.released_model(run) if run in self.released() else L.final_model(run, "sft")
+
+    def released_jobs(self, name: str) -> list[Job]:
+        return [("convert_released", {"name": name}), ("eval_data", {}),
+                *[("evaluate", {"run": name, "benchmark": b}) for b in self.benchmarks]]
+
+    def released_record(self, name: str) -> dict:
+        """What table4 reads of a released checkpoint: its evaluation rows and their manifests."""
+        return {"evals": [L.eval_rows(name, b) for b in self.benchmarks],
+                "manifests": [L.manifest("convert_released", name=name),
+                              *[L.manifest("evaluate", run=name, benchmark=b) for b in self.benchmarks]],
+                **{k: self.released()[name].get(k) for k in ("sft_data", "paper_row", "revision")}}
+
     def all_jobs(self) -> list[Job]:
-        """Every accounted job: the configured runs', every packed mixture, (toy) the filter report."""
+        """Every accounted job: the configured runs', the released checkpoints' evaluations, every
+        packed mixture, (toy) the filter report."""
         jobs = [j for run in self.config["runs"] for j in self.run_jobs(run)]
+        jobs += [j for name in self.released() for j in self.released_jobs(name)]
         for m in self.config["mixtures"]:
             jobs += [("mixture", {"mixture": m}), ("pack", {"mixture": m})]
         return _unique(jobs + self.toy_jobs("filter_quality"))
@@ -181,7 +201,9 @@ def job_files(job: Job) -> list[str]:
 
 
 def record_files(record: dict) -> list[str]:
-    """Every file a run record names (a table rule's inputs)."""
+    """Every file a run record (or a released checkpoint's) names: a table rule's inputs."""
+    if "pretrain_summary" not in record:
+        return [*record["evals"], *record["manifests"]]
     return [*record["evals"], record["pretrain_summary"], *record["pretrain_job"], *record["manifests"]]
 
 

@@ -71,6 +71,8 @@ from pathlib import Path
 import torch
 from transformers import Qwen2Config
 
+from ..io import sha256_file
+from ..manifest import args_config, manifest_path, write_manifest
 from .config import VisionConfig, VLMConfig, grid_side, lm_config_dict
 from .tokenizer import IMAGE_TOKEN, load_tokenizer
 from .vision import (
@@ -391,6 +393,13 @@ def main(argv=None):
     except (ValueError, FileNotFoundError, OSError) as e:
         raise SystemExit(str(e).splitlines()[0] if str(e) else type(e).__name__) from None
     c = model.config
+    read = [args.checkpoint or args.run_dir / "checkpoints" / "latest-checkpoint.pt",
+            args.run_dir / "config.json", *([args.vision_weights] if args.vision_weights else [])]
+    write_manifest(manifest_path(args.out), "convert_released",
+                   work=(model.num_parameters()["total"], "parameters"), config=args_config(args),
+                   files=sorted(p for p in args.out.rglob("*") if p.is_file() and p.name != "manifest.json"),
+                   counts={"visual_tokens": c.visual_tokens_sft},
+                   inputs={str(p): sha256_file(p) for p in read if Path(p).is_file()})
     print(f"{args.out}: {c.vision.open_clip_model} + Qwen2 ({c.lm['num_hidden_layers']} layers, "
           f"vocab {c.lm['vocab_size']}), {c.visual_tokens_sft} visual tokens, "
           f"{model.num_parameters()['total']:,} parameters in {time.perf_counter() - t0:.1f}s")

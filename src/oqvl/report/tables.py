@@ -177,9 +177,10 @@ def _json(path: Path):
 def provenance(record: dict, config: dict) -> dict:
     """Code version, config hash, lock hash, container image and input hashes of one run's rows:
     its evaluation files, its pretraining summary and every manifest the record names."""
-    files = sorted(map(Path, [*record["evals"], record["pretrain_summary"], *record["manifests"]]))
+    summary = [record["pretrain_summary"]] if record.get("pretrain_summary") else []  # none: a release
+    files = sorted(map(Path, [*record["evals"], *summary, *record["manifests"]]))
     manifests = [m for p in map(Path, record["manifests"]) if (m := _json(p)) and isinstance(m, dict)]
-    summaries = [s for s in [_json(Path(record["pretrain_summary"]))] if s]
+    summaries = [s for s in [_json(Path(p)) for p in summary] if s]
     versions = sorted({m["code_version"] for m in manifests if m.get("code_version")}) or [code_version()]
     images = sorted({str(d[k]) for d in manifests + summaries for k in ("container_image", "image_id") if d.get(k)})
     images = images or ([os.environ["OQVL_CONTAINER_IMAGE"]] if os.environ.get("OQVL_CONTAINER_IMAGE") else [])
@@ -243,6 +244,23 @@ def reproduced_rows(table: str, runs: dict, config: dict, label=None) -> pd.Data
     return pd.DataFrame(out).reindex(columns=COLUMNS)
 
 
+def released_rows(released: dict, config: dict) -> pd.DataFrame:
+    """Rows of released checkpoints the workflow evaluated without training them (config
+    `released`): scale paper, one row per protocol, labelled as measured here."""
+    metrics = report_settings(config).get("metrics") or {}
+    out = []
+    for name, record in released.items():
+        scores = score_rows(name, load_eval(record["evals"]), metrics)
+        base = {"table": "table4", "run": name, "scale": "paper",
+                "row": f"{record.get('paper_row') or name} (released checkpoint, measured)",
+                "sft_data": record.get("sft_data") or "",
+                "source": "this workflow: the released checkpoint, evaluated"
+                          + (f" (revision {record['revision']})" if record.get("revision") else ""),
+                **provenance(record, config)}
+        out += [{**base, **{k: v for k, v in s.items() if k != "files"}} for s in scores]
+    return pd.DataFrame(out).reindex(columns=COLUMNS)
+
+
 def with_average(df: pd.DataFrame) -> pd.DataFrame:
     vals = df[list(BENCHMARKS)].apply(pd.to_numeric, errors="coerce")
     # The mean of the five reproduced benchmarks, only where all five exist (never a partial mean).
@@ -259,13 +277,17 @@ def table3_runs(config: dict) -> list[str]:
             if (mixtures.get(run.get("mixture")) or {}).get("paper_id") in TABLE3_IDS]
 
 
-def build(table: str, config: dict | None = None, runs: dict | None = None) -> pd.DataFrame:
-    """The table: the paper's rows and the rows of `runs` (name -> record of its declared files)."""
+def build(table: str, config: dict | None = None, runs: dict | None = None,
+          released: dict | None = None) -> pd.DataFrame:
+    """The table: the paper's rows and the rows of `runs` (name -> record of its declared files);
+    table4 also the released checkpoints' (name -> oqvl.plan's released record)."""
     config, runs = config or {}, runs or {}
     paper = paper_rows(table, config)
     if table == "table4":
         ours = reproduced_rows(table, runs, config)
-        df = pd.concat([p for p in (paper, same_mixture_row(config), ours) if len(p)], ignore_index=True)
+        measured = released_rows(released or {}, config)
+        df = pd.concat([p for p in (paper, measured, same_mixture_row(config), ours) if len(p)],
+                       ignore_index=True)
     else:
         ours = reproduced_rows(table, runs, config, label=lambda run, mix: str(mix.get("paper_id", "")))
         # Each paper row, then the reproduced rows of the same mixture id; others after.
@@ -313,9 +335,11 @@ def main(argv=None):
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--html", type=Path, default=None, help="also write the table as a standalone page")
     ap.add_argument("--runs-json", default="{}", help="run -> the files of its rows (rules/report.smk)")
+    ap.add_argument("--released-json", default="{}",
+                    help="table4: released checkpoint -> its evaluation files (rules/report.smk)")
     ap.add_argument("--config-json", default="{}", help="the resolved workflow config as JSON")
     args = ap.parse_args(argv)
-    df = build(args.table, json.loads(args.config_json), json.loads(args.runs_json))
+    df = build(args.table, json.loads(args.config_json), json.loads(args.runs_json), json.loads(args.released_json))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     df.to_csv(args.out, index=False)
     if args.html:
