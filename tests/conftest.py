@@ -28,6 +28,24 @@ def snakemake(workdir: Path, *args: str, configfile: Path | None = None, check=T
     return proc
 
 
+def lmms_eval_cli(launcher: list[str], ckpt: Path, tasks: list[str], task_dir: Path, out: Path,
+                  limit: int) -> dict:
+    """lmms-eval's command line on the `oqvl` model, offline; its results JSON."""
+    import json
+
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1",
+               LMMS_EVAL_DATASETS_CACHE=str(out / "cache"))
+    proc = subprocess.run(
+        [*launcher, "--model", "oqvl", "--model_args", f"pretrained={ckpt},max_new_tokens=4",
+         "--include_path", str(task_dir), "--tasks", ",".join(tasks), "--batch_size", "4",
+         "--limit", str(limit), "--output_path", str(out), "--log_samples",
+         "--verbosity", "DEBUG"],  # DEBUG: lmms-eval re-raises errors instead of only logging them
+        capture_output=True, text=True, env=env, cwd=out.parent, timeout=900, check=False)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    (results,) = out.rglob("*_results.json")
+    return json.loads(results.read_text())
+
+
 @pytest.fixture(scope="session")
 def repo() -> Path:
     return REPO

@@ -4,12 +4,12 @@ protocols run by lmms-eval itself with scripted models (tidy rows, chance, contr
 
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import lmms_eval_cli
 
 from oqvl.evaluate import BENCHMARKS, toy
 from oqvl.evaluate.schemas import data_file
@@ -430,18 +430,9 @@ def test_lmms_eval_cli_runs_the_oqvl_model_offline(ckpt, data_dir, tmp_path):
     from oqvl.evaluate.tasks import write_task_dir
 
     write_task_dir(tmp_path / "tasks", data_dir, ["POPE", "MMStar"], ["paper", "lmms"], control=False)
-    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1",
-               LMMS_EVAL_DATASETS_CACHE=str(tmp_path / "cache"))
     cli = Path(sys.executable).with_name("lmms-eval")
-    proc = subprocess.run(
-        [str(cli), "--model", "oqvl", "--model_args", f"pretrained={ckpt},max_new_tokens=4",
-         "--include_path", str(tmp_path / "tasks"), "--tasks", "oqvl_pope_paper,oqvl_mmstar_lmms",
-         "--batch_size", "4", "--limit", "6", "--output_path", str(tmp_path / "out"), "--log_samples",
-         "--verbosity", "DEBUG"],  # DEBUG: lmms-eval re-raises errors instead of only logging them
-        capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600, check=False)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    (results,) = (tmp_path / "out").rglob("*_results.json")
-    got = json.loads(results.read_text())
+    got = lmms_eval_cli([str(cli)], ckpt, ["oqvl_pope_paper", "oqvl_mmstar_lmms"], tmp_path / "tasks",
+                        tmp_path / "out", limit=6)
     assert set(got["results"]) == {"oqvl_pope_paper", "oqvl_mmstar_lmms"}
     assert got["n-samples"]["oqvl_pope_paper"]["effective"] == 6
     assert 0.0 <= got["results"]["oqvl_pope_paper"]["accuracy,none"] <= 100.0

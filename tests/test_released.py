@@ -3,18 +3,17 @@
 lmms-eval command line under both protocols; and its rows in table4."""
 
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from conftest import lmms_eval_cli
+from prismatic_fixture import TINY_VISION, write_tiny_release
 
 from oqvl.evaluate import toy
 from oqvl.evaluate.tasks import write_task_dir
 from oqvl.model import prismatic
 from oqvl.model.tokenizer import load_tokenizer
-from prismatic_fixture import TINY_VISION, write_tiny_release
 
 TASKS = ["oqvl_pope_paper", "oqvl_pope_lmms", "oqvl_mmstar_paper", "oqvl_mmstar_lmms"]
 
@@ -32,7 +31,7 @@ def released(tmp_path_factory):
 
 
 def test_conversion_writes_a_checkpoint_and_its_manifest(released):
-    root, out = released
+    _, out = released
     assert {"config.json", "model.safetensors", "tokenizer.json"} <= {p.name for p in out.iterdir()}
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["stage"] == "convert_released" and manifest["work"]["unit"] == "parameters"
@@ -49,22 +48,12 @@ def test_released_checkpoint_through_the_lmms_eval_cli_under_both_protocols(rele
     toy.main(["--out", str(data), "--sizes", json.dumps({"MMBench": 4, "SEEDBench": 4, "MMStar": 8,
                                                           "MathVista": 8, "POPE": 2})])
     write_task_dir(tmp_path / "tasks", data, ["POPE", "MMStar"], ["paper", "lmms"], control=False)
-    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1",
-               LMMS_EVAL_DATASETS_CACHE=str(tmp_path / "cache"))
     # lmms-eval's own command-line entry point; first the tiny tower's open_clip config is
     # registered, which the real SigLIP tower does not need.
     run = ("import sys, open_clip; open_clip.add_model_config(sys.argv.pop(1)); "
            "from lmms_eval.cli.dispatch import main; sys.exit(main())")
-    proc = subprocess.run(
-        [sys.executable, "-c", run, str(root / "open_clip" / f"{TINY_VISION}.json"),
-         "--model", "oqvl", "--model_args", f"pretrained={ckpt},max_new_tokens=4",
-         "--include_path", str(tmp_path / "tasks"), "--tasks", ",".join(TASKS),
-         "--batch_size", "4", "--limit", "4", "--output_path", str(tmp_path / "out"), "--log_samples",
-         "--verbosity", "DEBUG"],  # DEBUG: lmms-eval re-raises errors instead of only logging them
-        capture_output=True, text=True, env=env, cwd=tmp_path, timeout=900, check=False)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    (results,) = (tmp_path / "out").rglob("*_results.json")
-    got = json.loads(results.read_text())
+    launcher = [sys.executable, "-c", run, str(root / "open_clip" / f"{TINY_VISION}.json")]
+    got = lmms_eval_cli(launcher, ckpt, TASKS, tmp_path / "tasks", tmp_path / "out", limit=4)
     assert set(got["results"]) == set(TASKS)
     for task in TASKS:
         assert got["n-samples"][task]["effective"] == 4
