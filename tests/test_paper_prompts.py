@@ -11,10 +11,9 @@ index in between (prismatic-vlms/prismatic/util/data_utils.py:387-411), the toke
 """
 
 import pytest
-from tokenizers import AddedToken
-
 from oqvl.evaluate import paper
 from oqvl.model.chat import encode_raw_prompt
+from oqvl.model.prismatic import release_tokenizer
 from oqvl.model.tokenizer import IMAGE_TOKEN, build_qwen2_tokenizer, document_bos_id
 
 VISUAL_TOKENS = 3
@@ -59,12 +58,11 @@ GOLDEN = {
 
 @pytest.fixture(scope="module")
 def tokenizer(tmp_path_factory):
-    """Qwen2.5's tokenizer (built offline from its BPE ranks) with the reference's added tokens."""
-    tok = build_qwen2_tokenizer(tmp_path_factory.mktemp("qwen2"))
-    tok.add_special_tokens({"additional_special_tokens": [AddedToken("<|endofchunk|>", special=True),
-                                                          AddedToken("<s>", special=True)]})
-    tok.bos_token = "<s>"
-    return tok
+    """Qwen2.5's tokenizer (built offline from its BPE ranks) with the reference's added tokens,
+    as the released checkpoint's converter writes it."""
+    base = tmp_path_factory.mktemp("qwen2")
+    build_qwen2_tokenizer(base)
+    return release_tokenizer(base, vocab_rows=151936, max_length=4096)
 
 
 def reference_ids(tokenizer, prompt: str) -> list[int]:

@@ -245,16 +245,22 @@ def lm_config_of(lm_dir) -> Qwen2Config:
 def release_tokenizer(path, vocab_rows: int, max_length: int):
     """The base tokenizer with the reference's added tokens and BOS (qwen2.py:58-59)."""
     tok = load_tokenizer(path)
-    n = len(tok)
-    if any(t in tok.get_vocab() for t in ADDED_TOKENS):
-        raise ValueError(f"{path}: tokenizer already has {ADDED_TOKENS}; give the base tokenizer")
+    before = tok.get_vocab()
+    if ADDED_TOKENS[0] in before:
+        raise ValueError(f"{path}: tokenizer already has {ADDED_TOKENS[0]}; give the base tokenizer")
     tok.add_special_tokens({"additional_special_tokens": list(ADDED_TOKENS)},
                            replace_extra_special_tokens=False)
     tok.bos_token = BOS_TOKEN
     tok.model_max_length = max_length
+    # A token the vocabulary holds keeps its id (Qwen2's BPE has "<s>", 128245); a new one takes
+    # the next id, as transformers adds them.
+    expected, new_id = [], len(before)
+    for t in ADDED_TOKENS:
+        expected.append(before.get(t, new_id))
+        new_id += t not in before
     ids = tok.convert_tokens_to_ids(list(ADDED_TOKENS))
-    if ids != [n, n + 1]:
-        raise ValueError(f"{path}: added tokens got ids {ids}, expected {[n, n + 1]}")
+    if ids != expected:
+        raise ValueError(f"{path}: added tokens got ids {ids}, expected {expected}")
     if len(tok) > vocab_rows:
         raise ValueError(f"{path}: {len(tok)} tokens with {ADDED_TOKENS} but the LM has "
                          f"{vocab_rows} embedding rows (the reference does not resize them)")
