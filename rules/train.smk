@@ -16,7 +16,7 @@ if SCALE.has("sft_data"):
         params:
             n=SFT_DATA["n_conversations"],
             turns=SFT_DATA["turns"],
-            mix={k: SFT_DATA[k] for k in ("caption_share", "lookup_share")},
+            mix={k: SFT_DATA[k] for k in ("caption_share", "lookup_share", "raw_share")},
             weights=f"--kind-weights {as_json(SFT_DATA['kind_weights'])!r}" if SFT_DATA["kind_weights"] else "",
             seed=config["seed"],
             world=world_args(),
@@ -29,7 +29,7 @@ if SCALE.has("sft_data"):
             "$PY -m oqvl.train.sft_data --out {output.data} --n {params.n} --turns {params.turns}"
             " --seed {params.seed} {params.world}"
             " --caption-share {params.mix[caption_share]} --lookup-share {params.mix[lookup_share]}"
-            " {params.weights} > {log} 2>&1"
+            " --raw-share {params.mix[raw_share]} {params.weights} > {log} 2>&1"
 
 
 rule pretrain:

@@ -32,20 +32,43 @@ def test_mix_controls_what_turns_ask():
     only_exists = Mix(caption_share=0.0, lookup_share=0.0,
                       kind_weights=tuple(float(k == "exists") for k in KINDS))
     for i in range(20):
-        _, conv = toy_conversation(0, i, world, 3, only_exists)
+        _, conv, _ = toy_conversation(0, i, world, 3, only_exists)
         for user, gpt in zip(conv[::2], conv[1::2]):
             assert "Is there a" in user["value"]
             assert gpt["value"] in ("Yes", "No")
     lookups = Mix(caption_share=0.0, lookup_share=0.999)
-    _, conv = toy_conversation(0, 0, world, 4, lookups)
+    _, conv, _ = toy_conversation(0, 0, world, 4, lookups)
     assert all("Which option is" in t["value"] for t in conv[::2])
     assert conv[0]["value"].startswith("<image>\n")  # the image still opens the conversation
+
+
+def test_raw_share_writes_single_questions_in_the_paper_protocols_prompt_shapes():
+    from oqvl.evaluate import paper
+
+    world, mix = WorldConfig(), Mix(caption_share=0.0, raw_share=0.5)
+    made = [toy_conversation(0, i, world, 3, mix) for i in range(200)]
+    raw = [(conv, fmt) for _, conv, fmt in made if fmt == "raw"]
+    assert 70 < len(raw) < 130  # about half
+    for conv, _ in raw:
+        assert len(conv) == 2
+        prompt, answer = conv[0]["value"], conv[1]["value"]
+        assert prompt.startswith("<image>\n") and prompt.endswith(("\nAnswer:"))
+        assert prompt.endswith((paper.MC_SUFFIX, paper.SHORT_SUFFIX))
+        if prompt.endswith(paper.MC_SUFFIX):
+            assert answer in "ABCD" and len(answer) == 1
+    shapes = {("Question: " in c[0]["value"], c[0]["value"].endswith(paper.MC_SUFFIX)) for c, _ in raw}
+    assert shapes == {(True, True), (True, False), (False, True), (False, False)}
+    # The chat conversations are those raw_share = 0 makes: the format has its own random stream.
+    plain = [toy_conversation(0, i, world, 3, Mix(caption_share=0.0)) for i in range(200)]
+    assert all(m == p for m, p in zip(made, plain) if m[2] == "chat")
 
 
 def test_cli_rejects_a_bad_mix(tmp_path):
     with pytest.raises(SystemExit, match="sum below 1"):
         sft_data.main(["--out", str(tmp_path / "x.parquet"), "--n", "2", "--caption-share", "0.6",
                        "--lookup-share", "0.5"])
+    with pytest.raises(SystemExit, match="raw-share"):
+        sft_data.main(["--out", str(tmp_path / "x.parquet"), "--n", "2", "--raw-share", "1.5"])
     with pytest.raises(SystemExit, match="kind-weights"):
         sft_data.main(["--out", str(tmp_path / "x.parquet"), "--n", "2", "--kind-weights", '{"colur": 1}'])
     sft_data.main(["--out", str(tmp_path / "x.parquet"), "--n", "3", "--kind-weights", '{"count": 1}',

@@ -213,8 +213,9 @@ def test_sft_labels_cover_only_assistant_answers(inputs):
 
     tok = load_tokenizer(inputs["tokenizer"])
     records = sft_data.load_records(inputs["sft"])
+    eot = tok.convert_tokens_to_ids("<|endoftext|>")
     ds = Conversations(records, tok, lambda im: torch.zeros(3, 64, 64), visual_tokens=64, max_len=1024,
-                       pad_id=tok.convert_tokens_to_ids("<|endoftext|>"))
+                       pad_id=eot, bos_id=eot)
     b = ds.batch([0, 1])
     assert b.images.shape == (2, 3, 64, 64)
     assert int((b.input_ids == tok.convert_tokens_to_ids("<|image_pad|>")).sum()) == 2 * 64
@@ -222,6 +223,29 @@ def test_sft_labels_cover_only_assistant_answers(inputs):
         kept = b.labels[row][b.labels[row] != IGNORE_INDEX].tolist()
         answers = [m["content"] for m in records[row].messages if m["role"] == "assistant"]
         assert tok.decode(kept) == "<|im_end|>".join(answers) + "<|im_end|>"
+
+
+def test_sft_raw_record_is_the_paper_protocols_prompt_then_the_answer(inputs):
+    """A raw-format record: BOS, the raw prompt (no chat template), " answer\\n"; only the answer
+    and its newline carry a loss."""
+    from oqvl.model.chat import encode_raw_prompt
+    from oqvl.train.data import Conversations
+
+    tok = load_tokenizer(inputs["tokenizer"])
+    eot = tok.convert_tokens_to_ids("<|endoftext|>")
+    prompt = "<image>\nQuestion: Is there a red circle?\nAnswer the question using a single word or phrase.\nAnswer:"
+    rec = sft_data.Record("r0", [{"role": "user", "content": prompt}, {"role": "assistant", "content": "Yes"}],
+                          None, "raw")
+    ds = Conversations([rec], tok, None, visual_tokens=4, max_len=1024, pad_id=eot, bos_id=eot)
+    b = ds.batch([0])
+    ids, labels = b.input_ids[0].tolist(), b.labels[0]
+    head = encode_raw_prompt(tok, prompt, 4, eot)
+    assert ids[:len(head)] == head and ids[0] == eot and "<|im_start|>" not in tok.decode(ids)
+    assert tok.decode(ids[len(head):]) == " Yes\n"
+    assert tok.decode(labels[labels != IGNORE_INDEX].tolist()) == " Yes\n"
+    two_turns = sft_data.Record("r1", rec.messages * 2, None, "raw")
+    with pytest.raises(ValueError, match="r1: a raw-format record holds one user turn"):
+        Conversations([two_turns], tok, None, visual_tokens=4, max_len=1024, pad_id=eot, bos_id=eot).batch([0])
 
 
 def test_data_order_is_a_function_of_the_step():

@@ -94,3 +94,18 @@ def encode_raw_prompt(tokenizer, prompt: str, visual_tokens: int, bos_id: int) -
     models/vlms/prismatic.py:641-642): the text between images is tokenized piece by piece, which
     the image slots, special tokens, also force here."""
     return [bos_id] + tokenizer(expand_images(prompt, visual_tokens), add_special_tokens=False)["input_ids"]
+
+
+RAW_ANSWER_END = "\n"  # one of the reference's stop tokens (oqvl.evaluate.paper.REFERENCE_STOP_IDS)
+
+
+def encode_raw_example(tokenizer, prompt: str, answer: str, visual_tokens: int, bos_id: int
+                       ) -> tuple[np.ndarray, np.ndarray]:
+    """(input_ids, labels) of one question as the `paper` protocol asks it: `encode_raw_prompt`,
+    then " " + answer + a newline; labels keep only the answer and the newline."""
+    prompt_ids = encode_raw_prompt(tokenizer, prompt, visual_tokens, bos_id)
+    answer_ids = tokenizer(" " + answer + RAW_ANSWER_END, add_special_tokens=False)["input_ids"]
+    ids = np.asarray(prompt_ids + answer_ids, dtype=np.int64)
+    labels = np.full_like(ids, IGNORE_INDEX)
+    labels[len(prompt_ids):] = ids[len(prompt_ids):]
+    return ids, labels

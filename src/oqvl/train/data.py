@@ -20,7 +20,7 @@ import pandas as pd
 import torch
 from PIL import Image
 
-from ..model.chat import IGNORE_INDEX, encode_conversation
+from ..model.chat import IGNORE_INDEX, encode_conversation, encode_raw_example
 from ..pack.sequence import pretrain_labels, sequence_tokens
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
@@ -141,8 +141,10 @@ class PackedCaptions:
 class Conversations:
     """SFT examples: conversations with at most one image each (oqvl.train.sft_data's records)."""
 
-    def __init__(self, records, tokenizer, transform, *, visual_tokens: int, max_len: int, pad_id: int):
+    def __init__(self, records, tokenizer, transform, *, visual_tokens: int, max_len: int, pad_id: int,
+                 bos_id: int):
         self.records = records
+        self.bos_id = bos_id  # raw-format records start with it, as the paper protocol's prompts
         self.tokenizer = tokenizer
         self.transform = transform
         self.visual_tokens = visual_tokens
@@ -156,7 +158,14 @@ class Conversations:
         seqs, images = [], []
         for i in indices:
             rec = self.records[int(i)]
-            ids, labels = encode_conversation(self.tokenizer, rec.messages, self.visual_tokens)
+            if rec.prompt_format == "raw":
+                if [m["role"] for m in rec.messages] != ["user", "assistant"]:
+                    raise ValueError(f"SFT example {rec.id}: a raw-format record holds one user turn and its answer")
+                user, assistant = rec.messages
+                ids, labels = encode_raw_example(self.tokenizer, user["content"], assistant["content"],
+                                                 self.visual_tokens, self.bos_id)
+            else:
+                ids, labels = encode_conversation(self.tokenizer, rec.messages, self.visual_tokens)
             if len(ids) > self.max_len:
                 raise ValueError(f"SFT example {rec.id}: {len(ids)} tokens > max_len {self.max_len}")
             seqs.append((ids, labels))

@@ -14,6 +14,13 @@ formats evaluation uses: a short direct answer, a yes/no answer, or lettered opt
 the letter. Some turns ask for a caption, so captioning is not forgotten; some (`lookup_share`) are
 text-only option lookups ("Which option is red?"), the letter step of multiple choice on its own.
 Answer letters and yes/no are drawn uniformly, so no answer bias is learned.
+
+A share of the toy conversations (`raw_share`) is a single question written as the `paper`
+evaluation protocol writes its prompts (oqvl.evaluate.paper: no chat template, the model's BOS in
+front, "...\nAnswer:" and the answer after a space, ended by a newline, one of the reference's
+stop tokens): the reference evaluates its chat-tuned model on such raw prompts, which a model of
+Qwen2.5's size answers from its pretraining and a toy one has never seen. These records carry
+`prompt_format: raw`; LLaVA-format records are chat conversations.
 """
 
 from __future__ import annotations
@@ -45,6 +52,9 @@ CAPTION_PROMPTS = ("Describe the image briefly.", "What is in this picture?",
 ROLE = {"human": "user", "gpt": "assistant", "system": "system"}
 
 
+PROMPT_FORMATS = ("chat", "raw")
+
+
 @dataclass
 class Record:
     id: str
@@ -52,6 +62,9 @@ class Record:
     """[{"role": "user"|"assistant"|"system", "content": str}], "<image>" where the image goes."""
     image: Callable[[], bytes] | None
     """Reads the image bytes (lazily: paper-scale sets are large); None for text-only records."""
+    prompt_format: str = "chat"
+    """chat: the chat template (oqvl.model.chat.encode_conversation); raw: one question and its
+    answer as the paper protocol sends it (oqvl.model.chat.encode_raw_example)."""
 
 
 def to_messages(conversations: list[dict], where: str) -> list[dict]:
@@ -103,6 +116,23 @@ def question_turn(q, rng: np.random.Generator) -> tuple[str, str]:
     return text, answer
 
 
+def raw_turn(q, rng: np.random.Generator) -> tuple[str, str]:
+    """(raw prompt, answer) for one question, in one of the paper protocol's prompt shapes:
+    POPE's and MMStar's ("Question: ..."), MathVista's free-form one, or lettered options as
+    MMBench, SEED-Bench and MathVista's multiple choice list them."""
+    if q.kind == "exists":
+        return f"<image>\nQuestion: {q.question}\n{SHORT}\nAnswer:", q.answer.capitalize()
+    shape = rng.choice(["short", "lines", "lines", "inline"])
+    if shape == "short":
+        answer = f"{float(q.answer):.2f}" if q.kind in FLOAT_KINDS else q.answer
+        return f"<image>\n{q.question}\n{SHORT}\nAnswer:", answer
+    options, k = q.options(rng)
+    if shape == "inline":
+        return (f"<image>\nQuestion: {q.question}\n{options_block(options, 'inline')}\n{LETTER}\nAnswer:",
+                letters(len(options))[k])
+    return f"<image>\n{q.question}\n{options_block(options, 'lines')}\n{LETTER}\nAnswer:", letters(len(options))[k]
+
+
 LOOKUP_VALUES = (tuple(COLOURS), SHAPES, CELLS, COUNT_CHOICES)
 
 
@@ -123,13 +153,27 @@ class Mix:
     caption_share: float = 0.15
     lookup_share: float = 0.0
     kind_weights: tuple[float, ...] | None = None
+    raw_share: float = 0.0  # conversations that are one raw-prompt question (see the module docstring)
+
+
+def _kind(rng, p):
+    return KINDS[rng.integers(len(KINDS)) if p is None else rng.choice(len(KINDS), p=p)]
 
 
 def toy_conversation(seed: int, i: int, world: WorldConfig, turns: int, mix: Mix = Mix()
-                     ) -> tuple[bytes, list[dict]]:
+                     ) -> tuple[bytes, list[dict], str]:
+    """(image, conversation, prompt format)."""
     rng = stream_rng(seed, STREAM, i)
     scene = sample_scene(rng, world.max_objects, world.glyph_prob)
     p = None if mix.kind_weights is None else np.asarray(mix.kind_weights, float) / sum(mix.kind_weights)
+    # Its own stream, so raw_share = 0 leaves every other conversation as it was.
+    if mix.raw_share and stream_rng(seed, STREAM + "_format", i).random() < mix.raw_share:
+        q = None
+        while q is None:
+            q = ask(scene, _kind(rng, p), rng)
+        user, answer = raw_turn(q, rng)
+        conv = [{"from": "human", "value": user}, {"from": "gpt", "value": answer}]
+        return png_bytes(render(scene, world.image_size)), conv, "raw"
     conv = []
     for t in range(turns):
         r = rng.random()
@@ -141,24 +185,25 @@ def toy_conversation(seed: int, i: int, world: WorldConfig, turns: int, mix: Mix
         else:
             q = None
             while q is None:
-                q = ask(scene, KINDS[rng.integers(len(KINDS)) if p is None else rng.choice(len(KINDS), p=p)], rng)
+                q = ask(scene, _kind(rng, p), rng)
             user, answer = question_turn(q, rng)
         if t == 0:
             user = "<image>\n" + user
         conv += [{"from": "human", "value": user}, {"from": "gpt", "value": answer}]
-    return png_bytes(render(scene, world.image_size)), conv
+    return png_bytes(render(scene, world.image_size)), conv, "chat"
 
 
 def generate(out: Path, n: int, seed: int, world: WorldConfig, turns: int, mix: Mix = Mix()) -> dict:
     rows = []
     for i in tqdm(range(n), desc="sft data", unit="conv", mininterval=5):
-        image, conv = toy_conversation(seed, i, world, turns, mix)
-        rows.append({"id": f"{STREAM}-{i:07d}", "image": image, "conversations": json.dumps(conv)})
+        image, conv, prompt_format = toy_conversation(seed, i, world, turns, mix)
+        rows.append({"id": f"{STREAM}-{i:07d}", "image": image, "conversations": json.dumps(conv),
+                     "prompt_format": prompt_format})
     df = pd.DataFrame(rows)
     out.parent.mkdir(parents=True, exist_ok=True)
     write_parquet(df, out)
     n_turns = sum(len(json.loads(c)) // 2 for c in df["conversations"])
-    return {"conversations": n, "turns": n_turns}
+    return {"conversations": n, "turns": n_turns, "raw": int((df["prompt_format"] == "raw").sum())}
 
 
 # ---------------------------------------------------------------------------------- loading
@@ -173,8 +218,13 @@ def load_records(path, image_root=None) -> list[Record]:
         missing = {"id", "image", "conversations"} - set(df.columns)
         if missing:
             raise ValueError(f"{path}: missing columns {sorted(missing)}")
+        if "prompt_format" not in df.columns:
+            df["prompt_format"] = "chat"
+        bad = sorted(set(df["prompt_format"]) - set(PROMPT_FORMATS))
+        if bad:
+            raise ValueError(f"{path}: unknown prompt_format {bad} (choose from {list(PROMPT_FORMATS)})")
         return [Record(str(r.id), to_messages(json.loads(r.conversations), f"{path} id {r.id}"),
-                       (lambda b=r.image: b) if r.image is not None else None)
+                       (lambda b=r.image: b) if r.image is not None else None, r.prompt_format)
                 for r in df.itertuples()]
     if path.suffix == ".json":
         items = json.loads(path.read_text())
@@ -200,6 +250,8 @@ def main(argv=None):
     WorldConfig.add_args(ap)
     ap.add_argument("--caption-share", type=float, default=Mix.caption_share, help="turns asking for a caption")
     ap.add_argument("--lookup-share", type=float, default=Mix.lookup_share, help="text-only option lookups")
+    ap.add_argument("--raw-share", type=float, default=Mix.raw_share,
+                    help="conversations that are one question in the paper protocol's raw prompt format")
     ap.add_argument("--kind-weights", default=None,
                     help=f"JSON {{kind: weight}} over {', '.join(KINDS)} (default: uniform)")
     args = ap.parse_args(argv)
@@ -207,6 +259,8 @@ def main(argv=None):
         raise SystemExit("error: --n and --turns must be at least 1")
     if not (0 <= args.caption_share and 0 <= args.lookup_share and args.caption_share + args.lookup_share < 1):
         raise SystemExit("error: --caption-share and --lookup-share must be >= 0 and sum below 1")
+    if not 0 <= args.raw_share <= 1:
+        raise SystemExit(f"error: --raw-share must be in [0, 1], got {args.raw_share}")
     weights = None
     if args.kind_weights:
         given = json.loads(args.kind_weights)
@@ -216,7 +270,7 @@ def main(argv=None):
         weights = tuple(float(given.get(k, 0)) for k in KINDS)
     world = WorldConfig.from_args(args)
     counts = generate(args.out, args.n, args.seed, world, args.turns,
-                      Mix(args.caption_share, args.lookup_share, weights))
+                      Mix(args.caption_share, args.lookup_share, weights, args.raw_share))
     write_manifest(manifest_path(args.out), "sft_data", work=(counts["conversations"], "conversations"),
                    config=args_config(args), files=[args.out], counts=counts)
     print(f"{args.out}: {counts}")

@@ -234,7 +234,8 @@ def build_data(cfg: TrainConfig, model: OpenQwen2VL, tokenizer, visual_tokens: i
                              f"the model pretrains with {visual_tokens}")
         return ds
     return Conversations(load_records(cfg.sft_data, cfg.image_root), tokenizer, transform,
-                         visual_tokens=visual_tokens, max_len=cfg.max_len, pad_id=pad_id)
+                         visual_tokens=visual_tokens, max_len=cfg.max_len, pad_id=pad_id,
+                         bos_id=document_bos_id(tokenizer))
 
 
 def total_steps(cfg: TrainConfig, n_examples: int) -> int:
