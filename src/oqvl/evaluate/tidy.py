@@ -122,20 +122,14 @@ def chance_level(rule: str | None, benchmark: str, rows: list[dict]) -> float | 
                 answers = by_type[r["answer_type"]]
                 total += max(answers.values()) / sum(answers.values())
         return 100 * total / len(rows)
-    if rule.startswith("majority"):
-        _, _, category = rule.partition(":")
+    kind, _, category = rule.partition(":")  # POPE's rules, optionally for one split
+    if kind in ("majority", "yes_f1"):
         chosen = [r for r in rows if not category or r["category"] == category]
         if not chosen:
             return None
         yes = sum(r["answer"].strip().lower() == "yes" for r in chosen) / len(chosen)
-        return 100 * max(yes, 1 - yes)
-    if rule.startswith("yes_f1"):
-        _, _, category = rule.partition(":")
-        chosen = [r for r in rows if not category or r["category"] == category]
-        if not chosen:
-            return None
-        p = sum(r["answer"].strip().lower() == "yes" for r in chosen) / len(chosen)
-        return 100 * 2 * p / (1 + p)
+        # the majority answer's share; the F1 of always answering "yes"
+        return 100 * (max(yes, 1 - yes) if kind == "majority" else 2 * yes / (1 + yes))
     if rule == "auc":
         return 50.0
     raise ValueError(f"unknown chance rule {rule!r}")
