@@ -147,14 +147,16 @@ def test_table_page_shows_paper_and_reproduced_rows(world, tmp_path, browser):  
     assert header and header[0][1] - header[0][0] >= 15, header  # the header row, in view
     assert len(repro) == 2, repro  # two tinted rows: r12 under both protocols
     assert repro[0][0] > header[0][1]
-    # The four paper rows sit between the header and the tinted rows, with text in them.
+    # The paper's rows (its Table 4, then its Table 3 row of r12's mixture) sit between the header
+    # and the tinted rows, with text in them.
     rows = browser.eval("[...document.querySelectorAll('#results tr')].map(r => "
                         "[r.className, r.getBoundingClientRect().top, r.getBoundingClientRect().bottom, r.innerText])")
-    assert [r[0] for r in rows[1:]] == ["paper"] * 4 + ["repro"] * 2
+    assert [r[0] for r in rows[1:]] == ["paper"] * 5 + ["repro"] * 2
     for cls, top, bottom, text in rows[1:]:
         assert bottom < HEIGHT and dark_pixels(img, (16, top, 900, bottom)) > 100, text
     assert "Open-Qwen2VL-2B" in rows[4][3] and "80.9" in rows[4][3]
-    assert "r12" in rows[5][3] and "62.0" in rows[5][3]
+    assert "(1+2, Table 3)" in rows[5][3] and "LLaVA-665k" in rows[5][3] and "75.6" in rows[5][3]
+    assert "r12" in rows[6][3] and "62.0" in rows[6][3]
 
 
 def report_fixture(work, config):
@@ -215,9 +217,11 @@ def test_snakemake_report_shows_table4(tmp_path, browser):
     browser.wait_for("document.querySelector('#results') !== null", context=ctx)
     rows = browser.eval("[...document.querySelectorAll('#results tr')].map(r => { const b = r.getBoundingClientRect();"
                         " return [b.left, b.top, b.right, b.bottom, r.innerText]; })", context=ctx)
-    assert len(rows) == 1 + 4 + ours  # the header, the paper's 4 rows, the configured run's
+    # the header, the paper's 4 rows and its Table 3 row of the run's mixture, the configured run's
+    assert len(rows) == 1 + 5 + ours
     assert "Open-Qwen2VL-2B" in rows[4][4] and "80.9" in rows[4][4]
-    for row, score in zip(rows[5:], ("50.0", "45.0")):  # paper protocol, then lmms
+    assert "Table 3" in rows[5][4]
+    for row, score in zip(rows[6:], ("50.0", "45.0")):  # paper protocol, then lmms
         assert config["table4_run"] in row[4] and "\ttoy\t" in row[4] and score in row[4]
     fx, fy = browser.eval("(() => { const b = document.querySelector('iframe').getBoundingClientRect();"
                           " return [b.left, b.top]; })()")
