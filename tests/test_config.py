@@ -14,6 +14,22 @@ def test_shipped_configs_validate(name):
     assert cfg["sources"]
 
 
+def test_paper_clip_scorer_has_the_activation_its_openai_weights_were_trained_with():
+    """OpenAI's ViT-L/14 uses QuickGELU; open_clip builds it only for the -quickgelu config."""
+    import open_clip
+
+    clip = load(REPO / "config" / "full.yaml")["filter"]["clip"]
+    assert "openai" in clip["pretrained"]
+    assert open_clip.get_model_config(clip["model"])["quick_gelu"] is True
+
+
+def test_paper_optimizer_is_the_references_adamw():
+    """The reference's AdamW keeps torch's default betas (fsdp.py:283); the toy default differs."""
+    train = load(REPO / "config" / "full.yaml")["train"]
+    assert train["pretrain"]["betas"] == train["sft"]["betas"] == [0.9, 0.999]
+    assert load(REPO / "config" / "default.yaml")["train"]["sft"]["betas"] == [0.9, 0.95]
+
+
 def ci():
     return yaml.safe_load((REPO / "config" / "ci.yaml").read_text())
 

@@ -69,9 +69,9 @@ def test_paper_config_trains_on_8_processes_from_the_released_models(tmp_path):
     sft = next(line for line in out.splitlines() if " -m oqvl.train sft " in line)
     for flag in ("--nproc-per-node 8", "--preset open-qwen2vl", "--lm-path models/Qwen2.5-1.5B-Instruct",
                  "--visual-tokens-pretrain 144", "--visual-tokens-sft 729", "--grad-checkpointing",
-                 "--lr 5e-05", "--epochs 1", "--freeze-vision", "--doc-isolation"):
+                 "--lr 5e-05", "--epochs 1", "--freeze-vision", "--doc-isolation", "--betas 0.9 0.999"):
         assert flag in pretrain, flag
-    for flag in ("--global-batch 128", "--micro-batch 2", "--lr 2e-05", "--weight-decay 0.1",
+    for flag in ("--global-batch 128", "--micro-batch 2", "--lr 2e-05", "--weight-decay 0.1", "--betas 0.9 0.999",
                  "--sft-data data/llava_v1_5_mix665k.json", "--image-root data/llava_images"):
         assert flag in sft, flag
     # the preset's file is an input of pretraining: editing it (an init scale) reruns the run

@@ -82,7 +82,10 @@ class Plan:
         return " ".join(f"--{'' if on else 'no-'}{k.replace('_', '-')}" for k, on in spec.items())
 
     def optim_flags(self, stage: str) -> str:
-        return " ".join(f"--{k.replace('_', '-')} {v}" for k, v in self.config["train"][stage].items()
+        def value(v):
+            return " ".join(map(str, v)) if isinstance(v, list) else str(v)  # betas: two numbers
+
+        return " ".join(f"--{k.replace('_', '-')} {value(v)}" for k, v in self.config["train"][stage].items()
                         if not (stage == "pretrain" and k == "max_len"))
 
     # ---------------------------------------------------------------------------- evaluate
