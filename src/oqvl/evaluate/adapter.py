@@ -120,7 +120,7 @@ class OQVL(lmms):
         visuals = [v for v in (visuals or []) if v is not None]
         if any(not hasattr(v, "convert") for v in visuals):
             raise ValueError("oqvl model takes images only (no video or audio)")
-        paper = task_protocol(task) == "paper"
+        paper = is_paper(task)
         if IMAGE_PLACEHOLDER not in context and not paper:
             context = f"{IMAGE_PLACEHOLDER}\n" * len(visuals) + context
         n_slots = context.count(IMAGE_PLACEHOLDER)
@@ -163,7 +163,7 @@ class OQVL(lmms):
     def _generate(self, prompts: list[list[int]], images: list, gen_kwargs: dict, task: str) -> list[str]:
         if gen_kwargs.get("do_sample") or float(gen_kwargs.get("temperature") or 0) > 0:
             raise ValueError("oqvl model decodes greedily only (do_sample false, temperature 0)")
-        paper = task_protocol(task) == "paper"
+        paper = is_paper(task)
         until = () if paper else gen_kwargs.get("until") or []
         until = tuple([until] if isinstance(until, str) else until)
         max_new = int(gen_kwargs.get("max_new_tokens") or DEFAULT_MAX_NEW_TOKENS)
@@ -192,7 +192,7 @@ class OQVL(lmms):
         for i, req in enumerate(requests):
             context, gen_kwargs, doc_to_visual, doc_id, task, split = req.args
             ids, images = self._inputs(context, doc_to_visual(self._doc(task, split, doc_id)), task)
-            settings = (json.dumps(gen_kwargs, sort_keys=True, default=str), task_protocol(task) == "paper")
+            settings = (json.dumps(gen_kwargs, sort_keys=True, default=str), is_paper(task))
             kwargs_of.setdefault(settings, (gen_kwargs, task))
             entry = groups[settings].setdefault(self._content_key(ids, images), (ids, images, []))
             entry[2].append(i)
@@ -284,6 +284,11 @@ class OQVL(lmms):
                 round_idx += 1
             results.append(list(answers))  # a list: lmms-eval reads a 2-tuple as (text, token counts)
         return results
+
+
+def is_paper(task: str) -> bool:
+    """Whether a task is scored under the `paper` protocol (raw prompts, the reference's decoding)."""
+    return task_protocol(task) == "paper"
 
 
 def cut_at_stop(text: str, until) -> str:

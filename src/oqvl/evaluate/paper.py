@@ -317,20 +317,21 @@ def pope_yes_ratio(items):
     return _percent(it["pred"] == "yes" for it in items)
 
 
-def _split_metric(metric, split):
+def _split_metric(name, metric, split):
+    """One split's value of a metric (None when the data has no question of that split)."""
     def aggregate(items):
         chosen = [it for it in items if it["category"] == split]
         return metric(chosen) if chosen else None
-    aggregate.__name__ = f"pope_{metric.__name__.strip('_').removeprefix('split_')}_{split}"
+    aggregate.__name__ = f"pope_{name}_{split}"  # lmms-eval's results name the aggregation
     return aggregate
 
 
-pope_accuracy_adversarial = _split_metric(_split_accuracy, "adversarial")
-pope_accuracy_popular = _split_metric(_split_accuracy, "popular")
-pope_accuracy_random = _split_metric(_split_accuracy, "random")
-pope_f1_adversarial = _split_metric(_split_f1, "adversarial")
-pope_f1_popular = _split_metric(_split_f1, "popular")
-pope_f1_random = _split_metric(_split_f1, "random")
+pope_accuracy_adversarial = _split_metric("accuracy", _split_accuracy, "adversarial")
+pope_accuracy_popular = _split_metric("accuracy", _split_accuracy, "popular")
+pope_accuracy_random = _split_metric("accuracy", _split_accuracy, "random")
+pope_f1_adversarial = _split_metric("f1", _split_f1, "adversarial")
+pope_f1_popular = _split_metric("f1", _split_f1, "popular")
+pope_f1_random = _split_metric("f1", _split_f1, "random")
 
 
 # ------------------------------------------- POPE: the likelihood scorer (not the published)

@@ -38,14 +38,16 @@ def task_name(benchmark: str, protocol: str, shuffled: bool = False, variant: st
             + ("_shuffled" if shuffled else ""))
 
 
+def _specs(benchmark: str, protocol: str, control: bool) -> list[tuple[str | None, bool]]:
+    """(variant, shuffled) of every task one protocol runs on a benchmark: the main task and its
+    variants, each with its shuffled-image twin when the control runs."""
+    return [(variant, shuffled) for variant in (None, *VARIANTS.get((benchmark, protocol), ()))
+            for shuffled in ((False, True) if control else (False,))]
+
+
 def protocol_tasks(benchmark: str, protocol: str, control: bool = True) -> list[str]:
-    """Every task one protocol runs on a benchmark: the main task and its variants, each with its
-    shuffled-image twin when the control runs."""
-    names = []
-    for variant in (None, *VARIANTS.get((benchmark, protocol), ())):
-        for shuffled in ((False, True) if control else (False,)):
-            names.append(task_name(benchmark, protocol, shuffled, variant))
-    return names
+    return [task_name(benchmark, protocol, shuffled, variant)
+            for variant, shuffled in _specs(benchmark, protocol, control)]
 
 
 def task_protocol(task: str) -> str | None:
@@ -87,11 +89,10 @@ def write_task_dir(out_dir, data_dir, benchmarks=BENCHMARKS, protocols=PROTOCOLS
     names = []
     for benchmark in benchmarks:
         for protocol in protocols:
-            for variant in (None, *VARIANTS.get((benchmark, protocol), ())):
-                for shuffled in ((False, True) if control else (False,)):
-                    name = task_name(benchmark, protocol, shuffled, variant)
-                    (out / f"{name}.yaml").write_text(task_yaml(benchmark, protocol, data_dir, shuffled, variant))
-                    names.append(name)
+            for variant, shuffled in _specs(benchmark, protocol, control):
+                name = task_name(benchmark, protocol, shuffled, variant)
+                (out / f"{name}.yaml").write_text(task_yaml(benchmark, protocol, data_dir, shuffled, variant))
+                names.append(name)
     return names
 
 

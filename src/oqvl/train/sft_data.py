@@ -35,6 +35,7 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
+from ..evaluate.paper import MC_SUFFIX, SHORT_SUFFIX
 from ..io import write_parquet
 from ..manifest import args_config, manifest_path, write_manifest
 from ..world.captions import describe, sample_style
@@ -117,20 +118,20 @@ def question_turn(q, rng: np.random.Generator) -> tuple[str, str]:
 
 
 def raw_turn(q, rng: np.random.Generator) -> tuple[str, str]:
-    """(raw prompt, answer) for one question, in one of the paper protocol's prompt shapes:
-    POPE's and MMStar's ("Question: ..."), MathVista's free-form one, or lettered options as
-    MMBench, SEED-Bench and MathVista's multiple choice list them."""
+    """(raw prompt, answer) for one question, in one of the paper protocol's prompt shapes, with
+    its own closing lines (oqvl.evaluate.paper): POPE's and MMStar's ("Question: ..."),
+    MathVista's free-form one, or lettered options as MMBench, SEED-Bench and MathVista's
+    multiple choice list them."""
     if q.kind == "exists":
-        return f"<image>\nQuestion: {q.question}\n{SHORT}\nAnswer:", q.answer.capitalize()
+        return f"<image>\nQuestion: {q.question}{SHORT_SUFFIX}", q.answer.capitalize()
     shape = rng.choice(["short", "lines", "lines", "inline"])
     if shape == "short":
         answer = f"{float(q.answer):.2f}" if q.kind in FLOAT_KINDS else q.answer
-        return f"<image>\n{q.question}\n{SHORT}\nAnswer:", answer
+        return f"<image>\n{q.question}{SHORT_SUFFIX}", answer
     options, k = q.options(rng)
-    if shape == "inline":
-        return (f"<image>\nQuestion: {q.question}\n{options_block(options, 'inline')}\n{LETTER}\nAnswer:",
-                letters(len(options))[k])
-    return f"<image>\n{q.question}\n{options_block(options, 'lines')}\n{LETTER}\nAnswer:", letters(len(options))[k]
+    head = f"<image>\nQuestion: {q.question}" if shape == "inline" else f"<image>\n{q.question}"
+    block = options_block(options, "inline" if shape == "inline" else "lines")
+    return f"{head}\n{block}{MC_SUFFIX}", letters(len(options))[k]
 
 
 LOOKUP_VALUES = (tuple(COLOURS), SHAPES, CELLS, COUNT_CHOICES)
