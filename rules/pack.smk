@@ -35,6 +35,7 @@ rule pack:
         context_len=config["pack"]["context_len"],
         scope=config["pack"]["scope"],
         too_long=config["pack"]["too_long"],
+        document_tokens=config["pack"]["document_tokens"],
         out=folder_of("stats"),
     resources:
         mem_mb=8000,
@@ -46,4 +47,5 @@ rule pack:
     shell:
         "$PY -m oqvl.pack --shards {input.shards} --tokenizer {params.tokenizer:q}"
         " --visual-tokens {params.visual_tokens} --context-len {params.context_len}"
-        " --scope {params.scope} --too-long {params.too_long} --out {params.out:q} > {log} 2>&1"
+        " --scope {params.scope} --too-long {params.too_long} --document-tokens {params.document_tokens}"
+        " --out {params.out:q} > {log} 2>&1"

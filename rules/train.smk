@@ -75,8 +75,8 @@ rule pretrain:
 
 rule sft:
     input:
-        pretrained=L.final_model(stage="pretrain"),
-        data=SCALE.sft_data,
+        pretrained=lambda w: L.final_model(P.pretrain_run(w.run), "pretrain"),
+        data=lambda w: P.sft_data(w.run)["path"],
         tokenizer=SCALE.tokenizer_input(),
     output:
         model=L.final_model(stage="sft"),
@@ -86,7 +86,8 @@ rule sft:
         out=folder_of("summary"),
         init=lambda w, input: os.path.dirname(input.pretrained),
         tokenizer=model_folder("tokenizer"),
-        image_root=f"--image-root {SCALE.sft_image_root}" if SCALE.sft_image_root else "",
+        image_root=lambda w: (f"--image-root {shlex.quote(root)}" if (root := P.sft_data(w.run)["image_root"])
+                              else ""),
         switches=lambda w: P.train_flags(w.run),
         optim=P.optim_flags("sft"),
         threads=TRAIN["threads"],

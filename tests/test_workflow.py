@@ -26,7 +26,8 @@ def paper_downloads(root):
         pd.DataFrame({"url": ["http://127.0.0.1:9/x.jpg"], "caption": ["c"], "text": ["c"],
                       "uid": ["u"]}).to_parquet(root / src["pair_list"])
     files = [cfg["filter"]["sources"]["datacomp"]["uid_list"], cfg["filter"]["clip"]["pretrained"],
-             cfg["model"]["vision_weights"], cfg["sft_data"]["path"]]
+             cfg["model"]["vision_weights"], cfg["sft_data"]["path"],
+             *(r["sft_data"]["path"] for r in cfg["runs"].values() if "sft_data" in r)]
     folders = [cfg["model"]["lm_path"], cfg["model"]["tokenizer"]["path"], *cfg["evaluate"]["real"].values(),
                *(r["run_dir"] for r in cfg["released"].values()),
                *(f"{cfg['filter']['mlm']['scores_dir']}/{s}" for s in cfg["filter"]["mlm"]["sources"])]
@@ -57,6 +58,28 @@ def test_paper_config_plans_the_same_dag(tmp_path):
         assert f"wildcards: run=Open-Qwen2VL-2B, benchmark={b}" in out, b
 
 
+def test_paper_config_plans_the_final_model_and_the_isolation_ablation(tmp_path):
+    # table4's run fine-tunes the 1+4 pretraining on MAmmoTH-VL (no pretraining of its own); the
+    # isolation ablation pretrains the same mixture again with document isolation.
+    cfg = paper_downloads(tmp_path)
+    proc = snakemake(tmp_path, "-n", "-p", "results/table4.csv", "results/table3.csv", configfile=cfg)
+    out = proc.stdout + proc.stderr
+    sft = [line for line in out.splitlines() if " -m oqvl.train sft " in line]
+    mammoth = next(line for line in sft if "runs/ccs+datacomp_mlm+mammoth/sft" in line)
+    assert "--init-from results/runs/ccs+datacomp_mlm/pretrain/final" in mammoth
+    assert "--sft-data data/MAmmoTH-VL-Instruct-12M/mammoth_si_10M_simple.jsonl" in mammoth
+    assert "--image-root data/MAmmoTH-VL-Instruct-12M/single_image_data" in mammoth
+    assert "--too-long truncate" in mammoth and "--document-tokens reference" in mammoth
+    pretrain = [line for line in out.splitlines() if " -m oqvl.train pretrain " in line]
+    assert not any("runs/ccs+datacomp_mlm+mammoth/" in line for line in pretrain)
+    isolated = next(line for line in pretrain if "runs/ccs+datacomp_mlm+isolation/" in line)
+    assert "--doc-isolation" in isolated.replace("--no-doc-isolation", "")
+    plain = next(line for line in pretrain if "runs/ccs+datacomp_mlm/" in line)
+    assert "--no-doc-isolation" in plain and "--document-tokens reference" in plain
+    pack = next(line for line in out.splitlines() if " -m oqvl.pack " in line)
+    assert "--document-tokens reference" in pack
+
+
 def test_paper_config_trains_on_8_processes_from_the_released_models(tmp_path):
     cfg = paper_downloads(tmp_path)
     (tmp_path / "results/packed/ccs+datacomp").mkdir(parents=True)
@@ -69,7 +92,8 @@ def test_paper_config_trains_on_8_processes_from_the_released_models(tmp_path):
     sft = next(line for line in out.splitlines() if " -m oqvl.train sft " in line)
     for flag in ("--nproc-per-node 8", "--preset open-qwen2vl", "--lm-path models/Qwen2.5-1.5B-Instruct",
                  "--visual-tokens-pretrain 144", "--visual-tokens-sft 729", "--grad-checkpointing",
-                 "--lr 5e-05", "--epochs 1", "--freeze-vision", "--doc-isolation", "--betas 0.9 0.999"):
+                 "--lr 5e-05", "--epochs 1", "--freeze-vision", "--no-doc-isolation", "--betas 0.9 0.999",
+                 "--eps 1e-08"):
         assert flag in pretrain, flag
     for flag in ("--global-batch 128", "--micro-batch 2", "--lr 2e-05", "--weight-decay 0.1", "--betas 0.9 0.999",
                  "--sft-data data/llava_v1_5_mix665k.json", "--image-root data/llava_images"):

@@ -95,7 +95,19 @@ def _check_semantics(config: dict) -> None:
             if kept != "filter" and src not in mlm_sources:
                 raise ConfigError(f"mixtures.{name}.kept.{src}: {kept!r} needs {src!r} in filter.mlm.sources")
     for name, run in config["runs"].items():
-        if run["mixture"] not in config["mixtures"]:
+        base = run.get("pretrained_from")
+        if base is not None:
+            if "mixture" in run:
+                raise ConfigError(f"runs.{name}: give mixture or pretrained_from, not both "
+                                  f"(the pretraining it shares fixes the mixture)")
+            if base not in config["runs"] or config["runs"][base].get("pretrained_from"):
+                raise ConfigError(f"runs.{name}.pretrained_from: no run named {base!r} that pretrains itself")
+            if "doc_isolation" in run:
+                raise ConfigError(f"runs.{name}.doc_isolation: a pretraining switch; the run shares "
+                                  f"{base!r}'s pretraining")
+        elif "mixture" not in run:
+            raise ConfigError(f"runs.{name}: give its mixture (or pretrained_from: another run)")
+        elif run["mixture"] not in config["mixtures"]:
             raise ConfigError(f"runs.{name}.mixture: no mixture named {run['mixture']!r}")
         if "/" in name:
             raise ConfigError(f"runs.{name}: a run name is a directory name, no '/'")

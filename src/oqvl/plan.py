@@ -11,12 +11,14 @@ from __future__ import annotations
 import json
 import shlex
 from dataclasses import dataclass
+from pathlib import Path
 
 from . import layout as L
 from .scale import Scale
 
 Job = tuple[str, dict]  # (rule, wildcards)
 TRAIN_SWITCHES = ("freeze_vision", "doc_isolation", "grad_checkpointing")
+SFT_ONLY = ("max_len", "too_long")  # optimisation keys that pretraining has no use for
 
 
 def as_json(obj) -> str:
@@ -72,21 +74,46 @@ class Plan:
 
     # ------------------------------------------------------------------------------- train
     def run_mixture(self, run: str) -> str:
-        return self.config["runs"][run]["mixture"]
+        return self.config["runs"][self.pretrain_run(run)]["mixture"]
+
+    def pretrain_run(self, run: str) -> str:
+        """The run whose pretraining a run fine-tunes: its own, or the one it names in pretrained_from
+        (an SFT-only variant, e.g. the final model's other SFT data, shares the pretraining)."""
+        return self.config["runs"][run].get("pretrained_from") or run
+
+    def pretraining_runs(self) -> list[str]:
+        return [r for r in self.config["runs"] if self.pretrain_run(r) == r]
+
+    def sft_data(self, run: str) -> dict:
+        """{path, image_root, name} a run fine-tunes on: its own sft_data, else the config's."""
+        own = self.config["runs"][run].get("sft_data")
+        if own:
+            return {"image_root": None, "name": None, **own}
+        top = self.config["sft_data"]
+        return {"path": self.scale.sft_data, "image_root": self.scale.sft_image_root, "name": top.get("name")}
+
+    def sft_data_name(self, run: str) -> str:
+        """What a run fine-tuned on, as the tables name it: the data's name, else its file's name."""
+        sft = self.sft_data(run)
+        if sft.get("name"):
+            return sft["name"]
+        return "toy conversations (generated)" if self.scale.has("sft_data") and sft["path"] == self.scale.sft_data \
+            else Path(sft["path"]).name
 
     def train_flags(self, run: str) -> str:
         """Train switches of a run: the train section, overridden by the run's own entry."""
         train = self.config["train"]
         spec = {k: train[k] for k in TRAIN_SWITCHES}
-        spec.update({k: v for k, v in self.config["runs"][run].items() if k != "mixture"})
+        spec.update({k: v for k, v in self.config["runs"][run].items() if k in TRAIN_SWITCHES})
         return " ".join(f"--{'' if on else 'no-'}{k.replace('_', '-')}" for k, on in spec.items())
 
     def optim_flags(self, stage: str) -> str:
         def value(v):
             return " ".join(map(str, v)) if isinstance(v, list) else str(v)  # betas: two numbers
 
-        return " ".join(f"--{k.replace('_', '-')} {value(v)}" for k, v in self.config["train"][stage].items()
-                        if not (stage == "pretrain" and k == "max_len"))
+        flags = [f"--{k.replace('_', '-')} {value(v)}" for k, v in self.config["train"][stage].items()
+                 if not (stage == "pretrain" and k in SFT_ONLY)]
+        return " ".join([*flags, f"--document-tokens {self.config['pack']['document_tokens']}"])
 
     # ---------------------------------------------------------------------------- evaluate
     def eval_data_files(self) -> list[str]:
@@ -138,7 +165,7 @@ class Plan:
             jobs += self.toy_jobs("mlm_filter_seed", "train_mlm_filter")
         jobs += self.toy_jobs("train_clip", "tokenizer", "sft_data")
         jobs += [("mixture", {"mixture": mixture}), ("pack", {"mixture": mixture}),
-                 ("pretrain", {"run": run}), ("sft", {"run": run}), ("eval_data", {})]
+                 ("pretrain", {"run": self.pretrain_run(run)}), ("sft", {"run": run}), ("eval_data", {})]
         jobs += [("evaluate", {"run": run, "benchmark": b}) for b in self.benchmarks]
         return _unique(jobs)
 
@@ -172,15 +199,16 @@ class Plan:
     def run_record(self, run: str) -> dict:
         """What a table reads of one run: its evaluation rows, its pretraining (summary and job), and
         the manifests its rows' provenance lists."""
-        mixture = self.run_mixture(run)
+        mixture, pretrained = self.run_mixture(run), self.pretrain_run(run)
         return {
             "mixture": mixture,
+            "sft_data": self.sft_data_name(run),
             "evals": [L.eval_rows(run, b) for b in self.benchmarks],
-            "pretrain_summary": L.train_summary(run, "pretrain"),
-            "pretrain_job": job_files(("pretrain", {"run": run})),
+            "pretrain_summary": L.train_summary(pretrained, "pretrain"),
+            "pretrain_job": job_files(("pretrain", {"run": pretrained})),
             "manifests": [L.manifest(r, **wc) for r, wc in
                           [("mixture", {"mixture": mixture}), ("pack", {"mixture": mixture}),
-                           ("pretrain", {"run": run}), ("sft", {"run": run}),
+                           ("pretrain", {"run": pretrained}), ("sft", {"run": run}),
                            *[("evaluate", {"run": run, "benchmark": b}) for b in self.benchmarks]]],
         }
 
@@ -190,7 +218,7 @@ class Plan:
         return {"jobs": [job_files(j) for j in self.all_jobs()],
                 "pretrain": {run: {"summary": L.train_summary(run, "pretrain"),
                                    "packed_stats": L.packed_stats(self.run_mixture(run))}
-                             for run in self.config["runs"]}}
+                             for run in self.pretraining_runs()}}
 
     def report_config(self) -> dict:
         """The config keys the report reads (the params show what the rule depends on)."""

@@ -74,7 +74,7 @@ from transformers import Qwen2Config
 from ..io import sha256_file
 from ..manifest import args_config, manifest_path, write_manifest
 from .config import VisionConfig, VLMConfig, grid_side, lm_config_dict
-from .tokenizer import IMAGE_TOKEN, load_tokenizer
+from .tokenizer import IMAGE_TOKEN, REFERENCE_ADDED_TOKENS, add_reference_tokens, load_tokenizer
 from .vision import (
     build_vision_tower,
     open_clip_tower_config,
@@ -96,8 +96,6 @@ VISION_BACKBONES = {
     "siglip-vit-b16-384px": ("vit_base_patch16_siglip_384", 384, "ViT-B-16-SigLIP-384"),
 }
 QWEN2_BACKBONES = ("qwen2.5-1.5b", "qwen2.5-1.5b-instruct", "qwen2.5-3b", "qwen2.5-7b-instruct")  # qwen2.py:21-35
-ADDED_TOKENS = ("<|endofchunk|>", "<s>")  # qwen2.py:58
-BOS_TOKEN = "<s>"                         # qwen2.py:59
 DEFAULT_LLM_MAX_LENGTH = 4096             # load.py:95
 FEATURE_LAYER = -2                        # base_vision.py:127
 MODULES = ("projector", "llm_backbone", "vision_backbone")  # prismatic.py:80
@@ -245,24 +243,12 @@ def lm_config_of(lm_dir) -> Qwen2Config:
 def release_tokenizer(path, vocab_rows: int, max_length: int):
     """The base tokenizer with the reference's added tokens and BOS (qwen2.py:58-59)."""
     tok = load_tokenizer(path)
-    before = tok.get_vocab()
-    if ADDED_TOKENS[0] in before:
-        raise ValueError(f"{path}: tokenizer already has {ADDED_TOKENS[0]}; give the base tokenizer")
-    tok.add_special_tokens({"additional_special_tokens": list(ADDED_TOKENS)},
-                           replace_extra_special_tokens=False)
-    tok.bos_token = BOS_TOKEN
+    if REFERENCE_ADDED_TOKENS[0] in tok.get_vocab():
+        raise ValueError(f"{path}: tokenizer already has {REFERENCE_ADDED_TOKENS[0]}; give the base tokenizer")
+    add_reference_tokens(tok, path)
     tok.model_max_length = max_length
-    # A token the vocabulary holds keeps its id (Qwen2's BPE has "<s>", 128245); a new one takes
-    # the next id, as transformers adds them.
-    expected, new_id = [], len(before)
-    for t in ADDED_TOKENS:
-        expected.append(before.get(t, new_id))
-        new_id += t not in before
-    ids = tok.convert_tokens_to_ids(list(ADDED_TOKENS))
-    if ids != expected:
-        raise ValueError(f"{path}: added tokens got ids {ids}, expected {expected}")
     if len(tok) > vocab_rows:
-        raise ValueError(f"{path}: {len(tok)} tokens with {ADDED_TOKENS} but the LM has "
+        raise ValueError(f"{path}: {len(tok)} tokens with {REFERENCE_ADDED_TOKENS} but the LM has "
                          f"{vocab_rows} embedding rows (the reference does not resize them)")
     return tok
 

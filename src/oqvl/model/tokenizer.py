@@ -169,6 +169,55 @@ def build_backend(ranks: dict[bytes, int]) -> Tokenizer:
     return tok
 
 
+# Document tokens of packed captions, `BOS <image> "\n" caption EOS` (config pack.document_tokens):
+#   project:   BOS = the tokenizer's own BOS, else <|endoftext|>; EOS = <|endoftext|>, Qwen2's
+#              document separator (one token the base model knows for both ends);
+#   reference: the reference adds "<|endofchunk|>" and "<s>" to Qwen2's tokenizer and makes "<s>"
+#              its BOS (prismatic-vlms qwen2.py:58-59); EOS is the tokenizer's eos_token
+#              (<|im_end|> for Qwen2.5-Instruct; sequence_packing_image_to_pil.py:170-171).
+DOCUMENT_TOKENS = ("project", "reference")
+REFERENCE_ADDED_TOKENS = ("<|endofchunk|>", "<s>")  # qwen2.py:58
+REFERENCE_BOS = "<s>"                                # qwen2.py:59
+
+
+def add_reference_tokens(tok, where) -> None:
+    """Give `tok` the reference's added tokens and BOS; a token the vocabulary holds keeps its id
+    (Qwen2's BPE has "<s>", 128245), a new one takes the next id, as transformers adds them."""
+    before = tok.get_vocab()
+    if REFERENCE_ADDED_TOKENS[0] in before:
+        return  # already done (a tokenizer saved by a reference-convention run)
+    tok.add_special_tokens({"additional_special_tokens": list(REFERENCE_ADDED_TOKENS)},
+                           replace_extra_special_tokens=False)
+    tok.bos_token = REFERENCE_BOS
+    expected, new_id = [], len(before)
+    for t in REFERENCE_ADDED_TOKENS:
+        expected.append(before.get(t, new_id))
+        new_id += t not in before
+    ids = tok.convert_tokens_to_ids(list(REFERENCE_ADDED_TOKENS))
+    if ids != expected:
+        raise ValueError(f"{where}: added tokens got ids {ids}, expected {expected}")
+
+
+def training_tokenizer(path, document_tokens: str = "project"):
+    """The tokenizer a stage packs and trains with, under the configured document-token convention."""
+    if document_tokens not in DOCUMENT_TOKENS:
+        raise ValueError(f"document_tokens must be one of {DOCUMENT_TOKENS}, got {document_tokens!r}")
+    tok = load_tokenizer(path)
+    if document_tokens == "reference":
+        add_reference_tokens(tok, path)
+    return tok
+
+
+def document_eos_id(tokenizer, document_tokens: str = "project") -> int:
+    """The token that ends every packed caption document (see DOCUMENT_TOKENS)."""
+    if document_tokens == "reference":
+        if tokenizer.eos_token_id is None:
+            raise ValueError("document_tokens reference ends documents with the tokenizer's eos_token, "
+                             "and this tokenizer has none")
+        return tokenizer.eos_token_id
+    return tokenizer.convert_tokens_to_ids(ENDOFTEXT)
+
+
 def document_bos_id(tokenizer) -> int:
     """The token in front of every document in pretraining and of every `paper`-protocol prompt:
     the tokenizer's BOS where it has one (the reference adds "<s>" to Qwen2's), else

@@ -4,8 +4,9 @@
         --visual-tokens 16 --context-len 512 --scope mixture --too-long drop --out results/packed/ccs+laion
 
 A sample (document) is `BOS <image tokens> "\\n" caption EOS`; its length is text tokens + visual
-tokens + 2. Qwen2 has no BOS token, so BOS and EOS are both `<|endoftext|>`, its document
-separator. Bins are filled first-fit-decreasing; padding (the tokenizer's own pad token) is added
+tokens + 2. Which tokens BOS and EOS are is --document-tokens (oqvl.model.tokenizer.DOCUMENT_TOKENS):
+`project`, both `<|endoftext|>` (Qwen2 has no BOS; it is its document separator), or `reference`,
+"<s>" and the tokenizer's eos_token as the reference packs them. Bins are filled first-fit-decreasing; padding (the tokenizer's own pad token) is added
 by the training loader, which knows context_len.
 
 Writes OUT/documents.parquet (uid, shard, key, length, text_ids: the tokens after the image
@@ -26,14 +27,15 @@ from tqdm import tqdm
 
 from ..io import sha256_file, write_json, write_parquet
 from ..manifest import args_config, manifest_path, write_manifest
-from ..model.tokenizer import ENDOFTEXT, load_tokenizer
+from ..model.tokenizer import DOCUMENT_TOKENS, document_eos_id, training_tokenizer
 from ..shards import iter_samples, sample_caption, sample_uid, shard_paths
 from .ffd import fill_ratio, first_fit_decreasing
 
 
-def tokenize_documents(shards: Path, tokenizer, visual_tokens: int, batch: int = 1024) -> pd.DataFrame:
+def tokenize_documents(shards: Path, tokenizer, visual_tokens: int, batch: int = 1024,
+                       document_tokens: str = "project") -> pd.DataFrame:
     """One row per sample: uid, shard, key, text_ids ("\\n" caption EOS) and total length."""
-    eos = tokenizer.convert_tokens_to_ids(ENDOFTEXT)
+    eos = document_eos_id(tokenizer, document_tokens)
     rows, texts = [], []
 
     def flush():
@@ -115,14 +117,17 @@ def main(argv=None):
     ap.add_argument("--context-len", type=int, required=True)
     ap.add_argument("--scope", choices=["per_shard", "mixture"], default="per_shard")
     ap.add_argument("--too-long", choices=["drop", "truncate"], default="drop")
+    ap.add_argument("--document-tokens", choices=DOCUMENT_TOKENS, default="project",
+                    help="BOS/EOS convention of the documents")
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     try:
-        tokenizer = load_tokenizer(args.tokenizer)
-    except (FileNotFoundError, OSError) as e:
+        tokenizer = training_tokenizer(args.tokenizer, args.document_tokens)
+        docs = tokenize_documents(args.shards, tokenizer, args.visual_tokens,
+                                  document_tokens=args.document_tokens)
+    except (FileNotFoundError, OSError, ValueError) as e:
         sys.exit(f"error: {e}")
-    docs = tokenize_documents(args.shards, tokenizer, args.visual_tokens)
     n_in = len(docs)
     docs, n_over = fit_lengths(docs, args.context_len, args.too_long)
     seqs = pack(docs, args.context_len, args.scope)
@@ -137,6 +142,7 @@ def main(argv=None):
         "sequences": len(seqs),
         "context_len": args.context_len,
         "visual_tokens": args.visual_tokens,
+        "document_tokens": args.document_tokens,
         "scope": args.scope,
         "real_tokens": real,
         "padding_tokens": len(seqs) * args.context_len - real,

@@ -233,7 +233,7 @@ def reproduced_rows(table: str, runs: dict, config: dict, label=None) -> pd.Data
             "table": table, "run": run, "scale": config.get("scale", "toy"),
             "row": label(run, mix_cfg) if label else run,
             "pretrain_data": data, "pretrain_tokens": human_count(summary.get("tokens")),
-            "sft_data": sft_data_name(config),
+            "sft_data": record.get("sft_data") or sft_data_name(config),
             "source": f"this workflow, {config.get('scale', 'toy')} scale",
             **pretrain_compute(record),
             **provenance(record, config),

@@ -96,6 +96,7 @@ class Batch:
     images: torch.Tensor | None  # (N, 3, H, W) in order of appearance
     doc_ids: torch.Tensor | None  # (B, T) document index per token (-1 padding), for isolation
     n_tokens: int             # real (non-padding) tokens
+    n_truncated: int = 0      # SFT examples cut to max_len (too_long truncate)
 
     @property
     def n_loss_tokens(self) -> int:
@@ -110,6 +111,7 @@ class PackedCaptions:
         packed = Path(packed_dir)
         stats = json.loads((packed / "stats.json").read_text())
         self.context_len, self.visual_tokens = stats["context_len"], stats["visual_tokens"]
+        self.document_tokens = stats.get("document_tokens", "project")  # older packings had no choice
         docs = pd.read_parquet(packed / "documents.parquet", columns=["shard", "key", "text_ids"])
         self.doc_shard, self.doc_key = docs["shard"].tolist(), docs["key"].tolist()
         self.text_ids = docs["text_ids"].tolist()
@@ -142,8 +144,9 @@ class Conversations:
     """SFT examples: conversations with at most one image each (oqvl.train.sft_data's records)."""
 
     def __init__(self, records, tokenizer, transform, *, visual_tokens: int, max_len: int, pad_id: int,
-                 bos_id: int):
+                 bos_id: int, too_long: str = "raise", image_token_id: int | None = None):
         self.records = records
+        self.too_long, self.image_token_id = too_long, image_token_id
         self.bos_id = bos_id  # raw-format records start with it, as the paper protocol's prompts
         self.tokenizer = tokenizer
         self.transform = transform
@@ -155,9 +158,9 @@ class Conversations:
         return len(self.records)
 
     def batch(self, indices) -> Batch:
-        seqs, images = [], []
+        seqs, images, n_truncated = [], [], 0
         for i in indices:
-            rec = self.records[int(i)]
+            rec = self.records[int(i)].load()
             if rec.prompt_format == "raw":
                 if [m["role"] for m in rec.messages] != ["user", "assistant"]:
                     raise ValueError(f"SFT example {rec.id}: a raw-format record holds one user turn and its answer")
@@ -166,7 +169,11 @@ class Conversations:
                                                  self.visual_tokens, self.bos_id)
             else:
                 ids, labels = encode_conversation(self.tokenizer, rec.messages, self.visual_tokens)
-            if len(ids) > self.max_len:
+            if self.too_long == "truncate":
+                cut = truncate_as_reference(ids, labels, self.max_len, self.image_token_id, rec.id)
+                n_truncated += len(cut[0]) < len(ids)
+                ids, labels = cut
+            elif len(ids) > self.max_len:
                 raise ValueError(f"SFT example {rec.id}: {len(ids)} tokens > max_len {self.max_len}")
             seqs.append((ids, labels))
             if rec.image is not None:
@@ -178,4 +185,18 @@ class Conversations:
             input_ids[b, :len(x)] = torch.from_numpy(x)
             labels[b, :len(y)] = torch.from_numpy(y)
         return Batch(input_ids, labels, torch.stack(images) if images else None, None,
-                     sum(len(s[0]) for s in seqs))
+                     sum(len(s[0]) for s in seqs), n_truncated)
+
+
+def truncate_as_reference(ids: np.ndarray, labels: np.ndarray, max_len: int, image_token_id: int | None,
+                          where) -> tuple[np.ndarray, np.ndarray]:
+    """`ids[:max_len]` as the reference cuts an SFT example (prismatic-vlms datasets.py:302), where
+    the image is one placeholder id expanded to the visual tokens only in the forward pass: so the
+    cut counts the image run as one token. A cut that would split the image run is refused."""
+    image = np.flatnonzero(ids == image_token_id) if image_token_id is not None else np.array([], int)
+    keep = max_len + (len(image) - 1 if len(image) else 0)
+    if len(ids) <= keep:
+        return ids, labels
+    if len(image) and image[0] < keep <= image[-1]:
+        raise ValueError(f"SFT example {where}: max_len {max_len} would cut into its image tokens")
+    return ids[:keep], labels[:keep]

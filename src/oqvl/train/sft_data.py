@@ -2,9 +2,13 @@
 
     python -m oqvl.train.sft_data --out results/sft_data/toy.parquet --n 6000 --seed 0
 
-Paper scale reads LLaVA-format JSON (LLaVA-665k, MAmmoTH-VL): a list of {"id", "image": relative
-path, "conversations": [{"from": "human"|"gpt", "value": ...}]} with images under an image root;
-a record without "image" is text-only.
+Paper scale reads LLaVA-format JSON (LLaVA-665k): a list of {"id", "image": relative path,
+"conversations": [{"from": "human"|"gpt", "value": ...}]} with images under an image root; a
+record without "image" is text-only. MAmmoTH-VL's single-image 10M is read as the reference's
+split script leaves it (Open-Qwen2VL data_prepare/split_mammoth_10m.py): a .jsonl index of
+{"path", "length"} lines beside a folder instruction_si_split/ holding one such LLaVA record per
+JSON file (prismatic-vlms datasets.py:240-266 reads it the same way), images under the image root
+(the reference's single_image_data/, fine_tune_mammoth.sh).
 
 Toy scale generates the same format from the toy world (stream "sft": its images are never
 those of the web sources, the CLIP seed set or the benchmarks), stored as parquet with the image
@@ -66,6 +70,24 @@ class Record:
     prompt_format: str = "chat"
     """chat: the chat template (oqvl.model.chat.encode_conversation); raw: one question and its
     answer as the paper protocol sends it (oqvl.model.chat.encode_raw_example)."""
+
+    def load(self) -> Record:
+        return self
+
+
+@dataclass
+class SplitRecord:
+    """A MAmmoTH-VL record whose conversation lies in a JSON file of its own, read when batched
+    (10M conversations do not fit in memory at once)."""
+    path: Path
+    image_root: Path
+
+    def load(self) -> Record:
+        try:
+            item = json.loads(self.path.read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise ValueError(f"{self.path}: not a readable conversation JSON ({type(e).__name__}: {e})") from e
+        return llava_record(item, self.image_root, str(self.path))
 
 
 def to_messages(conversations: list[dict], where: str) -> list[dict]:
@@ -227,19 +249,42 @@ def load_records(path, image_root=None) -> list[Record]:
         return [Record(str(r.id), to_messages(json.loads(r.conversations), f"{path} id {r.id}"),
                        (lambda b=r.image: b) if r.image is not None else None, r.prompt_format)
                 for r in df.itertuples()]
+    root = Path(image_root) if image_root else path.parent
     if path.suffix == ".json":
         items = json.loads(path.read_text())
         if not isinstance(items, list):
             raise ValueError(f"{path}: expected a JSON list of LLaVA records")
-        root = Path(image_root) if image_root else path.parent
-        records = []
-        for item in items:
-            where = f"{path} id {item.get('id')}"
-            img = item.get("image")
-            reader = (lambda p=root / img: p.read_bytes()) if img else None
-            records.append(Record(str(item.get("id")), to_messages(item["conversations"], where), reader))
-        return records
-    raise ValueError(f"{path}: SFT data must be .parquet (toy) or .json (LLaVA format)")
+        return [llava_record(item, root, f"{path} id {item.get('id')}") for item in items]
+    if path.suffix == ".jsonl":
+        return split_records(path, root)
+    raise ValueError(f"{path}: SFT data must be .parquet (toy), .json (LLaVA format) or .jsonl "
+                     f"(MAmmoTH-VL's split index)")
+
+
+def llava_record(item: dict, image_root: Path, where: str) -> Record:
+    if not isinstance(item, dict) or not isinstance(item.get("conversations"), list):
+        raise ValueError(f"{where}: a LLaVA record needs a conversations list")
+    img = item.get("image")
+    reader = (lambda p=image_root / img: p.read_bytes()) if img else None
+    return Record(str(item.get("id")), to_messages(item["conversations"], where), reader)
+
+
+def split_records(index: Path, image_root: Path) -> list[SplitRecord]:
+    """MAmmoTH-VL's index: one {"path", "length"} line per conversation file in instruction_si_split/."""
+    folder = index.parent / "instruction_si_split"
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{index}: no instruction_si_split/ folder beside the index")
+    records = []
+    with open(index) as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                rel = json.loads(line)["path"]
+            except (json.JSONDecodeError, KeyError, TypeError):
+                raise ValueError(f"{index}:{n}: not a {{\"path\": ..., \"length\": ...}} line") from None
+            records.append(SplitRecord(folder / rel, image_root))
+    return records
 
 
 def main(argv=None):

@@ -44,7 +44,7 @@ from tqdm import tqdm
 from ..io import sha256_file, weights_identity, write_json, write_text
 from ..manifest import manifest_path, write_manifest
 from ..model.config import PRESET_DIR
-from ..model.tokenizer import ENDOFTEXT, document_bos_id, load_tokenizer
+from ..model.tokenizer import DOCUMENT_TOKENS, ENDOFTEXT, document_bos_id, training_tokenizer
 from ..model.vlm import OpenQwen2VL
 from . import checkpoint as ckpt
 from .data import Conversations, PackedCaptions, rank_micro_batches, step_indices
@@ -89,7 +89,11 @@ class TrainConfig:
     """pretrain: block-diagonal attention + per-document positions in packed sequences."""
     grad_checkpointing: bool = False
     max_len: int = 2048
-    """sft: longest conversation in tokens (longer ones are an error, not silently cut)."""
+    """sft: longest conversation in tokens (see too_long)."""
+    too_long: str = "raise"
+    """sft: a conversation over max_len is an error (raise) or cut as the reference does (truncate, counted)."""
+    document_tokens: str = "project"
+    """BOS/EOS convention (oqvl.model.tokenizer.DOCUMENT_TOKENS); pretraining checks the packing's."""
     # optimisation
     steps: int = 0
     """Optimizer steps; 0 = derive from epochs."""
@@ -104,6 +108,7 @@ class TrainConfig:
     warmup_frac: float = 0.03
     grad_clip: float = 1.0
     betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = 1e-8
     # bookkeeping
     seed: int = 0
     save_every: int = 50
@@ -122,6 +127,10 @@ class TrainConfig:
             if getattr(self, k) < 1:
                 raise ValueError(f"{k} must be at least 1")
         self.betas = tuple(self.betas)
+        if self.too_long not in ("raise", "truncate"):
+            raise ValueError(f"too_long must be raise or truncate, got {self.too_long!r}")
+        if self.document_tokens not in DOCUMENT_TOKENS:
+            raise ValueError(f"document_tokens must be one of {DOCUMENT_TOKENS}, got {self.document_tokens!r}")
 
     def resume_key(self) -> dict:
         """What must match for a checkpoint to be resumed (not paths, threads or save cadence)."""
@@ -229,13 +238,17 @@ def build_data(cfg: TrainConfig, model: OpenQwen2VL, tokenizer, visual_tokens: i
         ds = PackedCaptions(cfg.packed, cfg.shards, transform, bos_id=document_bos_id(tokenizer),
                             image_token_id=model.config.image_token_id, pad_id=pad_id,
                             doc_isolation=cfg.doc_isolation)
+        if ds.document_tokens != cfg.document_tokens:
+            raise ValueError(f"{cfg.packed} was packed with document_tokens {ds.document_tokens}, "
+                             f"training asks for {cfg.document_tokens}")
         if ds.visual_tokens != visual_tokens:
             raise ValueError(f"{cfg.packed} was packed with {ds.visual_tokens} visual tokens per image, "
                              f"the model pretrains with {visual_tokens}")
         return ds
     return Conversations(load_records(cfg.sft_data, cfg.image_root), tokenizer, transform,
                          visual_tokens=visual_tokens, max_len=cfg.max_len, pad_id=pad_id,
-                         bos_id=document_bos_id(tokenizer))
+                         bos_id=document_bos_id(tokenizer), too_long=cfg.too_long,
+                         image_token_id=model.config.image_token_id)
 
 
 def total_steps(cfg: TrainConfig, n_examples: int) -> int:
@@ -264,7 +277,7 @@ def _train(cfg: TrainConfig, rank: int, world: int, device: torch.device) -> dic
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
 
-    tokenizer = load_tokenizer(cfg.tokenizer)
+    tokenizer = training_tokenizer(cfg.tokenizer, cfg.document_tokens)
     model, visual_tokens = build_model(cfg)
     data = build_data(cfg, model, tokenizer, visual_tokens)
     steps = total_steps(cfg, len(data))
@@ -274,7 +287,7 @@ def _train(cfg: TrainConfig, rank: int, world: int, device: torch.device) -> dic
     model.train()
     shard_model(model, device)
 
-    opt = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas, eps=1e-8)
+    opt = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas, eps=cfg.eps)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, warmup_cosine(max(1, round(cfg.warmup_frac * steps)), steps, cfg.min_lr_ratio))
 
@@ -326,6 +339,7 @@ def _train(cfg: TrainConfig, rank: int, world: int, device: torch.device) -> dic
         dist.all_reduce(loss_sum)
         loss_value = float(loss_sum) / max(n_loss, 1.0)
         tokens = all_sum(sum(b.n_tokens for b in micro), device)
+        truncated = all_sum(sum(b.n_truncated for b in micro), device)
         seconds = time.perf_counter() - t0
         totals["tokens"] += tokens
         totals["loss_tokens"] += n_loss
@@ -333,7 +347,8 @@ def _train(cfg: TrainConfig, rank: int, world: int, device: torch.device) -> dic
         if rank == 0:
             record = {"step": step + 1, "loss": round(loss_value, 6), "lr": lr, "tokens": int(tokens),
                       "loss_tokens": int(n_loss), "tokens_per_s": round(tokens / seconds, 1),
-                      "grad_norm": round(grad_norm, 6), "seconds": round(seconds, 4)}
+                      "grad_norm": round(grad_norm, 6), "seconds": round(seconds, 4),
+                      "truncated": int(truncated)}
             with open(log_path, "a") as f:
                 f.write(json.dumps(record) + "\n")
             bar.set_postfix(loss=f"{loss_value:.3f}", refresh=False)
@@ -368,7 +383,8 @@ def _finish(cfg, out, config, full_state, tokenizer, steps, world, device, total
     plot_loss(log_path, out / "loss.png", title=f"{cfg.stage}: {out.parent.name}")
     log = [json.loads(line) for line in log_path.read_text().splitlines()]
     counted = {"tokens": sum(r["tokens"] for r in log), "loss_tokens": sum(r["loss_tokens"] for r in log),
-               "seconds": sum(r["seconds"] for r in log)}  # over every run segment, resumes included
+               "seconds": sum(r["seconds"] for r in log),  # over every run segment, resumes included
+               "truncated": sum(r.get("truncated", 0) for r in log)}  # SFT examples cut to max_len
     summary = {
         "stage": cfg.stage, "run": out.parent.name, "steps": steps, "examples_per_step": cfg.global_batch,
         "sequences": steps * cfg.global_batch, **counted,
@@ -384,7 +400,7 @@ def _finish(cfg, out, config, full_state, tokenizer, steps, world, device, total
     write_manifest(manifest_path(out), cfg.stage, work=(summary["tokens"], "tokens"),
                    config=summary["train_config"],
                    files=[final / "config.json", final / "model.safetensors", log_path, out / "summary.json"],
-                   counts={k: summary[k] for k in ("steps", "sequences", "tokens", "loss_tokens")},
+                   counts={k: summary[k] for k in ("steps", "sequences", "tokens", "loss_tokens", "truncated")},
                    inputs=key["inputs"], device=summary["device"], gpus=summary["gpus"])
     print(f"{cfg.stage}: {steps} steps, final loss {summary['final_loss']:.4f}, "
           f"{summary['tokens_per_s']:.0f} tokens/s -> {final}", flush=True)
