@@ -89,7 +89,7 @@ rule sft:
         image_root=lambda w: (f"--image-root {shlex.quote(root)}" if (root := P.sft_data(w.run)["image_root"])
                               else ""),
         switches=lambda w: P.train_flags(w.run),
-        optim=P.optim_flags("sft"),
+        optim=lambda w: P.optim_flags("sft", w.run),
         threads=TRAIN["threads"],
         seed=config["seed"],
         launch=train_launch(),

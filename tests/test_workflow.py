@@ -70,6 +70,8 @@ def test_paper_config_plans_the_final_model_and_the_isolation_ablation(tmp_path)
     assert "--sft-data data/MAmmoTH-VL-Instruct-12M/mammoth_si_10M_simple.jsonl" in mammoth
     assert "--image-root data/MAmmoTH-VL-Instruct-12M/single_image_data" in mammoth
     assert "--too-long truncate" in mammoth and "--document-tokens reference" in mammoth
+    assert "--steps 150000" in mammoth and "--steps 150000" not in next(
+        line for line in sft if "runs/ccs+datacomp_mlm/sft" in line)
     pretrain = [line for line in out.splitlines() if " -m oqvl.train pretrain " in line]
     assert not any("runs/ccs+datacomp_mlm+mammoth/" in line for line in pretrain)
     isolated = next(line for line in pretrain if "runs/ccs+datacomp_mlm+isolation/" in line)

@@ -107,11 +107,16 @@ class Plan:
         spec.update({k: v for k, v in self.config["runs"][run].items() if k in TRAIN_SWITCHES})
         return " ".join(f"--{'' if on else 'no-'}{k.replace('_', '-')}" for k, on in spec.items())
 
-    def optim_flags(self, stage: str) -> str:
+    def optim_flags(self, stage: str, run: str | None = None) -> str:
+        """A stage's optimisation flags: the train section's, with a run's own length (steps,
+        epochs) for its SFT."""
         def value(v):
             return " ".join(map(str, v)) if isinstance(v, list) else str(v)  # betas: two numbers
 
-        flags = [f"--{k.replace('_', '-')} {value(v)}" for k, v in self.config["train"][stage].items()
+        opts = dict(self.config["train"][stage])
+        if run is not None and stage == "sft":
+            opts.update(self.config["runs"][run].get("sft") or {})
+        flags = [f"--{k.replace('_', '-')} {value(v)}" for k, v in opts.items()
                  if not (stage == "pretrain" and k in SFT_ONLY)]
         return " ".join([*flags, f"--document-tokens {self.config['pack']['document_tokens']}"])
 
