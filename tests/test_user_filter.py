@@ -398,3 +398,13 @@ def test_the_snakefile_stops_an_unimportable_scorer_with_one_line(tmp_path):
     assert proc.returncode != 0
     assert ("config error: filter colour of datacomp: scorer 'no_such_package.filters:score': "
             "cannot find module 'no_such_package.filters'") in proc.stdout + proc.stderr
+
+
+def test_the_ci_report_judges_the_example_and_accounts_its_jobs():
+    cfg = load(CI_CONFIG)
+    plan = Plan(cfg, resolve(cfg))
+    assert ("datacomp", "colour") in {(s, f) for s, f, _, _ in plan.quality_entries()}
+    jobs = plan.all_jobs()
+    colour = {"source": "datacomp", "which": "colour"}
+    assert ("user_score", colour) in jobs and ("keep_extra", colour) in jobs
+    assert not any(wc == colour for run in cfg["runs"] for _, wc in plan.run_jobs(run))

@@ -207,11 +207,14 @@ class Plan:
 
     def all_jobs(self) -> list[Job]:
         """Every accounted job: the configured runs', the released checkpoints' evaluations, every
-        packed mixture, (toy) the filter report."""
+        packed mixture, (toy) the filter report and the extra filters it judges."""
         jobs = [j for run in self.config["runs"] for j in self.run_jobs(run)]
         jobs += [j for name in self.released() for j in self.released_jobs(name)]
         for m in self.config["mixtures"]:
             jobs += [("mixture", {"mixture": m}), ("pack", {"mixture": m})]
+        if self.scale.has("filter_quality"):  # the report judges every extra filter of a toy source
+            jobs += [j for _, n, _, k in self.quality_entries() if n in self.extra_filters()
+                     for j in self.source_jobs(self.extra_filters()[n]["source"], n)]
         return _unique(jobs + self.toy_jobs("filter_quality"))
 
     def run_record(self, run: str) -> dict:
