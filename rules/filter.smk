@@ -1,7 +1,18 @@
 # Stage 2, filter: CLIP scores per source, then a keep decision per source (threshold, kept
 # fraction, or a released uid list), then (toy) a quality report against the toy world's truth.
+# A user's own filter (docs/filters.md) is a scores file or a scorer function (rule user_score),
+# as a source's own filter or a named one of filter.extra (rule keep_extra).
+from oqvl.filter.user import ScorerError, scorer_file
 
 CLIP = config["filter"]["clip"]
+SCORERS = P.scorer_filters()
+EXTRA = P.extra_filters()
+
+for _source, _which in SCORERS:  # a scorer that cannot be found stops the DAG here, in one line
+    try:
+        scorer_file(P.filter_spec(_source, _which)["scorer"])
+    except ScorerError as e:
+        sys.exit(f"config error: filter {_which} of {_source}: {e}")
 
 
 if SCALE.has("train_clip"):
@@ -79,6 +90,64 @@ rule keep:
         L.benchmark("keep")
     shell:
         "$PY -m oqvl.filter.keep {params.args} --out {output.kept} --stats {output.stats} > {log} 2>&1"
+
+
+if SCORERS:
+
+    rule user_score:
+        """Score every pair of a source with a user's scorer; undecodable images and empty captions
+        are listed, not scored (as by clip_score). The scorer's module file is an input: editing it reruns."""
+        input:
+            shards=L.shards(),
+            accounting=L.accounting(),
+            code=lambda w: str(scorer_file(P.filter_spec(w.source, w.which)["scorer"])),
+        output:
+            scores=L.user_scores(),
+            failures=L.user_failures(),
+            stats=L.user_stats(),
+            manifest=L.manifest("user_score"),
+        wildcard_constraints:
+            source=alternatives(sorted({s for s, _ in SCORERS})),
+            which=alternatives(sorted({w for _, w in SCORERS})),
+        params:
+            args=lambda w: P.scorer_args(w.source, w.which),
+            expected=lambda w, input: json.load(open(input.accounting))["samples_in_shards"],
+        threads: 2
+        resources:
+            gpu=SCALE.gpus["score"],
+        container: config["containers"]["model"]
+        log:
+            L.log("user_score"),
+        benchmark:
+            L.benchmark("user_score")
+        shell:
+            "$PY -m oqvl.filter.user --shards {input.shards} {params.args} --expected {params.expected}"
+            " --out {output.scores} --failures {output.failures} --stats {output.stats} > {log} 2>&1"
+
+
+if EXTRA:
+
+    rule keep_extra:
+        """The kept uids of a named filter of filter.extra (a kept set mixtures can pick by name)."""
+        input:
+            unpack(lambda w: P.keep_inputs(w.source, w.which)),
+        output:
+            kept=L.kept(which="{which}"),
+            stats=L.kept_stats(which="{which}"),
+            manifest=L.manifest("keep_extra"),
+        wildcard_constraints:
+            source=alternatives(sorted({spec["source"] for spec in EXTRA.values()})),
+            which=alternatives(sorted(EXTRA)),
+        params:
+            spec=lambda w: P.filter_spec(w.source, w.which),
+            args=lambda w, input: P.keep_args(w.source, input, w.which),
+        container: config["containers"]["data"]
+        log:
+            L.log("keep_extra"),
+        benchmark:
+            L.benchmark("keep_extra")
+        shell:
+            "$PY -m oqvl.filter.keep {params.args} --out {output.kept} --stats {output.stats} > {log} 2>&1"
 
 
 if SCALE.has("filter_quality"):

@@ -58,7 +58,7 @@ def ci():
      "mixtures.ccs+laion.kept.laion: 'union' needs 'laion' in filter.mlm.sources"),
     (lambda c: c["mixtures"]["ccs+laion"].update(kept={"datacomp": "mlm"}),
      "mixtures.ccs+laion.kept: 'datacomp' is not one of the mixture's sources"),
-    (lambda c: c["mixtures"]["ccs+laion"].update(kept={"laion": "best"}), "mixtures.ccs+laion.kept.laion: 'best' is not one of"),
+    (lambda c: c["mixtures"]["ccs+laion"].update(kept={"laion": "best"}), "mixtures.ccs+laion.kept.laion: 'best' is none of filter, mlm, union or a name in filter.extra"),
 ])
 def test_bad_values_name_the_key(mutate, message):
     cfg = ci()

@@ -495,15 +495,11 @@ def test_plots_before_any_run(tmp_path):
 # ----------------------------------------------------------------------------------------- rules
 
 def effective_config(configfile):
-    """The config Snakemake runs with: the given file merged over config/default.yaml, validated."""
-    import yaml
-    from snakemake.utils import update_config
+    """The config Snakemake runs with: the given file alone (a --configfile replaces
+    config/default.yaml, the Snakefile says), validated."""
+    from oqvl.config import load
 
-    from oqvl.config import validate
-
-    cfg = yaml.safe_load((REPO / "config" / "default.yaml").read_text())
-    update_config(cfg, yaml.safe_load(configfile.read_text()))
-    return validate(cfg)
+    return load(configfile)
 
 
 

@@ -69,10 +69,14 @@ def _check_semantics(config: dict) -> None:
         key = f"filter.sources.{name}"
         if name not in config["sources"]:
             raise ConfigError(f"{key}: no source named {name!r}")
-        if spec["method"] == "clip" and ("threshold" in spec) == ("fraction" in spec):
-            raise ConfigError(f"{key}: a clip filter needs exactly one of threshold and fraction")
-        if spec["method"] == "uid_list" and "uid_list" not in spec:
-            raise ConfigError(f"{key}: method uid_list needs uid_list")
+        if "source" in spec:
+            raise ConfigError(f"{key}.source: a source's own filter reads that source (source is for filter.extra)")
+        _check_filter(key, spec)
+    for name, spec in filt.get("extra", {}).items():
+        key = f"filter.extra.{name}"
+        if spec["source"] not in config["sources"]:
+            raise ConfigError(f"{key}.source: no source named {spec['source']!r}")
+        _check_filter(key, spec)
     missing = set(config["sources"]) - set(filt["sources"])
     if missing:
         raise ConfigError(f"filter.sources: no filter for source(s) {sorted(missing)}")
@@ -92,8 +96,17 @@ def _check_semantics(config: dict) -> None:
         for src, kept in mix.get("kept", {}).items():
             if src not in mix["sources"]:
                 raise ConfigError(f"mixtures.{name}.kept: {src!r} is not one of the mixture's sources")
-            if kept != "filter" and src not in mlm_sources:
-                raise ConfigError(f"mixtures.{name}.kept.{src}: {kept!r} needs {src!r} in filter.mlm.sources")
+            extra = filt.get("extra", {})
+            if kept in extra:
+                if extra[kept]["source"] != src:
+                    raise ConfigError(f"mixtures.{name}.kept.{src}: filter.extra.{kept} filters "
+                                      f"{extra[kept]['source']!r}, not {src!r}")
+            elif kept in ("mlm", "union"):
+                if src not in mlm_sources:
+                    raise ConfigError(f"mixtures.{name}.kept.{src}: {kept!r} needs {src!r} in filter.mlm.sources")
+            elif kept != "filter":
+                raise ConfigError(f"mixtures.{name}.kept.{src}: {kept!r} is none of filter, mlm, union "
+                                  f"or a name in filter.extra")
     for name, run in config["runs"].items():
         base = run.get("pretrained_from")
         if base is not None:
@@ -127,6 +140,23 @@ def _check_semantics(config: dict) -> None:
         if opt["global_batch"] % (config["train"]["nproc"] * opt["micro_batch"]):
             raise ConfigError(f"train.{stage}.global_batch {opt['global_batch']} is not a multiple of "
                               f"train.nproc x micro_batch")
+
+
+# What each filter method needs besides its method (the keep rule: one of threshold and fraction).
+METHOD_KEYS = {"clip": (), "uid_list": ("uid_list",), "scores": ("scores",), "scorer": ("scorer",)}
+
+
+def _check_filter(key: str, spec: dict) -> None:
+    """One filter entry (filter.sources.<s> or filter.extra.<name>): what its method needs."""
+    method = spec["method"]
+    for need in METHOD_KEYS[method]:
+        if need not in spec:
+            raise ConfigError(f"{key}: method {method} needs {need}")
+    if method != "uid_list" and ("threshold" in spec) == ("fraction" in spec):
+        raise ConfigError(f"{key}: a {method} filter needs exactly one of threshold and fraction")
+    stray = sorted({"options", "batch_size"} & set(spec)) if method != "scorer" else []
+    if stray:
+        raise ConfigError(f"{key}.{stray[0]}: only a scorer filter takes {stray[0]}")
 
 
 def load(path: str | Path) -> dict:

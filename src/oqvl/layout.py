@@ -82,8 +82,23 @@ def mlm_stats(source="{source}"):
     return f"{filter_dir(source)}/mlm_score_stats.json"
 
 
+def user_scores(source="{source}", which="{which}"):
+    """Scores of a user's scorer (method scorer) for one of a source's filters: its own
+    (`which` = filter) or a named one of filter.extra."""
+    return f"{filter_dir(source)}/user_scores_{which}.parquet"
+
+
+def user_failures(source="{source}", which="{which}"):
+    return f"{filter_dir(source)}/user_failures_{which}.parquet"
+
+
+def user_stats(source="{source}", which="{which}"):
+    return f"{filter_dir(source)}/user_score_stats_{which}.json"
+
+
 def kept(source="{source}", which="filter"):
-    """A source's kept set: its own filter's (`kept.parquet`), the MLM-Filter's or their union."""
+    """A source's kept set: its own filter's (`kept.parquet`), the MLM-Filter's, their union, or
+    a named filter's of filter.extra (`kept_<name>.parquet`)."""
     return f"{filter_dir(source)}/kept{'' if which == 'filter' else '_' + which}.parquet"
 
 
@@ -189,6 +204,8 @@ JOBS = {
     "train_clip": JobFiles("filter", "train_clip", CLIP_MODEL),
     "clip_score": JobFiles("filter", "clip_score_{source}", clip_scores()),
     "keep": JobFiles("filter", "keep_{source}", kept()),
+    "user_score": JobFiles("filter", "user_score_{source}_{which}", user_scores()),
+    "keep_extra": JobFiles("filter", "keep_{which}_{source}", kept(which="{which}")),
     "filter_quality": JobFiles("filter", "quality", QUALITY),
     "mlm_filter_seed": JobFiles("filter", "mlm_filter_seed", f"{MLM_MODEL}/seed.parquet"),
     "train_mlm_filter": JobFiles("filter", "train_mlm_filter", f"{MLM_MODEL}/train"),

@@ -36,26 +36,60 @@ class Plan:
         return self.config["evaluate"]["benchmarks"]
 
     # ------------------------------------------------------------------------------ filter
-    def filter_spec(self, source: str) -> dict:
-        return self.config["filter"]["sources"][source]
+    def filter_spec(self, source: str, which: str = "filter") -> dict:
+        """The filter behind a kept set: the source's own (`filter`) or a named one of filter.extra."""
+        if which == "filter":
+            return self.config["filter"]["sources"][source]
+        return self.extra_filters()[which]
 
-    def keep_inputs(self, source: str) -> dict:
-        """A keep job's inputs: the released uid list (and the shards it selects from), or the scores."""
-        spec = self.filter_spec(source)
+    def extra_filters(self) -> dict:
+        return self.config["filter"].get("extra") or {}
+
+    def scorer_filters(self) -> list[tuple[str, str]]:
+        """(source, filter name) of every filter that runs a user's scorer (rule user_score)."""
+        own = [(s, "filter") for s, spec in self.config["filter"]["sources"].items() if spec["method"] == "scorer"]
+        return own + [(spec["source"], n) for n, spec in self.extra_filters().items() if spec["method"] == "scorer"]
+
+    def scores_file(self, source: str, which: str = "filter") -> str | None:
+        """The per-pair scores a filter keeps by; None for a uid list."""
+        spec = self.filter_spec(source, which)
+        return {"clip": L.clip_scores(source), "scorer": L.user_scores(source, which),
+                "scores": spec.get("scores")}.get(spec["method"])
+
+    def scorer_args(self, source: str, which: str) -> str:
+        """rule user_score's flags: the scorer, its options and batch size."""
+        from .filter.user import BATCH_SIZE
+
+        spec = self.filter_spec(source, which)
+        return (f"--scorer {shlex.quote(spec['scorer'])} --options {shlex.quote(as_json(spec.get('options', {})))}"
+                f" --batch-size {spec.get('batch_size', BATCH_SIZE)}")
+
+    def keep_inputs(self, source: str, which: str = "filter") -> dict:
+        """A keep job's inputs: the released uid list or a user's scores file (and the shards they
+        select from), or the scores of a scoring rule."""
+        spec = self.filter_spec(source, which)
         if spec["method"] == "uid_list":
             return {"uid_list": spec["uid_list"], "shards": L.shards(source)}
+        if spec["method"] == "scores":
+            return {"user_scores": spec["scores"], "shards": L.shards(source)}
+        if spec["method"] == "scorer":
+            return {"scores": L.user_scores(source, which), "failures": L.user_failures(source, which)}
         return {"scores": L.clip_scores(source), "failures": L.clip_failures(source)}
 
-    def keep_args(self, source: str, input) -> str:
-        spec = self.filter_spec(source)
+    def keep_args(self, source: str, input, which: str = "filter") -> str:
+        spec = self.filter_spec(source, which)
         if spec["method"] == "uid_list":
             return f"--uid-list {input.uid_list} --shards {input.shards}"
         rule = f"--threshold {spec['threshold']}" if "threshold" in spec else f"--fraction {spec['fraction']}"
+        if spec["method"] == "scores":
+            return f"--user-scores {shlex.quote(input.user_scores)} --shards {input.shards} {rule}"
         return f"--scores {input.scores} --failures {input.failures} {rule}"
 
     def quality_entries(self) -> list[tuple[str, str, str, str]]:
         """(source, filter name, scores or '-', kept set) of every filter to judge (toy sources)."""
-        out = [(s, self.filter_spec(s)["method"], L.clip_scores(s), L.kept(s)) for s in self.scale.generated]
+        out = [(s, self.filter_spec(s)["method"], self.scores_file(s) or "-", L.kept(s)) for s in self.scale.generated]
+        out += [(spec["source"], n, self.scores_file(spec["source"], n) or "-", L.kept(spec["source"], n))
+                for n, spec in self.extra_filters().items() if spec["source"] in self.scale.generated]
         mlm = self.config["filter"].get("mlm")
         for s in (mlm["sources"] if mlm else []):
             if s in self.scale.generated:
@@ -150,14 +184,25 @@ class Plan:
         """The jobs behind one source's kept set (`filter`, `mlm` or `union`)."""
         wc = {"source": source}
         jobs = [("generate_pairs" if source in self.scale.generated else "import_pairs", wc), ("download", wc)]
+        if kept in self.extra_filters():
+            return jobs + self.filter_jobs(source, kept)
         if self.filter_spec(source)["method"] == "clip":
             jobs.append(("clip_score", wc))
+        if self.filter_spec(source)["method"] == "scorer":
+            jobs.append(("user_score", {**wc, "which": "filter"}))
         jobs.append(("keep", wc))
         if kept in ("mlm", "union"):
             jobs += [("mlm_import" if self.scale.mlm == "import" else "mlm_score", wc), ("keep_mlm", wc)]
         if kept == "union":
             jobs.append(("keep_union", wc))
         return jobs
+
+    def filter_jobs(self, source: str, which: str) -> list[Job]:
+        """The scoring and keep jobs of a named filter of filter.extra."""
+        method = self.filter_spec(source, which)["method"]
+        wc = {"source": source, "which": which}
+        scoring = {"clip": [("clip_score", {"source": source})], "scorer": [("user_score", wc)]}.get(method, [])
+        return scoring + [("keep_extra", wc)]
 
     def toy_jobs(self, *rules: str) -> list[Job]:
         return [(r, {}) for r in rules if self.scale.has(r)]
@@ -194,11 +239,14 @@ class Plan:
 
     def all_jobs(self) -> list[Job]:
         """Every accounted job: the configured runs', the released checkpoints' evaluations, every
-        packed mixture, (toy) the filter report."""
+        packed mixture, (toy) the filter report and the extra filters it judges."""
         jobs = [j for run in self.config["runs"] for j in self.run_jobs(run)]
         jobs += [j for name in self.released() for j in self.released_jobs(name)]
         for m in self.config["mixtures"]:
             jobs += [("mixture", {"mixture": m}), ("pack", {"mixture": m})]
+        if self.scale.has("filter_quality"):  # the report judges every extra filter of a toy source
+            jobs += [j for _, n, _, k in self.quality_entries() if n in self.extra_filters()
+                     for j in self.source_jobs(self.extra_filters()[n]["source"], n)]
         return _unique(jobs + self.toy_jobs("filter_quality"))
 
     def run_record(self, run: str) -> dict:

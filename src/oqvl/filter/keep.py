@@ -3,12 +3,17 @@
     python -m oqvl.filter.keep --scores S.parquet --failures F.parquet --fraction 0.7 --out kept.parquet
     python -m oqvl.filter.keep --uid-list dfn_uids.npy --shards results/raw/datacomp/shards --out kept.parquet
     python -m oqvl.filter.keep --union kept.parquet kept_mlm.parquet --out kept_union.parquet
+    python -m oqvl.filter.keep --user-scores my_scores.parquet --shards results/raw/datacomp/shards \
+        --threshold 0.5 --out kept_mine.parquet
 
 Semantics: `--threshold t` keeps pairs with score >= t; `--fraction f` keeps the round(f * n)
 best-scored pairs (ties broken by uid, so the result is deterministic); `--uid-list` keeps the
 pairs of the shards whose uid is in the list (DataComp's DFN release: an .npy of uids, either
 strings or 128-bit ids as two uint64 fields); `--union A B` keeps the pairs either kept set
-holds (the paper's mixture 4: MLM-Filter | DFN). A pair with no score (an MLM-Filter answer that
+holds (the paper's mixture 4: MLM-Filter | DFN); `--user-scores` keeps the pairs of the shards by
+the scores a user computed elsewhere (a parquet of uid, score) under `--threshold` or
+`--fraction`: a pair of the shards the file has no score for is rejected and counted (no_score),
+a uid of the file not in the shards is counted (not_in_shards) and ignored. A pair with no score (an MLM-Filter answer that
 had no number in 0-100) is rejected by any rule and counted. Every pair in is kept, rejected or
 failed. The job's manifest lies beside OUT (kept.manifest.json for kept.parquet).
 """
@@ -74,6 +79,35 @@ def shard_uids(shards: Path) -> pd.Series:
     return rows.loc[rows["status"] == "success", "uid"].astype(str).reset_index(drop=True)
 
 
+def read_user_scores(path: Path) -> pd.DataFrame:
+    """A user's scores file: one row per uid, a numeric score (NaN: no score)."""
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: scores file not found")
+    try:
+        df = pd.read_parquet(path)
+    except Exception as e:  # pyarrow's errors for a file that is not parquet vary by version
+        raise ValueError(f"{path}: not a readable parquet file ({type(e).__name__})") from None
+    missing = [c for c in ("uid", "score") if c not in df.columns]
+    if missing:
+        raise ValueError(f"{path}: no {' or '.join(missing)} column (columns: {', '.join(map(str, df.columns))})")
+    if not pd.api.types.is_numeric_dtype(df["score"]) or pd.api.types.is_bool_dtype(df["score"]):
+        raise ValueError(f"{path}: column score is {df['score'].dtype}, not numbers")
+    df = pd.DataFrame({"uid": df["uid"].astype(str), "score": df["score"].astype(float)})
+    dup = df["uid"][df["uid"].duplicated()]
+    if len(dup):
+        raise ValueError(f"{path}: {dup.nunique()} uid(s) appear more than once, e.g. {dup.iloc[0]!r}")
+    return df
+
+
+def scores_of_shards(path: Path, shards: Path) -> tuple[pd.DataFrame, int]:
+    """(uid, score) of every pair of the shards, NaN where the file has none; and how many of the
+    file's uids are not in the shards."""
+    user = read_user_scores(path)
+    uids = shard_uids(shards)
+    scores = pd.DataFrame({"uid": uids}).merge(user, on="uid", how="left")
+    return scores, int((~user["uid"].isin(set(uids))).sum())
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--scores", type=Path)
@@ -82,14 +116,15 @@ def main(argv=None):
     ap.add_argument("--fraction", type=float)
     ap.add_argument("--uid-list", type=Path)
     ap.add_argument("--union", type=Path, nargs=2, metavar=("KEPT_A", "KEPT_B"))
+    ap.add_argument("--user-scores", type=Path, help="a user's parquet of uid, score (with --shards)")
     ap.add_argument("--shards", type=Path)
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--stats", type=Path, required=True)
     args = ap.parse_args(argv)
-    if args.uid_list and not args.shards:
-        ap.error("--uid-list needs --shards (the source whose pairs it selects)")
-    if not (args.uid_list or args.union) and not (args.scores and args.failures):
-        ap.error("give --scores and --failures, --uid-list and --shards, or --union")
+    if (args.uid_list or args.user_scores) and not args.shards:
+        ap.error("--uid-list and --user-scores need --shards (the source whose pairs they select)")
+    if not (args.uid_list or args.union or args.user_scores) and not (args.scores and args.failures):
+        ap.error("give --scores and --failures, --uid-list and --shards, --user-scores and --shards, or --union")
     try:
         if args.union:
             read = args.union
@@ -107,6 +142,17 @@ def main(argv=None):
             kept = uids[uids.isin(listed)]
             stats = {"method": "uid_list", "pairs_in": len(uids), "kept": len(kept),
                      "rejected": len(uids) - len(kept), "failed": 0}
+        elif args.user_scores:
+            read = [args.user_scores]
+            scores, not_in_shards = scores_of_shards(args.user_scores, args.shards)
+            mask = keep_by_score(scores, args.threshold, args.fraction)
+            kept = scores.loc[mask, "uid"]
+            stats = {"method": "threshold" if args.threshold is not None else "fraction",
+                     "threshold": args.threshold, "fraction": args.fraction,
+                     "pairs_in": len(scores), "kept": int(mask.sum()), "rejected": int((~mask).sum()),
+                     "failed": 0, "no_score": int(scores["score"].isna().sum()),
+                     "not_in_shards": not_in_shards,
+                     "min_kept_score": float(scores.loc[mask, "score"].min()) if mask.any() else None}
         else:
             read = [args.scores, args.failures]
             scores = pd.read_parquet(args.scores)
