@@ -120,7 +120,7 @@ def test_image_transform_equals_siglip_image_processor(tiny):
 
 
 def test_strict_load_names_the_key_and_file(tiny, tmp_path):
-    release, vision, _ = tiny
+    release, _, _ = tiny
     copy = tmp_path / "tiny"
     for d in ("release", "siglip"):
         (copy / d).mkdir(parents=True)
