@@ -278,8 +278,9 @@ def test_score_official_equals_the_reference(tiny, shards, tmp_path):
 
 def test_score_cli_official_prompt(tiny, shards, tmp_path):
     _, _, out = tiny
+    # float16, as the reference scores (builder.py:43) and as config/full.yaml runs it
     args = ["score", "--shards", str(shards), "--model", str(out), "--metric", METRIC, "--prompt", "official",
-            "--max-new-tokens", "2", "--batch-size", "3", "--chunk", "4", "--out", str(tmp_path / "s.parquet"),
+            "--dtype", "float16", "--max-new-tokens", "2", "--batch-size", "3", "--chunk", "4", "--out", str(tmp_path / "s.parquet"),
             "--failures", str(tmp_path / "f.parquet"), "--stats", str(tmp_path / "st.json")]
     mlm_filter.main(args)
     s, f = pd.read_parquet(tmp_path / "s.parquet"), pd.read_parquet(tmp_path / "f.parquet")
@@ -288,3 +289,4 @@ def test_score_cli_official_prompt(tiny, shards, tmp_path):
     assert set(s["status"]) <= set(mlm_filter.STATUSES)
     manifest = json.loads((tmp_path / "s.manifest.json").read_text())
     assert manifest["stage"] == "mlm_score" and manifest["config"]["prompt"] == "official"
+    assert manifest["config"]["dtype"] == "float16"
