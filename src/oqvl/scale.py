@@ -125,7 +125,7 @@ def _missing_toy_sections(config, clip_weights, vision_weights, mlm_mode) -> str
     if layout.CLIP_MODEL in (clip_weights, vision_weights) and not config["filter"]["clip"]["train"]:
         return "filter.clip.train: the toy CLIP model is trained here (no pretrained weights given); give its train section"
     if mlm_mode == "train" and not config["filter"]["mlm"]["train"]:
-        return "filter.mlm.train: the toy MLM-Filter is trained here (no model or scores_dir given); give its train section"
+        return "filter.mlm.train: the toy MLM-Filter is trained here (no release, model or scores_dir given); give its train section"
     return None
 
 
