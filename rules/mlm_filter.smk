@@ -1,7 +1,8 @@
 # Stage 2b, MLM-Filter (the paper's mixture 4): a multimodal LLM scores each pair of the listed
 # sources 0-100; kept_mlm = score >= threshold, kept_union = kept_mlm | the source's own filter.
-# The scores come from the toy MLM-Filter trained here (toy), a user's model folder, or the
-# official scoring outputs (SCALE.mlm: train, model, import).
+# The scores come from the toy MLM-Filter trained here (toy), the released MLM-Filter converted
+# here, a user's model folder, or the official scoring outputs (SCALE.mlm: train, release, model,
+# import).
 
 MLM = config["filter"].get("mlm")
 MLM_SOURCES = MLM["sources"] if MLM else []
@@ -75,6 +76,29 @@ if SCALE.has("train_mlm_filter"):
             " --save-every 100 --max-len 512 --threads {params.threads} --seed {params.seed} > {log} 2>&1"
 
 
+if SCALE.mlm == "release":
+
+    rule convert_mlm_filter:
+        """The released MLM-Filter (config filter.mlm.release: the LLaVA-Unified folder and its
+        SigLIP tower) converted to this project's format, with an explicit key map and a strict
+        load (oqvl.filter.mlm_release)."""
+        input:
+            release=MLM["release"]["path"],
+            vision=MLM["release"]["vision"],
+        output:
+            model=f"{SCALE.mlm_model}/config.json",
+            manifest=L.manifest("convert_mlm_filter"),
+        params:
+            out=folder_of("model"),
+        container: config["containers"]["model"]
+        log:
+            L.log("convert_mlm_filter"),
+        benchmark:
+            L.benchmark("convert_mlm_filter")
+        shell:
+            "$PY -m oqvl.filter.mlm_release --release {input.release:q} --vision {input.vision:q}"
+            " --out {params.out:q} > {log} 2>&1"
+
 if SCALE.mlm == "import":
 
     rule mlm_import:
@@ -99,7 +123,7 @@ if SCALE.mlm == "import":
             "$PY -m oqvl.filter.mlm_filter import --scores-dir {input:q} --metric {params.metric}"
             " --out {output.scores} --failures {output.failures} --stats {output.stats} > {log} 2>&1"
 
-if SCALE.mlm in ("train", "model"):
+if SCALE.mlm in ("train", "release", "model"):
 
     rule mlm_score:
         """Score every pair of a source with the MLM-Filter (batched greedy decoding, resumable)."""
@@ -118,6 +142,7 @@ if SCALE.mlm in ("train", "model"):
             model=lambda w, input: os.path.dirname(input.model),
             spec=MLM,
             expected=lambda w, input: json.load(open(input.accounting))["samples_in_shards"],
+            prompt=SCALE.mlm_prompt,
         threads: 2
         resources:
             gpu=SCALE.gpus["score"],
@@ -130,6 +155,7 @@ if SCALE.mlm in ("train", "model"):
             "$PY -m oqvl.filter.mlm_filter score --shards {input.shards} --model {params.model:q}"
             " --metric {params.spec[metric]} --batch-size {params.spec[batch_size]}"
             " --max-new-tokens {params.spec[max_new_tokens]} --chunk {params.spec[chunk]}"
+            " --prompt {params.prompt} --dtype {params.spec[dtype]}"
             " --threads {threads} --expected {params.expected} --out {output.scores}"
             " --failures {output.failures} --stats {output.stats} > {log} 2>&1"
 
@@ -137,10 +163,13 @@ if SCALE.mlm in ("train", "model"):
 if MLM:
 
     rule keep_mlm:
-        """The pairs the MLM-Filter keeps: score >= threshold (no score: rejected, and counted)."""
+        """The pairs the MLM-Filter keeps: score >= threshold (no score: rejected, and counted).
+        Only pairs of the source's shards are judged: imported scores of uids this download lacks
+        are counted (scored_absent) and left out, so the union and the mixture hold none."""
         input:
             scores=L.mlm_scores(),
             failures=L.mlm_failures(),
+            shards=L.shards(),
         output:
             kept=L.kept(which="mlm"),
             stats=L.kept_stats(which="mlm"),
@@ -154,7 +183,8 @@ if MLM:
             L.benchmark("keep_mlm")
         shell:
             "$PY -m oqvl.filter.keep --scores {input.scores} --failures {input.failures}"
-            " --threshold {params.threshold} --out {output.kept} --stats {output.stats} > {log} 2>&1"
+            " --threshold {params.threshold} --shards {input.shards} --out {output.kept}"
+            " --stats {output.stats} > {log} 2>&1"
 
     rule keep_union:
         """Mixture 4's kept set: pairs kept by the MLM-Filter or by the source's own filter."""

@@ -43,7 +43,9 @@ def test_paper_scale_builds_nothing_toy():
     assert s.generated == () and s.imported == ("ccs", "datacomp", "laion")
     assert s.clip_weights.startswith("models/") and s.vision_weights.startswith("models/")
     assert s.tokenizer_input() == s.tokenizer == "models/Qwen2.5-1.5B-Instruct" == s.lm_path
-    assert s.mlm == "import" and s.sft_data == "data/llava_v1_5_mix665k.json"
+    assert s.sft_data == "data/llava_v1_5_mix665k.json"
+    # the released MLM-Filter, converted here, with its official prompt
+    assert (s.mlm, s.mlm_model, s.mlm_prompt) == ("release", layout.MLM_RELEASE, "official")
     assert s.gpus["score"] == 1 and s.gpus["train"] == 8 and s.gpus["evaluate"] == 1
 
 
@@ -52,6 +54,7 @@ TOY_WITH_A_PAPER_PATH = [
     *[(key, lambda c, k=key: set_key(c, k, "some/path" if k != "evaluate.real" else {"POPE": "x"})) for key in USER_PATHS],
     ("filter.mlm.scores_dir", lambda c: set_key(c, "filter.mlm.scores_dir", "data/mlm_filter")),
     ("filter.mlm.model", lambda c: set_key(c, "filter.mlm.model", "models/mlm")),
+    ("filter.mlm.release", lambda c: set_key(c, "filter.mlm.release", {"path": "models/m", "vision": "models/s"})),
     ("sources.laion.pair_list", lambda c: c["sources"].update(laion={"paper_id": 3, "pair_list": "l.parquet"})),
     ("filter.sources.datacomp.uid_list",
      lambda c: c["filter"]["sources"].update(datacomp={"method": "uid_list", "uid_list": "d.npy"})),
@@ -74,12 +77,31 @@ def test_toy_scale_with_a_paper_path_is_refused_by_name(key, mutate):
 def test_paper_scale_missing_a_path_is_refused_by_name(key):
     cfg = raw("full.yaml")
     if key == "filter.mlm":
-        cfg["filter"]["mlm"]["scores_dir"] = None
+        cfg["filter"]["mlm"]["release"] = None
     else:
         set_key(cfg, key, None)
     with pytest.raises(ConfigError) as e:
         resolved(cfg)
     assert str(e.value).startswith(f"{key}: scale paper needs") and "\n" not in str(e.value)
+
+
+def test_mlm_filter_modes_and_prompts():
+    cfg = raw("full.yaml")
+    cfg["filter"]["mlm"]["scores_dir"] = "data/mlm_filter"
+    with pytest.raises(ConfigError, match=r"^filter.mlm: give one of release, model, scores_dir, "
+                                          r"not release and scores_dir$"):
+        resolved(cfg)
+    cfg["filter"]["mlm"]["release"] = None
+    s = resolved(cfg)
+    assert (s.mlm, s.mlm_model, s.mlm_prompt) == ("import", None, None)
+    cfg["filter"]["mlm"].update(scores_dir=None, model="results/my_mlm", prompt=None)
+    s = resolved(cfg)
+    assert (s.mlm, s.mlm_model, s.mlm_prompt) == ("model", "results/my_mlm", "toy")
+    cfg = raw("ci.yaml")
+    assert resolved(cfg).mlm_prompt == "toy"
+    cfg["filter"]["mlm"]["prompt"] = "official"
+    with pytest.raises(ConfigError, match=r"^filter.mlm.prompt: the toy MLM-Filter is trained on the toy prompt"):
+        resolved(cfg)
 
 
 def test_paper_scale_refuses_the_toy_preset_and_mixed_inputs():

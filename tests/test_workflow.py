@@ -17,10 +17,16 @@ def test_dry_run_plans_every_stage(tmp_path):
         assert rule in out
 
 
-def paper_downloads(root):
+def paper_downloads(root, mlm_import: bool = False):
     """Placeholders at every path config/full.yaml names (the releases a user downloads first):
-    pair lists in the release columns, weight files, model folders, benchmark folders."""
-    cfg = __import__("yaml").safe_load((REPO / "config" / "full.yaml").read_text())
+    pair lists in the release columns, weight files, model folders, benchmark folders.
+    mlm_import: the official MLM-Filter scoring outputs in place of the released model."""
+    yaml = __import__("yaml")
+    cfg = yaml.safe_load((REPO / "config" / "full.yaml").read_text())
+    mlm = cfg["filter"]["mlm"]
+    if mlm_import:
+        del mlm["release"]
+        mlm["scores_dir"] = "data/mlm_filter"
     for src in cfg["sources"].values():
         (root / src["pair_list"]).parent.mkdir(parents=True, exist_ok=True)
         pd.DataFrame({"url": ["http://127.0.0.1:9/x.jpg"], "caption": ["c"], "text": ["c"],
@@ -30,14 +36,16 @@ def paper_downloads(root):
              *(r["sft_data"]["path"] for r in cfg["runs"].values() if "sft_data" in r)]
     folders = [cfg["model"]["lm_path"], cfg["model"]["tokenizer"]["path"], *cfg["evaluate"]["real"].values(),
                *(r["run_dir"] for r in cfg["released"].values()),
-               *(f"{cfg['filter']['mlm']['scores_dir']}/{s}" for s in cfg["filter"]["mlm"]["sources"])]
+               *((f"{mlm['scores_dir']}/{s}" for s in mlm["sources"]) if mlm_import
+                 else (mlm["release"]["path"], mlm["release"]["vision"]))]
     for f in files:
         (root / f).parent.mkdir(parents=True, exist_ok=True)
         (root / f).write_bytes(b"")
     for d in folders:
         (root / d).mkdir(parents=True, exist_ok=True)
     cfg_path = root / "full.yaml"
-    cfg_path.write_text((REPO / "config" / "full.yaml").read_text())
+    cfg_path.write_text(yaml.safe_dump(cfg, sort_keys=False) if mlm_import
+                        else (REPO / "config" / "full.yaml").read_text())
     return cfg_path
 
 
@@ -47,8 +55,10 @@ def test_paper_config_plans_the_same_dag(tmp_path):
     proc = snakemake(tmp_path, "-n", "results/table4.csv", configfile=cfg)
     out = proc.stdout + proc.stderr
     assert "import_pairs" in out and "generate_pairs" not in out
-    # The paper's model is trained on mixture 1+4: MLM-Filter scores are read, then united with DFN.
-    assert "rule mlm_import:" in out and "rule keep_union:" in out and "rule mlm_score:" not in out
+    # The paper's model is trained on mixture 1+4: the released MLM-Filter, converted, scores
+    # DataComp on a GPU, then its kept set is united with DFN.
+    assert "rule convert_mlm_filter:" in out and "rule mlm_score:" in out and "rule keep_union:" in out
+    assert "rule mlm_import:" not in out
     # Paper scale uses released weights and tokenizer: nothing toy is trained or built.
     for toy_rule in ("train_clip", "tokenizer", "filter_quality", "sft_data", "train_mlm_filter"):
         assert f"rule {toy_rule}:" not in out
@@ -80,6 +90,15 @@ def test_paper_config_plans_the_final_model_and_the_isolation_ablation(tmp_path)
     assert "--no-doc-isolation" in plain and "--document-tokens reference" in plain
     pack = next(line for line in out.splitlines() if " -m oqvl.pack " in line)
     assert "--document-tokens reference" in pack
+
+
+def test_paper_config_can_read_the_official_mlm_filter_outputs(tmp_path):
+    cfg = paper_downloads(tmp_path, mlm_import=True)
+    proc = snakemake(tmp_path, "-n", "results/table4.csv", configfile=cfg)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-3000:]
+    assert "rule mlm_import:" in out and "rule keep_mlm:" in out
+    assert "rule mlm_score:" not in out and "rule convert_mlm_filter:" not in out
 
 
 def test_paper_config_trains_on_8_processes_from_the_released_models(tmp_path):

@@ -51,6 +51,7 @@ def accounting(source="{source}"):
 # --------------------------------------------------------------------------- stage 2: filter
 CLIP_MODEL = f"{RESULTS}/filter/clip_model"     # the toy CLIP model (rule train_clip)
 MLM_MODEL = f"{RESULTS}/filter/mlm_model"       # the toy MLM-Filter: seed.parquet, init/, train/
+MLM_RELEASE = f"{RESULTS}/filter/mlm_release"   # the released MLM-Filter, converted (rule convert_mlm_filter)
 QUALITY = f"{RESULTS}/filter/quality"           # filters judged against the toy world's truth
 
 
@@ -211,6 +212,7 @@ JOBS = {
     "train_mlm_filter": JobFiles("filter", "train_mlm_filter", f"{MLM_MODEL}/train"),
     "mlm_score": JobFiles("filter", "mlm_score_{source}", mlm_scores()),
     "mlm_import": JobFiles("filter", "mlm_import_{source}", mlm_scores()),
+    "convert_mlm_filter": JobFiles("filter", "convert_mlm_filter", MLM_RELEASE),
     "keep_mlm": JobFiles("filter", "keep_mlm_{source}", kept(which="mlm")),
     "keep_union": JobFiles("filter", "keep_union_{source}", kept(which="union")),
     "mixture": JobFiles("mixture", "{mixture}", mixture_dir()),

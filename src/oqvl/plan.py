@@ -213,6 +213,8 @@ class Plan:
         jobs = [j for s, k in self.mixture_kept(mixture) for j in self.source_jobs(s, k)]
         if any(r == "mlm_score" for r, _ in jobs):
             jobs += self.toy_jobs("mlm_filter_seed", "train_mlm_filter")
+            if self.scale.mlm == "release":
+                jobs.append(("convert_mlm_filter", {}))
         jobs += self.toy_jobs("train_clip", "tokenizer", "sft_data")
         jobs += [("mixture", {"mixture": mixture}), ("pack", {"mixture": mixture}),
                  ("pretrain", {"run": self.pretrain_run(run)}), ("sft", {"run": run}), ("eval_data", {})]

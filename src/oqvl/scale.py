@@ -50,12 +50,14 @@ class Scale:
     tokenizer: str                  # the toy tokenizer folder or the user's
     sft_data: str                   # the toy conversations or the user's JSON
     sft_image_root: str | None
-    mlm: str | None                 # MLM-Filter scores: "train" (toy model), "model", "import", None
+    mlm: str | None                 # MLM-Filter scores: "train" (toy model), "release" (the released
+                                    # model, converted), "model" (a folder), "import", None
     mlm_model: str | None           # the folder `mlm_score` loads
     real_benchmarks: dict | None    # benchmark -> downloaded release, or None for toy benchmarks
     preset_name: str
     rules: frozenset = field(default_factory=frozenset)   # the toy-only rules that exist
     gpus: dict = field(default_factory=dict)              # GPUs a job of each kind asks for
+    mlm_prompt: str | None = None   # mlm_score's prompt style: "toy" or "official" (the released model's)
 
     @property
     def toy(self) -> bool:
@@ -89,7 +91,7 @@ def _refuse_user_paths(config: dict) -> None:
             raise ConfigError(f"{key}: scale toy builds {USER_PATHS[key]} itself; remove the path, "
                               f"or set mixed_inputs: true to read it at toy scale")
     mlm = config["filter"].get("mlm")
-    for key in ("model", "scores_dir"):
+    for key in MLM_SOURCES:
         if mlm and mlm.get(key) is not None:
             raise ConfigError(f"filter.mlm.{key}: scale toy trains its own MLM-Filter; remove the path, "
                               f"or set mixed_inputs: true to read it at toy scale")
@@ -109,9 +111,9 @@ def _require_user_paths(config: dict) -> None:
         if _get(config, key) is None:
             raise ConfigError(f"{key}: scale paper needs {USER_PATHS[key]} (nothing is toy-built at paper scale)")
     mlm = config["filter"].get("mlm")
-    if mlm and mlm.get("model") is None and mlm.get("scores_dir") is None:
-        raise ConfigError("filter.mlm: scale paper needs model (the MLM-Filter folder) or scores_dir "
-                          "(its released scoring outputs)")
+    if mlm and all(mlm.get(k) is None for k in MLM_SOURCES):
+        raise ConfigError("filter.mlm: scale paper needs release (the downloaded MLM-Filter), model (a "
+                          "converted folder) or scores_dir (the official scoring outputs)")
     if config["model"]["preset"] == "toy":
         raise ConfigError("model.preset: scale paper trains the open-qwen2vl preset, not the toy one")
     if config.get("mixed_inputs"):
@@ -123,8 +125,24 @@ def _missing_toy_sections(config, clip_weights, vision_weights, mlm_mode) -> str
     if layout.CLIP_MODEL in (clip_weights, vision_weights) and not config["filter"]["clip"]["train"]:
         return "filter.clip.train: the toy CLIP model is trained here (no pretrained weights given); give its train section"
     if mlm_mode == "train" and not config["filter"]["mlm"]["train"]:
-        return "filter.mlm.train: the toy MLM-Filter is trained here (no model or scores_dir given); give its train section"
+        return "filter.mlm.train: the toy MLM-Filter is trained here (no release, model or scores_dir given); give its train section"
     return None
+
+
+MLM_SOURCES = ("release", "model", "scores_dir")  # where MLM-Filter scores come from, one at most
+
+
+def _mlm_mode(mlm: dict | None) -> tuple[str | None, str | None]:
+    """(mode, the folder mlm_score loads) of filter.mlm."""
+    if mlm is None:
+        return None, None
+    given = [k for k in MLM_SOURCES if mlm.get(k) is not None]
+    if len(given) > 1:
+        raise ConfigError(f"filter.mlm: give one of {', '.join(MLM_SOURCES)}, not {' and '.join(given)}")
+    if not given:
+        return "train", f"{layout.MLM_MODEL}/train/final"
+    return {"release": ("release", layout.MLM_RELEASE), "model": ("model", mlm["model"]),
+            "scores_dir": ("import", None)}[given[0]]
 
 
 def resolve(config: dict) -> Scale:
@@ -141,14 +159,12 @@ def resolve(config: dict) -> Scale:
 
     clip_weights = clip["pretrained"] if clip["pretrained"] is not None else layout.CLIP_MODEL
     vision_weights = model["vision_weights"] if model["vision_weights"] is not None else layout.CLIP_MODEL
-    if mlm is None:
-        mlm_mode, mlm_model = None, None
-    elif mlm.get("scores_dir") is not None:
-        mlm_mode, mlm_model = "import", None
-    elif mlm.get("model") is not None:
-        mlm_mode, mlm_model = "model", mlm["model"]
-    else:
-        mlm_mode, mlm_model = "train", f"{layout.MLM_MODEL}/train/final"
+    mlm_mode, mlm_model = _mlm_mode(mlm)
+    mlm_prompt = None if mlm_mode in (None, "import") else (
+        mlm.get("prompt") or ("official" if mlm_mode == "release" else "toy"))
+    if mlm_mode == "train" and mlm_prompt != "toy":
+        raise ConfigError("filter.mlm.prompt: the toy MLM-Filter is trained on the toy prompt; "
+                          "official is the released model's")
 
     if missing := _missing_toy_sections(config, clip_weights, vision_weights, mlm_mode):
         raise ConfigError(missing)
@@ -180,6 +196,7 @@ def resolve(config: dict) -> Scale:
         sft_image_root=sft.get("image_root"),
         mlm=mlm_mode,
         mlm_model=mlm_model,
+        mlm_prompt=mlm_prompt,
         real_benchmarks=config["evaluate"]["real"],
         preset_name=model["preset"],
         rules=frozenset(rules),

@@ -1,6 +1,8 @@
 """Decide which pairs a filter keeps: a score threshold, a kept fraction, or a released uid list.
 
     python -m oqvl.filter.keep --scores S.parquet --failures F.parquet --fraction 0.7 --out kept.parquet
+    python -m oqvl.filter.keep --scores S.parquet --failures F.parquet --threshold 85 \
+        --shards results/raw/datacomp/shards --out kept_mlm.parquet
     python -m oqvl.filter.keep --uid-list dfn_uids.npy --shards results/raw/datacomp/shards --out kept.parquet
     python -m oqvl.filter.keep --union kept.parquet kept_mlm.parquet --out kept_union.parquet
     python -m oqvl.filter.keep --user-scores my_scores.parquet --shards results/raw/datacomp/shards \
@@ -10,8 +12,10 @@ Semantics: `--threshold t` keeps pairs with score >= t; `--fraction f` keeps the
 best-scored pairs (ties broken by uid, so the result is deterministic); `--uid-list` keeps the
 pairs of the shards whose uid is in the list (DataComp's DFN release: an .npy of uids, either
 strings or 128-bit ids as two uint64 fields); `--union A B` keeps the pairs either kept set
-holds (the paper's mixture 4: MLM-Filter | DFN); `--user-scores` keeps the pairs of the shards by
-the scores a user computed elsewhere (a parquet of uid, score) under `--threshold` or
+holds (the paper's mixture 4: MLM-Filter | DFN). With `--scores` and `--shards` only the scored
+pairs the source's shards hold are judged; the others (scores imported from a run over another
+download) are counted as `scored_absent` and left out. `--user-scores` keeps the pairs of the
+shards by the scores a user computed elsewhere (a parquet of uid, score) under `--threshold` or
 `--fraction`: a pair of the shards the file has no score for is rejected and counted (no_score),
 a uid of the file not in the shards is counted (not_in_shards) and ignored. A pair with no score (an MLM-Filter answer that
 had no number in 0-100) is rejected by any rule and counted. Every pair in is kept, rejected or
@@ -108,6 +112,16 @@ def scores_of_shards(path: Path, shards: Path) -> tuple[pd.DataFrame, int]:
     return scores, int((~user["uid"].isin(set(uids))).sum())
 
 
+def present_in(uids: pd.Series, scores: pd.DataFrame, failed: pd.DataFrame
+               ) -> tuple[pd.DataFrame, pd.DataFrame, int]:
+    """(scores, failures) of the pairs the source's shards hold, and how many scored or failed
+    uids they do not hold (not counted as pairs in: the mixture reads only the shards)."""
+    present = set(uids)
+    s_in, f_in = scores["uid"].astype(str).isin(present), failed["uid"].astype(str).isin(present)
+    absent = int((~s_in).sum() + (~f_in).sum())
+    return scores.loc[s_in].reset_index(drop=True), failed.loc[f_in].reset_index(drop=True), absent
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--scores", type=Path)
@@ -117,7 +131,9 @@ def main(argv=None):
     ap.add_argument("--uid-list", type=Path)
     ap.add_argument("--union", type=Path, nargs=2, metavar=("KEPT_A", "KEPT_B"))
     ap.add_argument("--user-scores", type=Path, help="a user's parquet of uid, score (with --shards)")
-    ap.add_argument("--shards", type=Path)
+    ap.add_argument("--shards", type=Path,
+                    help="the source's shards: with --uid-list or --user-scores the pairs they select "
+                         "from; with --scores only the scored pairs they hold are kept or rejected")
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--stats", type=Path, required=True)
     args = ap.parse_args(argv)
@@ -157,6 +173,9 @@ def main(argv=None):
             read = [args.scores, args.failures]
             scores = pd.read_parquet(args.scores)
             failed = pd.read_parquet(args.failures)
+            absent = 0
+            if args.shards:  # scores made elsewhere (imported) may cover pairs these shards lack
+                scores, failed, absent = present_in(shard_uids(args.shards), scores, failed)
             mask = keep_by_score(scores, args.threshold, args.fraction)
             kept = scores.loc[mask, "uid"]
             stats = {"method": "threshold" if args.threshold is not None else "fraction",
@@ -165,6 +184,8 @@ def main(argv=None):
                      "rejected": int((~mask).sum()), "failed": len(failed),
                      "no_score": int(scores["score"].isna().sum()),
                      "min_kept_score": float(scores.loc[mask, "score"].min()) if mask.any() else None}
+            if args.shards:
+                stats["scored_absent"] = absent
     except (FileNotFoundError, ValueError) as e:
         sys.exit(f"error: {e}")
     assert stats["pairs_in"] == stats["kept"] + stats["rejected"] + stats["failed"]

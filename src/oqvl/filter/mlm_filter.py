@@ -15,14 +15,18 @@ image does not decode are listed in the failures table, as for the CLIP score.
 Toy scale (`seed`): the toy MLM-Filter is the project's tiny VLM (toy CLIP tower, frozen; a new
 LM) fine-tuned by the SFT trainer on seed pairs of the toy world (their own stream), each asked the
 scoring prompt and answered with a score from the truth: the share of the caption's facts that
-hold for the image, times 100 (`fact_score`), then for its true caption. Paper scale (`import`):
-the released checkpoint is a LLaVA model (docs/mlm_filter.md says what this project's model code lacks to load it), so the
-scores its official scoring script writes (one parquet per shard, a `<metric>_score` text column)
-are read instead and parsed by the same `parse_score`.
+hold for the image, times 100 (`fact_score`), then for its true caption. Paper scale: the
+released mlm-filter-qwen2.5-1.5b-gpt4o (a LLaVA-Unified model), converted to this project's
+checkpoint by `python -m oqvl.filter.mlm_release`, is run by `score --prompt official`: the
+official scoring script's prompt, conversation and decoding (`official_prompt_ids`, max_new_tokens
+2; docs/mlm_filter.md says what differs from the reference code). Or (`import`) the scores that
+script wrote (one parquet per shard, a `<metric>_score` text column) are read and parsed by the
+same `parse_score`.
 
 Resumable: scores are written in chunks of --chunk pairs under OUT.parts-<hash>/ (the hash of the
-model path, the content of its folder, the metric and the decoding length); a crashed run keeps its
-finished chunks and restarts at the first pair no chunk holds. Each job writes its manifest:
+model path, the content of its folder, the metric, the decoding length and a non-default prompt
+style or dtype); a crashed run keeps its finished chunks and restarts at the first pair no chunk
+holds. Each job writes its manifest:
 OUT/seed.manifest.json (`seed`), beside the scores for `score` and `import` (mlm_scores.manifest.json).
 """
 
@@ -67,6 +71,82 @@ def prompt(caption: str, metric: str) -> str:
     if metric not in METRICS:
         raise ValueError(f"unknown MLM-Filter metric {metric!r}; known: {sorted(METRICS)}")
     return TEMPLATE.format(caption=caption, criteria=METRICS[metric], aspect=metric.replace("_", " "))
+
+
+# ------------------------------------------------------------------------- official prompt
+# The released model's prompt, verbatim from MLM_Filter's
+# mlm_filter_scoring_datacomp_batch_inference_v2.py (v2.py:32-53: LLAVA_INSTRUCTION_TEMPLATE and
+# the criteria_* strings), in LLaVA-Unified's qwen_instruct conversation (llava/conversation.py:394-403).
+OFFICIAL_TEMPLATE = """Text Caption: {caption}
+
+{criteria} A higher score indicates higher level of {aspect}. Ensure that your scoring is nuanced and uses the entire range from 0 to 100, reflecting the subtle differences. The score should be given as an integer, with each number between 0 and 100 considered as a potential score, avoiding the tendency to round to multiples of 5 or 10. Please first output a single line containing the value indicating the scores. In the subsequent line, please provide a comprehensive explanation of your evaluation, avoiding any potential bias."""
+
+OFFICIAL_CRITERIA_IMAGE_TEXT_MATCHING = "Please evaluate if the provided text caption accurately represents the main features and objects of the image. The caption doesn't need to detail every aspect of the image, but it should capture its primary theme. Rate the overall quality of the text caption's match to the image on a scale of 1-100, considering the criteria mentioned."
+
+OFFICIAL_CRITERIA_OBJECT_DETAIL_FULFILLMENT = "Please evaluate the text caption to determine if it provides detailed descriptions of objects that align with the image. Specifically, assess if the caption sufficiently describes the color, size, position, shape, material, etc., of the objects. Afterward, rate the caption's overall accuracy in capturing object details from the image on a scale of 1-100, based on the criteria provided."
+
+OFFICIAL_CRITERIA_CAPTION_TEXT_QUALITY = "Please evaluate the text caption based on the following criteria: Grammatical Correctness, Diversity of Vocabulary (e.g., the range and uniqueness of words used), Fluency (e.g., smoothness and natural flow of sentences), Readability, Length, and Structure. Assign an overall quality score on a scale of 1-100."
+
+OFFICIAL_CRITERIA_SEMANTIC_UNDERSTANDING = """Evaluate the given text caption in relation to its corresponding image. Your goal is to determine if the text caption provides additional semantic information that isn't readily apparent just from the image itself.
+
+For example:
+
+1. If the image mentions "a man" but the caption elaborates he is a "homeless man" or a "businessman," then the caption is enriching the semantic context.
+2. If the caption introduces concepts like the mathematical tangent function, which require in-depth knowledge to deduce, it is imparting external semantics.
+3. Captions revealing specific location addresses, festival details, or other nuanced data not easy to infer from the image also provide external semantic information.
+4. Directly identifying specific entities in the image such as buildings, people, bird species, animal breeds, car models, engines, etc., in the caption introduces additional insights.
+5. Should the image act as a contextual backdrop and the caption describes elements not explicitly showcased in the image, it has semantic depth.
+6. Lastly, if the caption depicts relationships between the subjects in the image, which need commonsense knowledge to understand, it should be considered semantically rich.
+
+Please assess and determine the extent of semantic enrichment the caption provides over the image. Rate the text caption's semantic depth on a scale from 1 to 100."""
+OFFICIAL_CRITERIA = {
+    "image_text_matching": OFFICIAL_CRITERIA_IMAGE_TEXT_MATCHING,
+    "object_detail_fulfillment": OFFICIAL_CRITERIA_OBJECT_DETAIL_FULFILLMENT,
+    "caption_text_quality": OFFICIAL_CRITERIA_CAPTION_TEXT_QUALITY,
+    "semantic_understanding": OFFICIAL_CRITERIA_SEMANTIC_UNDERSTANDING,
+}  # v2.py:150-155
+OFFICIAL_SYSTEM = "<|im_start|>system\nYou are a helpful assistant"        # conversation.py:395-396
+OFFICIAL_ROLES = ("<|im_start|>user\n", "<|im_start|>assistant\n")        # conversation.py:397
+OFFICIAL_SEP = "<|im_end|>"                                                 # conversation.py:402 (MPT style)
+OFFICIAL_IMAGE = "<image>"                 # llava/constants.py:9, in front of the text (v2.py:70-73)
+OFFICIAL_MAX_LEN = 2040                    # v2.py:230, the prompt's ids cut to it (v2.py:100)
+OFFICIAL_MAX_NEW_TOKENS = 2                # v2.py:136-138 for qwen models
+PROMPTS = ("toy", "official")
+
+
+def official_prompt(caption: str, metric: str) -> str:
+    """The text v2.py's format_text builds (v2.py:68-80): the instruction, "<image>\\n" in front,
+    then the qwen_instruct conversation in the MPT separator style (conversation.py:65-73):
+    system + sep, role + message + sep, the assistant role with no message."""
+    if metric not in OFFICIAL_CRITERIA:
+        raise ValueError(f"unknown MLM-Filter metric {metric!r}; known: {sorted(OFFICIAL_CRITERIA)}")
+    text = OFFICIAL_TEMPLATE.format(caption=caption, criteria=OFFICIAL_CRITERIA[metric],
+                                    aspect=metric.replace("_", " "))
+    return (OFFICIAL_SYSTEM + OFFICIAL_SEP + OFFICIAL_ROLES[0] + OFFICIAL_IMAGE + "\n" + text
+            + OFFICIAL_SEP + OFFICIAL_ROLES[1])
+
+
+def official_prompt_ids(tok, caption: str, metric: str, visual_tokens: int, image_token_id: int) -> list[int]:
+    """Token ids of the official prompt, as the reference feeds them to its model.
+
+    tokenizer_image_token (llava/mm_utils.py:185-204): each piece around "<image>" tokenized alone
+    (a leading BOS kept once), the image index between them; cut to OFFICIAL_MAX_LEN (v2.py:100);
+    then the whitespace token (tok(" ")'s last id, v2.py:66, 103-104) appended; the image index
+    becomes its `visual_tokens` slots (llava_arch.py:247-267) and the whole is cut to the
+    tokenizer's model_max_length (tokenizer_model_max_length, llava_arch.py:278-281). Only the
+    "<image>" put in front is an image: one inside a caption stays text.
+    """
+    head, tail = official_prompt(caption, metric).split(OFFICIAL_IMAGE, 1)
+    chunks = [tok(head).input_ids, tok(tail).input_ids]
+    bos = tok.bos_token_id
+    offset = int(bos is not None and len(chunks[0]) > 0 and chunks[0][0] == bos)
+    ids = chunks[0] + [None] + chunks[1][offset:]  # None: the image index
+    ids = ids[:OFFICIAL_MAX_LEN] + [tok(" ").input_ids[-1]]
+    out: list[int] = []
+    for t in ids:
+        out.extend([image_token_id] * visual_tokens if t is None else [t])
+    limit = tok.model_max_length
+    return out[:limit] if isinstance(limit, int) and limit < len(out) else out
 
 
 # ------------------------------------------------------------------------------------ parsing
@@ -191,34 +271,50 @@ def make_seed(out: Path, n: int, seed: int, world, metric: str, vision_weights: 
 # ---------------------------------------------------------------------------------- scoring
 
 class Scorer:
-    """Batched greedy scoring with one model (visual tokens at the model's SFT resolution)."""
+    """Batched greedy scoring with one model (visual tokens at the model's SFT resolution).
 
-    def __init__(self, model_dir: str, metric: str, max_new_tokens: int, device: str):
+    prompt "toy": the toy model's own prompt in this project's chat template (what it was trained
+    on); "official": the released model's (`official_prompt_ids`), answers decoded with special
+    tokens skipped (v2.py:202). Prompts are left-padded with an attention mask either way.
+    """
+
+    def __init__(self, model_dir: str, metric: str, max_new_tokens: int, device: str,
+                 prompt: str = "toy", dtype: str = "float32"):
         import torch
 
         from ..model.tokenizer import ENDOFTEXT, IM_END, load_tokenizer
         from ..model.vlm import OpenQwen2VL
 
+        if prompt not in PROMPTS:
+            raise ValueError(f"unknown prompt style {prompt!r}; known: {', '.join(PROMPTS)}")
         self.torch = torch
-        self.model = OpenQwen2VL.from_pretrained(model_dir, device).eval()
+        self.model = OpenQwen2VL.from_pretrained(model_dir, device).to(getattr(torch, dtype)).eval()
         self.tok = load_tokenizer(model_dir)
         self.transform = self.model.image_transform()
         self.stops = [self.tok.convert_tokens_to_ids(IM_END), self.tok.convert_tokens_to_ids(ENDOFTEXT)]
         self.pad = self.tok.convert_tokens_to_ids(ENDOFTEXT)
-        self.metric, self.max_new_tokens, self.device = metric, max_new_tokens, device
+        self.metric, self.max_new_tokens, self.device, self.prompt = metric, max_new_tokens, device, prompt
 
-    def __call__(self, images: list, captions: list[str]) -> list[str]:
+    def encode(self, caption: str) -> list[int]:
         from ..model.chat import encode_prompt
 
+        v = self.model.config.visual_tokens_sft
+        if self.prompt == "official":
+            return official_prompt_ids(self.tok, caption, self.metric, v, self.model.config.image_token_id)
+        return encode_prompt(self.tok, "<image>\n" + prompt(caption, self.metric), v)
+
+    def __call__(self, images: list, captions: list[str]) -> list[str]:
         torch = self.torch
         v = self.model.config.visual_tokens_sft
-        ids = [encode_prompt(self.tok, "<image>\n" + prompt(c, self.metric), v) for c in captions]
+        ids = [self.encode(c) for c in captions]
         width = max(map(len, ids))
         input_ids = torch.tensor([[self.pad] * (width - len(x)) + x for x in ids], device=self.device)
         mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in ids], device=self.device)
         pixels = torch.stack([self.transform(im) for im in images]).to(self.device)
         with torch.inference_mode():
             new = self.model.generate(input_ids, pixels, self.max_new_tokens, self.stops, mask, v)
+        if self.prompt == "official":
+            return [self.tok.decode(x, skip_special_tokens=True) for x in new]
         return [self.tok.decode([t for t in x if t not in self.stops]) for x in new]
 
 
@@ -351,6 +447,10 @@ def main(argv=None):
     c.add_argument("--chunk", type=int, default=1024, help="pairs per resumable chunk")
     c.add_argument("--threads", type=int, default=1)
     c.add_argument("--device", default=None)
+    c.add_argument("--prompt", choices=PROMPTS, default="toy",
+                   help="toy: the toy model's prompt; official: the released MLM-Filter's")
+    c.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default="float32",
+                   help="weights and activations (the reference scores in float16)")
     c.add_argument("--expected", type=int, default=None)
     i = sub.add_parser("import", help="paper scale: read the official scoring script's parquet files")
     i.add_argument("--scores-dir", type=Path, required=True)
@@ -377,10 +477,13 @@ def main(argv=None):
 
                 torch.set_num_threads(args.threads)
                 device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-                scorer = Scorer(args.model, args.metric, args.max_new_tokens, device)
+                scorer = Scorer(args.model, args.metric, args.max_new_tokens, device, args.prompt, args.dtype)
                 weights = weights_identity(args.model)  # content: a retrained model starts over
                 key = {"model": args.model, "weights": weights, "metric": args.metric,
                        "max_new_tokens": args.max_new_tokens}
+                # only where not the defaults, so the toy model's keys stay as they were
+                key.update({k: getattr(args, k) for k, d in (("prompt", "toy"), ("dtype", "float32"))
+                            if getattr(args, k) != d})
                 stats = score_source(args.shards, scorer, key, args.out, args.failures, args.batch_size,
                                      args.chunk, args.expected)
                 inputs = {args.model: weights}

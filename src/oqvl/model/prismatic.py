@@ -259,7 +259,7 @@ def map_keys(sd: dict, module: str, rules, ours: dict, source, out: dict) -> Non
     """Put `sd`'s tensors into `out` under our names; any key without a rule or a target, or of
     another shape, stops with one line."""
     for key, tensor in sd.items():
-        name = f"{module}/{key}"
+        name = f"{module}/{key}" if module else key  # a file of one module: its keys as they are
         rule = next((r for r in rules if r.module == module and key.startswith(r.ref)), None)
         target = None if rule is None else rule.ours + key[len(rule.ref):]
         if target is None or target not in ours:
@@ -279,7 +279,7 @@ def reference_name(key: str, rules) -> str:
     """The reference key (module/key) that fills our `key`."""
     for r in rules:
         if key.startswith(r.ours):
-            return f"{r.module}/{r.ref}{key[len(r.ours):]}"
+            return f"{r.module}/{r.ref}{key[len(r.ours):]}" if r.module else r.ref + key[len(r.ours):]
     return key
 
 

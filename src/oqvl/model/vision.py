@@ -89,9 +89,29 @@ def build_vision_tower(vcfg: VisionConfig) -> nn.Module:
 
     mc = vcfg.model_cfg
     vision_cfg = dict(mc["vision_cfg"])
+    # open_clip passes no activation to timm; a tower converted from another port names its own
+    # (transformers' SigLIP: gelu_tanh where timm's SigLIP has the exact GELU)
+    act = vision_cfg.pop("timm_act_layer", None)
     if vision_cfg.get("timm_model_name"):
         vision_cfg["timm_model_pretrained"] = False  # never fetch timm weights; ours are loaded after
-    return _build_vision_tower(mc["embed_dim"], vision_cfg, quick_gelu=mc.get("quick_gelu", False))
+    tower = _build_vision_tower(mc["embed_dim"], vision_cfg, quick_gelu=mc.get("quick_gelu", False))
+    if act is not None:
+        set_timm_activation(tower, act)
+    return tower
+
+
+def set_timm_activation(tower: nn.Module, act: str) -> None:
+    """Every GELU of a timm trunk replaced by timm's activation `act` (no weights change)."""
+    from timm.layers import get_act_layer
+
+    trunk = getattr(tower, "trunk", None)
+    if trunk is None:
+        raise ValueError(f"timm_act_layer {act!r} needs a timm trunk")
+    layer = get_act_layer(act)
+    for module in list(trunk.modules()):
+        for name, child in module.named_children():
+            if isinstance(child, nn.GELU):
+                setattr(module, name, layer())
 
 
 def vision_width(visual: nn.Module) -> int:
