@@ -55,6 +55,7 @@ rule clip_score:
     params:
         model=CLIP["model"],
         pretrained=model_folder("weights"),
+        tag=f"--pretrained-tag {CLIP['pretrained_tag']}" if CLIP["pretrained_tag"] else "",
         batch_size=CLIP["batch_size"],
         expected=lambda w, input: json.load(open(input.accounting))["samples_in_shards"],
     threads: 2
@@ -67,7 +68,7 @@ rule clip_score:
         L.benchmark("clip_score")
     shell:
         "$PY -m oqvl.filter.clip_score --shards {input.shards} --model {params.model}"
-        " --pretrained {params.pretrained:q} --batch-size {params.batch_size} --threads {threads}"
+        " --pretrained {params.pretrained:q} {params.tag} --batch-size {params.batch_size} --threads {threads}"
         " --expected {params.expected} --out {output.scores} --failures {output.failures}"
         " --stats {output.stats} > {log} 2>&1"
 

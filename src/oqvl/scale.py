@@ -13,6 +13,7 @@ of downloaded pairs or benchmarks through the toy chain) is the explicit switch
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from . import layout
 from .config import ConfigError
@@ -116,6 +117,11 @@ def _require_user_paths(config: dict) -> None:
                           "converted folder) or scores_dir (the official scoring outputs)")
     if config["model"]["preset"] == "toy":
         raise ConfigError("model.preset: scale paper trains the open-qwen2vl preset, not the toy one")
+    clip = config["filter"]["clip"]
+    uses_clip = any(s.get("method") == "clip" for s in config["filter"]["sources"].values())
+    if uses_clip and Path(clip["pretrained"]).suffix and clip.get("pretrained_tag") is None:
+        raise ConfigError("filter.clip.pretrained_tag: name the open_clip tag the weights file is a copy of "
+                          "(e.g. openai): it decides the activation and preprocessing open_clip builds")
     if config.get("mixed_inputs"):
         raise ConfigError("mixed_inputs: only toy scale mixes toy-built and user-provided inputs")
 

@@ -70,13 +70,39 @@ def _is_checkpoint_dir(path) -> bool:
     return path is not None and (Path(path) / CONFIG_FILE).is_file()
 
 
-def load_clip(model_name: str, pretrained: str | None, device="cpu"):
+def tag_settings(model_name: str, tag: str | None) -> dict:
+    """create_model_and_transforms kwargs that make a local copy of open_clip's `tag` weights load
+    as open_clip itself would load the tag: its activation and its preprocessing.
+
+    OpenAI's CLIP weights were trained with QuickGELU; open_clip builds that only for a
+    `-quickgelu` config or when it fetches the `openai` tag itself. A local file of those weights
+    under plain `ViT-L-14` would run GELU and score wrongly, so the tag's `quick_gelu` forces it;
+    a `-quickgelu` config with weights trained with GELU is refused."""
+    if tag is None:
+        return {}
+    cfg = open_clip.get_pretrained_cfg(model_name, tag)
+    if not cfg:
+        raise ValueError(f"open_clip has no pretrained tag {tag!r} for {model_name!r} "
+                         f"(its tags: {', '.join(open_clip.list_pretrained_tags_by_model(model_name))})")
+    quick = bool(cfg.get("quick_gelu", False))
+    if model_config(model_name).get("quick_gelu", False) and not quick:
+        raise ValueError(f"{model_name} builds QuickGELU but the {tag!r} weights were trained with GELU: "
+                         f"use {model_name.removesuffix('-quickgelu')}")
+    out = {"force_quick_gelu": True} if quick else {}
+    for key in ("mean", "std", "interpolation", "resize_mode"):
+        if key in cfg:
+            out[f"image_{key}"] = cfg[key]
+    return out
+
+
+def load_clip(model_name: str, pretrained: str | None, device="cpu", tag: str | None = None):
     """(model in eval mode, inference preprocess, tokenizer).
 
     - a toy checkpoint directory (config.json + model.safetensors from train_clip), given as
       `pretrained` (or as `model_name`, with `pretrained` None);
     - an open_clip model name and a pretrained tag or local weights file, e.g.
-      ("ViT-L-14", "datacomp_xl_s13b_b90k"); pretrained None gives random weights.
+      ("ViT-L-14", "datacomp_xl_s13b_b90k"); pretrained None gives random weights. `tag`: the
+      open_clip tag a local weights file is a copy of (`tag_settings`).
     """
     if pretrained is None and _is_checkpoint_dir(model_name):
         model_name, pretrained = None, model_name
@@ -93,7 +119,7 @@ def load_clip(model_name: str, pretrained: str | None, device="cpu"):
         context_length = meta["model_cfg"]["text_cfg"]["context_length"]
         pretrained = str(ckpt / WEIGHTS_FILE)  # .safetensors: open_clip loads it without pickle
     model, _, preprocess = open_clip.create_model_and_transforms(
-        model_name, pretrained=pretrained, device=device, **overrides
+        model_name, pretrained=pretrained, device=device, **overrides, **tag_settings(model_name, tag)
     )
     model.eval()
     return model, preprocess, open_clip.get_tokenizer(model_name, context_length=context_length)

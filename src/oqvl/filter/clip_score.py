@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import sys
 from pathlib import Path
 
 import pandas as pd
@@ -74,10 +75,12 @@ def score_shard(path: Path, clip, batch_size: int, device: str, bar) -> tuple[pd
             pd.DataFrame(failed, columns=["uid", "reason"]))
 
 
-def weights_key(model: str, pretrained: str | None) -> dict:
-    """What decides the scores: the model name and the content of its weights (a toy checkpoint
-    folder, a weights file or an open_clip tag; the model itself when it is the checkpoint)."""
-    return {"model": model, "weights": weights_identity(pretrained if pretrained is not None else model)}
+def weights_key(model: str, pretrained: str | None, tag: str | None = None) -> dict:
+    """What decides the scores: the model name, the content of its weights (a toy checkpoint
+    folder, a weights file or an open_clip tag; the model itself when it is the checkpoint) and
+    the tag a weights file is a copy of."""
+    key = {"model": model, "weights": weights_identity(pretrained if pretrained is not None else model)}
+    return {**key, "tag": tag} if tag is not None else key
 
 
 def parts_dir(out: Path, key: dict) -> Path:
@@ -87,11 +90,11 @@ def parts_dir(out: Path, key: dict) -> Path:
 
 def score_source(shards: Path, model: str, pretrained: str | None, out: Path, failures: Path,
                  batch_size: int = 256, threads: int = 1, device: str = "cpu",
-                 expected: int | None = None, key: dict | None = None) -> dict:
-    """Score every pair of the shards; `key` is weights_key(model, pretrained) if already known."""
+                 expected: int | None = None, key: dict | None = None, tag: str | None = None) -> dict:
+    """Score every pair of the shards; `key` is weights_key(model, pretrained, tag) if already known."""
     torch.set_num_threads(threads)
-    key = key or weights_key(model, pretrained)
-    clip = load_clip(model, pretrained, device)
+    key = key or weights_key(model, pretrained, tag)
+    clip = load_clip(model, pretrained, device, tag=tag)
     parts = parts_dir(out, key)
     parts.mkdir(parents=True, exist_ok=True)
     paths = shard_paths(shards)
@@ -125,6 +128,8 @@ def main(argv=None):
     ap.add_argument("--shards", type=Path, required=True)
     ap.add_argument("--model", required=True, help="open_clip model name")
     ap.add_argument("--pretrained", default=None, help="open_clip pretrained tag, weights file or toy checkpoint dir")
+    ap.add_argument("--pretrained-tag", default=None,
+                    help="the open_clip tag a weights file is a copy of (e.g. openai: QuickGELU)")
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--failures", type=Path, required=True)
     ap.add_argument("--stats", type=Path, required=True)
@@ -133,9 +138,13 @@ def main(argv=None):
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--expected", type=int, default=None, help="samples in the shards (progress bar total)")
     args = ap.parse_args(argv)
-    key = weights_key(args.model, args.pretrained)
-    stats = score_source(args.shards, args.model, args.pretrained, args.out, args.failures,
-                         args.batch_size, args.threads, args.device, args.expected, key)
+    key = weights_key(args.model, args.pretrained, args.pretrained_tag)
+    try:
+        stats = score_source(args.shards, args.model, args.pretrained, args.out, args.failures,
+                             args.batch_size, args.threads, args.device, args.expected, key,
+                             tag=args.pretrained_tag)
+    except ValueError as e:
+        sys.exit(f"error: {e}")
     write_json(args.stats, stats)
     cuda = str(args.device).startswith("cuda")
     write_manifest(manifest_path(args.out), "clip_score", work=(stats["scored"] + stats["failed"], "pairs"),
