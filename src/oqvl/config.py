@@ -52,8 +52,29 @@ def validate(config: dict, schema_path: Path = SCHEMA_PATH) -> dict:
     errors = sorted(validator_cls(schema).iter_errors(config), key=lambda e: list(e.absolute_path))
     if errors:
         raise ConfigError(_describe(jsonschema.exceptions.best_match(errors)))
+    _check_downloads(config, schema)
     _check_semantics(config)
     return config
+
+
+def _check_downloads(config: dict, schema: dict) -> None:
+    """A source's download options: raw's keys and types (checked without raw's defaults, which
+    would turn an override of one key into an override of all), and what img2dataset needs."""
+    raw = dict(schema["properties"]["raw"], required=[])
+    check = jsonschema.validators.validator_for(schema)(raw)
+    for name, source in config["sources"].items():
+        key = f"sources.{name}.download"
+        errors = sorted(check.iter_errors(source.get("download", {})), key=lambda e: list(e.absolute_path))
+        if errors:
+            e = jsonschema.exceptions.best_match(errors)
+            raise ConfigError(f"{key}: {_describe(e)}" if e.validator != "additionalProperties" else
+                              f"{key}: {_describe(e)} (the keys are raw's)")
+        opts = {**config["raw"], **source.get("download", {})}
+        if opts["blur_faces"] and not source.get("bbox_col"):
+            raise ConfigError(f"{key}.blur_faces: needs sources.{name}.bbox_col (the pair list's face boxes)")
+        if opts["blur_faces"] and opts["skip_reencode"]:
+            raise ConfigError(f"{key}.blur_faces: needs skip_reencode false (img2dataset writes an "
+                              f"unresized image's original bytes, unblurred)")
 
 
 def _check_semantics(config: dict) -> None:
@@ -73,6 +94,9 @@ def _check_semantics(config: dict) -> None:
             raise ConfigError(f"{key}: a clip filter needs exactly one of threshold and fraction")
         if spec["method"] == "uid_list" and "uid_list" not in spec:
             raise ConfigError(f"{key}: method uid_list needs uid_list")
+        if "shards" in config["sources"].get(name, {}) and spec["method"] == "clip":
+            raise ConfigError(f"{key}: sources.{name} is released shards (already filtered, not downloaded "
+                              f"here): method none or uid_list, not clip")
     missing = set(config["sources"]) - set(filt["sources"])
     if missing:
         raise ConfigError(f"filter.sources: no filter for source(s) {sorted(missing)}")
@@ -81,6 +105,9 @@ def _check_semantics(config: dict) -> None:
         for src in mlm["sources"]:
             if src not in config["sources"]:
                 raise ConfigError(f"filter.mlm.sources: no source named {src!r}")
+            if "shards" in config["sources"][src]:
+                raise ConfigError(f"filter.mlm.sources: {src!r} is released shards (already filtered); "
+                                  f"the MLM-Filter scores downloaded sources")
         if mlm["train"] and mlm["train"].get("global_batch", 0) % config["train"]["nproc"]:
             raise ConfigError(f"filter.mlm.train.global_batch {mlm['train']['global_batch']} is not a "
                               f"multiple of train.nproc")

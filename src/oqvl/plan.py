@@ -33,21 +33,44 @@ class Plan:
     def benchmarks(self) -> list[str]:
         return self.config["evaluate"]["benchmarks"]
 
+    # --------------------------------------------------------------------------------- raw
+    def download_options(self, source: str) -> dict:
+        """img2dataset's options for a source: the raw section, the source's own `download` over it."""
+        return {**self.config["raw"], **self.config["sources"][source].get("download", {})}
+
+    def source_shards(self, source: str) -> str:
+        """Where a source's shards lie: the released folder (ingested) or the download's."""
+        if source in self.scale.ingested:
+            return self.config["sources"][source]["shards"]
+        return L.shards(source)
+
+    def source_pairs(self, source: str) -> dict:
+        """What lists a source's pairs for a keep rule: an ingested source's sample list (valid
+        samples only), else its downloaded shards (img2dataset's tables)."""
+        if source in self.scale.ingested:
+            return {"samples": L.samples(source)}
+        return {"shards": L.shards(source)}
+
     # ------------------------------------------------------------------------------ filter
     def filter_spec(self, source: str) -> dict:
         return self.config["filter"]["sources"][source]
 
     def keep_inputs(self, source: str) -> dict:
-        """A keep job's inputs: the released uid list (and the shards it selects from), or the scores."""
+        """A keep job's inputs: the source's pairs (with the released uid list), or the scores."""
         spec = self.filter_spec(source)
         if spec["method"] == "uid_list":
-            return {"uid_list": spec["uid_list"], "shards": L.shards(source)}
+            return {"uid_list": spec["uid_list"], **self.source_pairs(source)}
+        if spec["method"] == "none":
+            return self.source_pairs(source)
         return {"scores": L.clip_scores(source), "failures": L.clip_failures(source)}
 
     def keep_args(self, source: str, input) -> str:
         spec = self.filter_spec(source)
+        pairs = " ".join(f"--{k} {input[k]}" for k in self.source_pairs(source))
         if spec["method"] == "uid_list":
-            return f"--uid-list {input.uid_list} --shards {input.shards}"
+            return f"--uid-list {input.uid_list} {pairs}"
+        if spec["method"] == "none":
+            return f"--keep-all {pairs}"
         rule = f"--threshold {spec['threshold']}" if "threshold" in spec else f"--fraction {spec['fraction']}"
         return f"--scores {input.scores} --failures {input.failures} {rule}"
 
@@ -68,7 +91,7 @@ class Plan:
 
     def mixture_parts(self, mixture: str) -> dict:
         parts = self.mixture_kept(mixture)
-        return {"shards": [L.shards(s) for s, _ in parts], "kept": [L.kept(s, k) for s, k in parts]}
+        return {"shards": [self.source_shards(s) for s, _ in parts], "kept": [L.kept(s, k) for s, k in parts]}
 
     # ------------------------------------------------------------------------------- train
     def run_mixture(self, run: str) -> str:
@@ -117,7 +140,10 @@ class Plan:
     def source_jobs(self, source: str, kept: str) -> list[Job]:
         """The jobs behind one source's kept set (`filter`, `mlm` or `union`)."""
         wc = {"source": source}
-        jobs = [("generate_pairs" if source in self.scale.generated else "import_pairs", wc), ("download", wc)]
+        if source in self.scale.ingested:
+            jobs = [("ingest_shards", wc)]
+        else:
+            jobs = [("generate_pairs" if source in self.scale.generated else "import_pairs", wc), ("download", wc)]
         if self.filter_spec(source)["method"] == "clip":
             jobs.append(("clip_score", wc))
         jobs.append(("keep", wc))
