@@ -183,6 +183,7 @@ def test_download_options_are_raw_with_the_source_own_over_them():
      "sources.datacomp.download.blur_faces: needs sources.datacomp.bbox_col"),
     (lambda c: c["sources"]["datacomp"]["download"].update(skip_reencode=True),
      "sources.datacomp.download.blur_faces: needs skip_reencode false"),
+    (lambda c: c["raw"].update(blur_faces=True), "raw.blur_faces: needs sources.ccs.bbox_col"),
     (lambda c: c["sources"]["ccs"].update(shards="data/x"), "unknown key sources.ccs.shards"),
     (lambda c: c["sources"]["ccs"].update(format="csv"), "sources.ccs.format: 'csv' is not one of"),
 ])
@@ -432,3 +433,19 @@ def test_a_toy_run_packs_a_mixture_of_ingested_shards(release, tmp_path):
     packed = json.loads((results / "packed/released/stats.json").read_text())
     assert kept["kept"] == mix["counts"]["ccs_released"] == packed["documents_in"] == len(GOOD)
     assert not (results / "raw/ccs_released/shards").exists()  # read where they lie, never copied
+
+
+def test_a_toy_source_kept_whole_beside_clip_filtered_ones(tmp_path):
+    # method none at toy scale: no CLIP scoring for it, judged by the quality report all the same
+    cfg = raw("ci.yaml")
+    cfg["filter"]["sources"]["laion"] = {"method": "none"}
+    path = tmp_path / "toy.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    proc = snakemake(tmp_path, "-n", "-p", "results/filter/quality/report.md", configfile=path)
+    out = proc.stdout + proc.stderr
+    assert "--keep-all --shards results/raw/laion/shards" in out
+    assert "--scores results/filter/ccs/clip_scores.parquet --failures results/filter/ccs/clip_failures.parquet" \
+           " --fraction 0.9" in out
+    assert "--entry laion none results/raw/laion/truth.parquet - results/filter/laion/kept.parquet" in out
+    assert "oqvl.filter.clip_score --shards results/raw/ccs/shards" in out
+    assert "oqvl.filter.clip_score --shards results/raw/laion/shards" not in out

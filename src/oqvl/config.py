@@ -70,11 +70,12 @@ def _check_downloads(config: dict, schema: dict) -> None:
             raise ConfigError(f"{key}: {_describe(e)}" if e.validator != "additionalProperties" else
                               f"{key}: {_describe(e)} (the keys are raw's)")
         opts = {**config["raw"], **source.get("download", {})}
+        blur = f"{key}.blur_faces" if "blur_faces" in source.get("download", {}) else "raw.blur_faces"
         if opts["blur_faces"] and not source.get("bbox_col"):
-            raise ConfigError(f"{key}.blur_faces: needs sources.{name}.bbox_col (the pair list's face boxes)")
+            raise ConfigError(f"{blur}: needs sources.{name}.bbox_col (the pair list's face boxes)")
         if opts["blur_faces"] and opts["skip_reencode"]:
-            raise ConfigError(f"{key}.blur_faces: needs skip_reencode false (img2dataset writes an "
-                              f"unresized image's original bytes, unblurred)")
+            raise ConfigError(f"{blur}: needs skip_reencode false for sources.{name} (img2dataset writes "
+                              f"an unresized image's original bytes, unblurred)")
 
 
 def _check_semantics(config: dict) -> None:

@@ -66,17 +66,18 @@ class Plan:
 
     def keep_args(self, source: str, input) -> str:
         spec = self.filter_spec(source)
-        pairs = " ".join(f"--{k} {input[k]}" for k in self.source_pairs(source))
-        if spec["method"] == "uid_list":
-            return f"--uid-list {input.uid_list} {pairs}"
-        if spec["method"] == "none":
-            return f"--keep-all {pairs}"
+        if spec["method"] in ("uid_list", "none"):
+            pairs = " ".join(f"--{k} {input[k]}" for k in self.source_pairs(source))
+            return f"--uid-list {input.uid_list} {pairs}" if spec["method"] == "uid_list" else f"--keep-all {pairs}"
         rule = f"--threshold {spec['threshold']}" if "threshold" in spec else f"--fraction {spec['fraction']}"
         return f"--scores {input.scores} --failures {input.failures} {rule}"
 
     def quality_entries(self) -> list[tuple[str, str, str, str]]:
         """(source, filter name, scores or '-', kept set) of every filter to judge (toy sources)."""
-        out = [(s, self.filter_spec(s)["method"], L.clip_scores(s), L.kept(s)) for s in self.scale.generated]
+        def scores(s):  # method none scores nothing
+            return "-" if self.filter_spec(s)["method"] == "none" else L.clip_scores(s)
+
+        out = [(s, self.filter_spec(s)["method"], scores(s), L.kept(s)) for s in self.scale.generated]
         mlm = self.config["filter"].get("mlm")
         for s in (mlm["sources"] if mlm else []):
             if s in self.scale.generated:

@@ -20,6 +20,7 @@ import argparse
 import hashlib
 import io
 import json
+import re
 import sys
 import tarfile
 from collections import Counter
@@ -33,6 +34,8 @@ from ..io import write_json, write_parquet
 from ..manifest import args_config, manifest_path, write_manifest
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+IMAGE_HEAD = 1 << 16
+WDS_NAME = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")  # webdataset's split of a member into key and extension
 
 
 class _Hashing(io.RawIOBase):
@@ -58,11 +61,14 @@ def tar_samples(path: Path) -> tuple[dict[str, dict[str, bytes]], str]:
             reader = _Hashing(f)
             with tarfile.open(fileobj=reader, mode="r|*") as tf:  # streamed: one read of a large shard
                 for member in tf:
-                    if not member.isfile():
+                    named = WDS_NAME.match(member.name)
+                    if not member.isfile() or not named:
                         continue
-                    name = member.name.rsplit("/", 1)[-1]
-                    key, _, ext = name.partition(".")
-                    samples.setdefault(key, {})[ext.lower()] = tf.extractfile(member).read()
+                    key, ext = named.group(1), named.group(2).lower()
+                    data = tf.extractfile(member).read()
+                    # an image's first bytes hold its header, all the check reads: a shard's
+                    # images are never all in memory at once
+                    samples.setdefault(key, {})[ext] = data[:IMAGE_HEAD] if ext in IMAGE_EXTS else data
             while reader.read(1 << 20):  # the tar's end padding, so the hash is the file's
                 pass
     except (tarfile.TarError, OSError, EOFError) as e:
