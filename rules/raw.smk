@@ -40,11 +40,7 @@ rule import_pairs:
     wildcard_constraints:
         source=alternatives(SCALE.imported),
     params:
-        url_col=lambda w: config["sources"][w.source]["url_col"],
-        caption_col=lambda w: config["sources"][w.source]["caption_col"],
-        uid_col=lambda w: config["sources"][w.source]["uid_col"] or "",
-        bbox_col=lambda w: config["sources"][w.source]["bbox_col"] or "",
-        format=lambda w: config["sources"][w.source]["format"],
+        args=lambda w: P.import_args(w.source),
     container: config["containers"]["data"]
     log:
         L.log("import_pairs"),
@@ -52,8 +48,7 @@ rule import_pairs:
         L.benchmark("import_pairs")
     shell:
         "$PY -m oqvl.raw.import_pairs --source {wildcards.source} --pair-list {input:q}"
-        " --format {params.format} --url-col {params.url_col:q} --caption-col {params.caption_col:q}"
-        " --uid-col {params.uid_col:q} --bbox-col {params.bbox_col:q} --out {output.pairs:q} > {log} 2>&1"
+        " {params.args} --out {output.pairs:q} > {log} 2>&1"
 
 
 rule download:
@@ -93,12 +88,12 @@ rule ingest_shards:
     wildcard_constraints:
         source=alternatives(SCALE.ingested),
     params:
-        revision=lambda w: config["sources"][w.source]["revision"] or "",
+        args=lambda w: P.ingest_args(w.source),
     container: config["containers"]["data"]
     log:
         L.log("ingest_shards"),
     benchmark:
         L.benchmark("ingest_shards")
     shell:
-        "$PY -m oqvl.raw.ingest --shards {input:q} --revision {params.revision:q}"
+        "$PY -m oqvl.raw.ingest --shards {input:q} {params.args}"
         " --samples {output.samples:q} --accounting {output.accounting:q} > {log} 2>&1"

@@ -150,6 +150,10 @@ def test_the_paper_config_filters_the_prefiltered_releases_no_further():
         assert plan.keep_inputs(source) == {"shards": layout.shards(source)}
         assert [r for r, _ in plan.source_jobs(source, "filter")] == ["import_pairs", "download", "keep"]
     assert plan.keep_args("ccs", {"shards": "S"}) == "--keep-all --shards S"
+    # a column the release lacks is no flag (an empty one would swallow the next)
+    assert plan.import_args("ccs") == "--format json --url-col url --caption-col caption"
+    assert plan.import_args("datacomp") == ("--format parquet_dir --url-col url --caption-col text"
+                                            " --uid-col uid --bbox-col face_bboxes")
     assert set(plan.keep_inputs("datacomp")) == {"uid_list", "shards"}
     assert (cfg["sources"]["ccs"]["format"], cfg["sources"]["datacomp"]["format"],
             cfg["sources"]["laion"]["format"]) == ("json", "parquet_dir", "parquet")
@@ -449,3 +453,29 @@ def test_a_toy_source_kept_whole_beside_clip_filtered_ones(tmp_path):
     assert "--entry laion none results/raw/laion/truth.parquet - results/filter/laion/kept.parquet" in out
     assert "oqvl.filter.clip_score --shards results/raw/ccs/shards" in out
     assert "oqvl.filter.clip_score --shards results/raw/laion/shards" not in out
+
+
+@pytest.mark.slow
+def test_a_toy_run_pretrains_on_ingested_shards(tmp_path):
+    # img2dataset's own output is the released format: a toy source downloaded, then ingested as
+    # released shards and pretrained on (toy CLIP tower, tokenizer, 16 steps on 2 processes).
+    release = raw_toy_source(tmp_path / "release", "ccs", 60, seed=5, rates={"broken_empty": 0.05},
+                             samples_per_shard=25)
+    cfg = raw("ci.yaml")
+    cfg["mixed_inputs"] = True
+    cfg["sources"]["ccs_released"] = {"paper_id": 1, "shards": str(release / "shards")}
+    cfg["filter"]["sources"]["ccs_released"] = {"method": "none"}
+    cfg["mixtures"]["released"] = {"sources": ["ccs_released"], "samples_per_shard": 20}
+    cfg["runs"]["released"] = {"mixture": "released"}
+    path = tmp_path / "toy.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    work = tmp_path / "work"
+    work.mkdir()
+    snakemake(work, "results/runs/released/pretrain/final/config.json", configfile=path)
+    results = work / "results"
+    acc = json.loads((results / "raw/ccs_released/accounting.json").read_text())
+    assert acc["pairs_in"] == acc["samples_in_shards"] == 57 and acc["failures"] == 0  # 3 never downloaded
+    packed = json.loads((results / "packed/released/stats.json").read_text())
+    summary = json.loads((results / "runs/released/pretrain/summary.json").read_text())
+    assert packed["documents_packed"] == 57
+    assert summary["steps"] == cfg["train"]["pretrain"]["steps"] and summary["tokens"] > 0

@@ -34,6 +34,17 @@ class Plan:
         return self.config["evaluate"]["benchmarks"]
 
     # --------------------------------------------------------------------------------- raw
+    def import_args(self, source: str) -> str:
+        """import_pairs' flags for a source's release: its format and columns (a null one left out)."""
+        src = self.config["sources"][source]
+        flags = {"format": src["format"], "url-col": src["url_col"], "caption-col": src["caption_col"],
+                 "uid-col": src["uid_col"], "bbox-col": src["bbox_col"]}
+        return " ".join(f"--{k} {shlex.quote(v)}" for k, v in flags.items() if v is not None)
+
+    def ingest_args(self, source: str) -> str:
+        revision = self.config["sources"][source]["revision"]
+        return f"--revision {shlex.quote(revision)}" if revision is not None else ""
+
     def download_options(self, source: str) -> dict:
         """img2dataset's options for a source: the raw section, the source's own `download` over it."""
         return {**self.config["raw"], **self.config["sources"][source].get("download", {})}

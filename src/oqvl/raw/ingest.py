@@ -169,7 +169,7 @@ def main(argv=None):
         table, counts, hashes = ingest(args.shards)
     except (FileNotFoundError, ValueError) as e:
         sys.exit(f"error: {e}")
-    counts["revision"] = args.revision or None  # the rule passes "" for none given
+    counts["revision"] = args.revision
     write_parquet(table, args.samples)
     write_json(args.accounting, counts)
     write_manifest(manifest_path(args.accounting), "ingest_shards", work=(counts["pairs_in"], "pairs"),
