@@ -3,8 +3,8 @@
     python -m oqvl.raw.ingest --shards data/Open-Qwen2VL-Data/ccs_webdataset --revision <sha> \
         --samples results/raw/ccs/samples.parquet --accounting results/raw/ccs/accounting.json
 
-The shards are img2dataset's output (NNNNNNNN.tar with key.jpg, key.txt and key.json per sample,
-a .parquet per shard); they are read where they lie, never copied. Every sample of every tar is
+The shards are img2dataset's output (numbered .tar files of key.jpg, key.txt and key.json per
+sample, a .parquet per shard); they are read where they lie, never copied. Every sample of every tar is
 checked: it needs an image (jpg, jpeg, png or webp, whose header PIL recognises), a non-empty
 UTF-8 caption (txt) and a uid (its json's, else its key) that no other sample has. A sample that
 fails is listed with its reason, and so is a sample a shard's table lists as downloaded but its
