@@ -1,5 +1,6 @@
 # Stage 1, raw: a pair list per source (drawn from the toy world, or a released one normalised),
-# then img2dataset into webdataset shards.
+# then img2dataset into webdataset shards; or a source's released, already filtered shards,
+# checked and accounted where they lie (ingest_shards).
 
 if SCALE.has("generate_pairs"):
 
@@ -29,7 +30,8 @@ if SCALE.has("generate_pairs"):
 
 
 rule import_pairs:
-    """A released pair list, normalised to (url, caption, uid, source)."""
+    """A released pair list (BLIP's JSON, a parquet, DataComp's parquet folder), normalised to
+    (url, caption, uid, source[, face_bboxes])."""
     input:
         lambda w: config["sources"][w.source]["pair_list"],
     output:
@@ -38,9 +40,7 @@ rule import_pairs:
     wildcard_constraints:
         source=alternatives(SCALE.imported),
     params:
-        url_col=lambda w: config["sources"][w.source]["url_col"],
-        caption_col=lambda w: config["sources"][w.source]["caption_col"],
-        uid_col=lambda w: config["sources"][w.source]["uid_col"] or "",
+        args=lambda w: P.import_args(w.source),
     container: config["containers"]["data"]
     log:
         L.log("import_pairs"),
@@ -48,8 +48,7 @@ rule import_pairs:
         L.benchmark("import_pairs")
     shell:
         "$PY -m oqvl.raw.import_pairs --source {wildcards.source} --pair-list {input:q}"
-        " --url-col {params.url_col:q} --caption-col {params.caption_col:q}"
-        " --uid-col {params.uid_col:q} --out {output.pairs:q} > {log} 2>&1"
+        " {params.args} --out {output.pairs:q} > {log} 2>&1"
 
 
 rule download:
@@ -60,8 +59,10 @@ rule download:
         shards=directory(L.shards()),
         accounting=L.accounting(),
         manifest=L.manifest("download"),
+    wildcard_constraints:
+        source=alternatives(SCALE.downloaded),
     params:
-        options=as_json(config["raw"]),
+        options=lambda w: as_json(P.download_options(w.source)),
     threads: 2
     resources:
         mem_mb=4000,
@@ -73,3 +74,26 @@ rule download:
     shell:
         "$PY -m oqvl.raw.download --pairs {input:q} --out {output.shards:q}"
         " --options {params.options:q} --accounting {output.accounting:q} > {log} 2>&1"
+
+
+rule ingest_shards:
+    """Released, already filtered shards (Open-Qwen2VL-Data), read where they lie: every sample
+    checked (image, caption, uid), a bad one listed with its reason; the source's accounting."""
+    input:
+        lambda w: config["sources"][w.source]["shards"],
+    output:
+        samples=L.samples(),
+        accounting=L.accounting(),
+        manifest=L.manifest("ingest_shards"),
+    wildcard_constraints:
+        source=alternatives(SCALE.ingested),
+    params:
+        args=lambda w: P.ingest_args(w.source),
+    container: config["containers"]["data"]
+    log:
+        L.log("ingest_shards"),
+    benchmark:
+        L.benchmark("ingest_shards")
+    shell:
+        "$PY -m oqvl.raw.ingest --shards {input:q} {params.args}"
+        " --samples {output.samples:q} --accounting {output.accounting:q} > {log} 2>&1"

@@ -103,7 +103,7 @@ def test_import_pairs_normalises_a_release(tmp_path):
                        "--caption-col", "text", "--uid-col", "uid", "--out", str(out)])
     manifest = json.loads((tmp_path / "pairs.manifest.json").read_text())
     assert manifest["stage"] == "import_pairs" and manifest["work"] == {"amount": 2.0, "unit": "pairs"}
-    assert manifest["counts"] == {"rows_in": 3, "pairs_out": 2, "dropped_no_url": 1}
+    assert manifest["counts"] == {"rows_in": 3, "pairs_out": 2, "dropped_no_url": 1, "files": 1}
     assert set(manifest["files"]) == {"pairs.parquet"} and list(manifest["inputs"]) == [str(release)]
     df = pd.read_parquet(out)
     assert list(df.columns) == ["url", "caption", "uid", "source"]

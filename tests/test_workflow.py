@@ -28,9 +28,16 @@ def paper_downloads(root, mlm_import: bool = False):
         del mlm["release"]
         mlm["scores_dir"] = "data/mlm_filter"
     for src in cfg["sources"].values():
-        (root / src["pair_list"]).parent.mkdir(parents=True, exist_ok=True)
-        pd.DataFrame({"url": ["http://127.0.0.1:9/x.jpg"], "caption": ["c"], "text": ["c"],
-                      "uid": ["u"]}).to_parquet(root / src["pair_list"])
+        path = root / src["pair_list"]
+        path.parent.mkdir(parents=True, exist_ok=True)
+        pairs = pd.DataFrame({"url": ["http://127.0.0.1:9/x.jpg"], "caption": ["c"], "text": ["c"], "uid": ["u"]})
+        if src.get("format") == "json":
+            path.write_text(pairs.to_json(orient="records"))
+        elif src.get("format") == "parquet_dir":
+            path.mkdir(exist_ok=True)
+            pairs.to_parquet(path / "0000.parquet")
+        else:
+            pairs.to_parquet(path)
     files = [cfg["filter"]["sources"]["datacomp"]["uid_list"], cfg["filter"]["clip"]["pretrained"],
              cfg["model"]["vision_weights"], cfg["sft_data"]["path"],
              *(r["sft_data"]["path"] for r in cfg["runs"].values() if "sft_data" in r)]

@@ -52,8 +52,32 @@ def validate(config: dict, schema_path: Path = SCHEMA_PATH) -> dict:
     errors = sorted(validator_cls(schema).iter_errors(config), key=lambda e: list(e.absolute_path))
     if errors:
         raise ConfigError(_describe(jsonschema.exceptions.best_match(errors)))
+    _check_downloads(config, schema)
     _check_semantics(config)
     return config
+
+
+def _check_downloads(config: dict, schema: dict) -> None:
+    """A source's download options: raw's keys and types (checked without raw's defaults, which
+    would turn an override of one key into an override of all), and what img2dataset needs."""
+    raw = dict(schema["properties"]["raw"], required=[])
+    check = jsonschema.validators.validator_for(schema)(raw)
+    for name, source in config["sources"].items():
+        if "shards" in source:  # released shards: nothing to download
+            continue
+        key = f"sources.{name}.download"
+        errors = sorted(check.iter_errors(source.get("download", {})), key=lambda e: list(e.absolute_path))
+        if errors:
+            e = jsonschema.exceptions.best_match(errors)
+            raise ConfigError(f"{key}: {_describe(e)}" if e.validator != "additionalProperties" else
+                              f"{key}: {_describe(e)} (the keys are raw's)")
+        opts = {**config["raw"], **source.get("download", {})}
+        blur = f"{key}.blur_faces" if "blur_faces" in source.get("download", {}) else "raw.blur_faces"
+        if opts["blur_faces"] and not source.get("bbox_col"):
+            raise ConfigError(f"{blur}: needs sources.{name}.bbox_col (the pair list's face boxes)")
+        if opts["blur_faces"] and opts["skip_reencode"]:
+            raise ConfigError(f"{blur}: needs skip_reencode false for sources.{name} (img2dataset writes "
+                              f"an unresized image's original bytes, unblurred)")
 
 
 def _check_semantics(config: dict) -> None:
@@ -72,6 +96,9 @@ def _check_semantics(config: dict) -> None:
         if "source" in spec:
             raise ConfigError(f"{key}.source: a source's own filter reads that source (source is for filter.extra)")
         _check_filter(key, spec)
+        if "shards" in config["sources"].get(name, {}) and spec["method"] not in ("none", "uid_list"):
+            raise ConfigError(f"{key}: sources.{name} is released shards (already filtered, not downloaded "
+                              f"here): method none or uid_list, not {spec['method']}")
     for name, spec in filt.get("extra", {}).items():
         key = f"filter.extra.{name}"
         if spec["source"] not in config["sources"]:
@@ -85,6 +112,9 @@ def _check_semantics(config: dict) -> None:
         for src in mlm["sources"]:
             if src not in config["sources"]:
                 raise ConfigError(f"filter.mlm.sources: no source named {src!r}")
+            if "shards" in config["sources"][src]:
+                raise ConfigError(f"filter.mlm.sources: {src!r} is released shards (already filtered); "
+                                  f"the MLM-Filter scores downloaded sources")
         if mlm["train"] and mlm["train"].get("global_batch", 0) % config["train"]["nproc"]:
             raise ConfigError(f"filter.mlm.train.global_batch {mlm['train']['global_batch']} is not a "
                               f"multiple of train.nproc")
@@ -143,7 +173,8 @@ def _check_semantics(config: dict) -> None:
 
 
 # What each filter method needs besides its method (the keep rule: one of threshold and fraction).
-METHOD_KEYS = {"clip": (), "uid_list": ("uid_list",), "scores": ("scores",), "scorer": ("scorer",)}
+METHOD_KEYS = {"clip": (), "uid_list": ("uid_list",), "none": (), "scores": ("scores",), "scorer": ("scorer",)}
+UNSCORED = ("uid_list", "none")  # methods that keep by a list or keep all: no threshold or fraction
 
 
 def _check_filter(key: str, spec: dict) -> None:
@@ -152,7 +183,10 @@ def _check_filter(key: str, spec: dict) -> None:
     for need in METHOD_KEYS[method]:
         if need not in spec:
             raise ConfigError(f"{key}: method {method} needs {need}")
-    if method != "uid_list" and ("threshold" in spec) == ("fraction" in spec):
+    if method in UNSCORED:
+        if "threshold" in spec or "fraction" in spec:
+            raise ConfigError(f"{key}: method {method} scores nothing, so it takes no threshold or fraction")
+    elif ("threshold" in spec) == ("fraction" in spec):
         raise ConfigError(f"{key}: a {method} filter needs exactly one of threshold and fraction")
     stray = sorted({"options", "batch_size"} & set(spec)) if method != "scorer" else []
     if stray:

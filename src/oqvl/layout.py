@@ -48,6 +48,11 @@ def accounting(source="{source}"):
     return f"{raw_dir(source)}/accounting.json"
 
 
+def samples(source="{source}"):
+    """An ingested source's samples (released shards): one row each, valid or failed with its reason."""
+    return f"{raw_dir(source)}/samples.parquet"
+
+
 # --------------------------------------------------------------------------- stage 2: filter
 CLIP_MODEL = f"{RESULTS}/filter/clip_model"     # the toy CLIP model (rule train_clip)
 MLM_MODEL = f"{RESULTS}/filter/mlm_model"       # the toy MLM-Filter: seed.parquet, init/, train/
@@ -202,6 +207,7 @@ JOBS = {
     "generate_pairs": JobFiles("raw", "generate_pairs_{source}", pairs()),
     "import_pairs": JobFiles("raw", "import_pairs_{source}", pairs()),
     "download": JobFiles("raw", "download_{source}", accounting()),  # not inside shards/, a directory output
+    "ingest_shards": JobFiles("raw", "ingest_shards_{source}", accounting()),  # the shards are the user's
     "train_clip": JobFiles("filter", "train_clip", CLIP_MODEL),
     "clip_score": JobFiles("filter", "clip_score_{source}", clip_scores()),
     "keep": JobFiles("filter", "keep_{source}", kept()),

@@ -35,6 +35,35 @@ class Plan:
     def benchmarks(self) -> list[str]:
         return self.config["evaluate"]["benchmarks"]
 
+    # --------------------------------------------------------------------------------- raw
+    def import_args(self, source: str) -> str:
+        """import_pairs' flags for a source's release: its format and columns (a null one left out)."""
+        src = self.config["sources"][source]
+        flags = {"format": src["format"], "url-col": src["url_col"], "caption-col": src["caption_col"],
+                 "uid-col": src["uid_col"], "bbox-col": src["bbox_col"]}
+        return " ".join(f"--{k} {shlex.quote(v)}" for k, v in flags.items() if v is not None)
+
+    def ingest_args(self, source: str) -> str:
+        revision = self.config["sources"][source]["revision"]
+        return f"--revision {shlex.quote(revision)}" if revision is not None else ""
+
+    def download_options(self, source: str) -> dict:
+        """img2dataset's options for a source: the raw section, the source's own `download` over it."""
+        return {**self.config["raw"], **self.config["sources"][source].get("download", {})}
+
+    def source_shards(self, source: str) -> str:
+        """Where a source's shards lie: the released folder (ingested) or the download's."""
+        if source in self.scale.ingested:
+            return self.config["sources"][source]["shards"]
+        return L.shards(source)
+
+    def source_pairs(self, source: str) -> dict:
+        """What lists a source's pairs for a keep rule: an ingested source's sample list (valid
+        samples only), else its downloaded shards (img2dataset's tables)."""
+        if source in self.scale.ingested:
+            return {"samples": L.samples(source)}
+        return {"shards": L.shards(source)}
+
     # ------------------------------------------------------------------------------ filter
     def filter_spec(self, source: str, which: str = "filter") -> dict:
         """The filter behind a kept set: the source's own (`filter`) or a named one of filter.extra."""
@@ -51,7 +80,7 @@ class Plan:
         return own + [(spec["source"], n) for n, spec in self.extra_filters().items() if spec["method"] == "scorer"]
 
     def scores_file(self, source: str, which: str = "filter") -> str | None:
-        """The per-pair scores a filter keeps by; None for a uid list."""
+        """The per-pair scores a filter keeps by; None for a uid list or method none."""
         spec = self.filter_spec(source, which)
         return {"clip": L.clip_scores(source), "scorer": L.user_scores(source, which),
                 "scores": spec.get("scores")}.get(spec["method"])
@@ -65,11 +94,13 @@ class Plan:
                 f" --batch-size {spec.get('batch_size', BATCH_SIZE)}")
 
     def keep_inputs(self, source: str, which: str = "filter") -> dict:
-        """A keep job's inputs: the released uid list or a user's scores file (and the shards they
-        select from), or the scores of a scoring rule."""
+        """A keep job's inputs: the source's pairs (with the released uid list or a user's scores
+        file), or the scores of a scoring rule."""
         spec = self.filter_spec(source, which)
         if spec["method"] == "uid_list":
-            return {"uid_list": spec["uid_list"], "shards": L.shards(source)}
+            return {"uid_list": spec["uid_list"], **self.source_pairs(source)}
+        if spec["method"] == "none":
+            return self.source_pairs(source)
         if spec["method"] == "scores":
             return {"user_scores": spec["scores"], "shards": L.shards(source)}
         if spec["method"] == "scorer":
@@ -78,8 +109,9 @@ class Plan:
 
     def keep_args(self, source: str, input, which: str = "filter") -> str:
         spec = self.filter_spec(source, which)
-        if spec["method"] == "uid_list":
-            return f"--uid-list {input.uid_list} --shards {input.shards}"
+        if spec["method"] in ("uid_list", "none"):
+            pairs = " ".join(f"--{k} {input[k]}" for k in self.source_pairs(source))
+            return f"--uid-list {input.uid_list} {pairs}" if spec["method"] == "uid_list" else f"--keep-all {pairs}"
         rule = f"--threshold {spec['threshold']}" if "threshold" in spec else f"--fraction {spec['fraction']}"
         if spec["method"] == "scores":
             return f"--user-scores {shlex.quote(input.user_scores)} --shards {input.shards} {rule}"
@@ -104,7 +136,7 @@ class Plan:
 
     def mixture_parts(self, mixture: str) -> dict:
         parts = self.mixture_kept(mixture)
-        return {"shards": [L.shards(s) for s, _ in parts], "kept": [L.kept(s, k) for s, k in parts]}
+        return {"shards": [self.source_shards(s) for s, _ in parts], "kept": [L.kept(s, k) for s, k in parts]}
 
     # ------------------------------------------------------------------------------- train
     def run_mixture(self, run: str) -> str:
@@ -183,7 +215,10 @@ class Plan:
     def source_jobs(self, source: str, kept: str) -> list[Job]:
         """The jobs behind one source's kept set (`filter`, `mlm` or `union`)."""
         wc = {"source": source}
-        jobs = [("generate_pairs" if source in self.scale.generated else "import_pairs", wc), ("download", wc)]
+        if source in self.scale.ingested:
+            jobs = [("ingest_shards", wc)]
+        else:
+            jobs = [("generate_pairs" if source in self.scale.generated else "import_pairs", wc), ("download", wc)]
         if kept in self.extra_filters():
             return jobs + self.filter_jobs(source, kept)
         if self.filter_spec(source)["method"] == "clip":

@@ -45,6 +45,7 @@ class Scale:
     name: str                       # toy or paper
     generated: tuple[str, ...]      # sources drawn from the toy world (rule generate_pairs)
     imported: tuple[str, ...]       # sources read from a released pair list (rule import_pairs)
+    ingested: tuple[str, ...]       # sources read as released, filtered shards (rule ingest_shards)
     clip_weights: str               # what CLIP scoring loads: the toy model folder or the user's weights
     vision_weights: str             # the VLM's vision tower: the toy CLIP folder or the user's weights
     lm_path: str | None             # a released LLM folder, or None for the preset's fresh LM
@@ -63,6 +64,11 @@ class Scale:
     @property
     def toy(self) -> bool:
         return self.name == "toy"
+
+    @property
+    def downloaded(self) -> tuple[str, ...]:
+        """Sources whose shards img2dataset writes (rule download): generated and imported ones."""
+        return self.generated + self.imported
 
     def has(self, rule: str) -> bool:
         """Whether a toy-only rule exists in this config's DAG (other rules always exist)."""
@@ -97,9 +103,10 @@ def _refuse_user_paths(config: dict) -> None:
             raise ConfigError(f"filter.mlm.{key}: scale toy trains its own MLM-Filter; remove the path, "
                               f"or set mixed_inputs: true to read it at toy scale")
     for name, src in config["sources"].items():
-        if "pair_list" in src:
-            raise ConfigError(f"sources.{name}.pair_list: scale toy generates its sources; remove the "
-                              f"pair list, or set mixed_inputs: true to read it at toy scale")
+        for key, what in (("pair_list", "pair list"), ("shards", "released shards")):
+            if key in src:
+                raise ConfigError(f"sources.{name}.{key}: scale toy generates its sources; remove the "
+                                  f"{what}, or set mixed_inputs: true to read it at toy scale")
     for name, spec in config["filter"]["sources"].items():
         if spec["method"] == "uid_list":
             raise ConfigError(f"filter.sources.{name}.uid_list: scale toy filters its sources by CLIP score; "
@@ -162,6 +169,7 @@ def resolve(config: dict) -> Scale:
     mlm = config["filter"].get("mlm")
     generated = tuple(s for s, c in config["sources"].items() if "n_pairs" in c)
     imported = tuple(s for s, c in config["sources"].items() if "pair_list" in c)
+    ingested = tuple(s for s, c in config["sources"].items() if "shards" in c)
 
     clip_weights = clip["pretrained"] if clip["pretrained"] is not None else layout.CLIP_MODEL
     vision_weights = model["vision_weights"] if model["vision_weights"] is not None else layout.CLIP_MODEL
@@ -194,6 +202,7 @@ def resolve(config: dict) -> Scale:
         name=config["scale"],
         generated=generated,
         imported=imported,
+        ingested=ingested,
         clip_weights=clip_weights,
         vision_weights=vision_weights,
         lm_path=model["lm_path"],

@@ -1,9 +1,10 @@
-"""Decide which pairs a filter keeps: a score threshold, a kept fraction, or a released uid list.
+"""Decide which pairs a filter keeps: a score threshold, a kept fraction, a released uid list, or all.
 
     python -m oqvl.filter.keep --scores S.parquet --failures F.parquet --fraction 0.7 --out kept.parquet
     python -m oqvl.filter.keep --scores S.parquet --failures F.parquet --threshold 85 \
         --shards results/raw/datacomp/shards --out kept_mlm.parquet
     python -m oqvl.filter.keep --uid-list dfn_uids.npy --shards results/raw/datacomp/shards --out kept.parquet
+    python -m oqvl.filter.keep --keep-all --samples results/raw/ccs/samples.parquet --out kept.parquet
     python -m oqvl.filter.keep --union kept.parquet kept_mlm.parquet --out kept_union.parquet
     python -m oqvl.filter.keep --user-scores my_scores.parquet --shards results/raw/datacomp/shards \
         --threshold 0.5 --out kept_mine.parquet
@@ -11,15 +12,19 @@
 Semantics: `--threshold t` keeps pairs with score >= t; `--fraction f` keeps the round(f * n)
 best-scored pairs (ties broken by uid, so the result is deterministic); `--uid-list` keeps the
 pairs of the shards whose uid is in the list (DataComp's DFN release: an .npy of uids, either
-strings or 128-bit ids as two uint64 fields); `--union A B` keeps the pairs either kept set
-holds (the paper's mixture 4: MLM-Filter | DFN). With `--scores` and `--shards` only the scored
-pairs the source's shards hold are judged; the others (scores imported from a run over another
-download) are counted as `scored_absent` and left out. `--user-scores` keeps the pairs of the
-shards by the scores a user computed elsewhere (a parquet of uid, score) under `--threshold` or
-`--fraction`: a pair of the shards the file has no score for is rejected and counted (no_score),
-a uid of the file not in the shards is counted (not_in_shards) and ignored. A pair with no score (an MLM-Filter answer that
+strings or 128-bit ids as two uint64 fields); `--keep-all` (method none: a release filtered
+before it was published, BLIP's CCS or a CLIP-filtered LAION subset) keeps every pair of the
+shards; `--union A B` keeps the pairs either kept set holds (the paper's mixture 4: MLM-Filter |
+DFN). With `--scores` and `--shards` only the scored pairs the source's shards hold are judged;
+the others (scores imported from a run over another download) are counted as `scored_absent` and
+left out. `--user-scores` keeps the pairs of the shards by the scores a user computed elsewhere
+(a parquet of uid, score) under `--threshold` or `--fraction`: a pair of the shards the file has
+no score for is rejected and counted (no_score), a uid of the file not in the shards is counted
+(not_in_shards) and ignored. A pair with no score (an MLM-Filter answer that
 had no number in 0-100) is rejected by any rule and counted. Every pair in is kept, rejected or
-failed. The job's manifest lies beside OUT (kept.manifest.json for kept.parquet).
+failed. The pairs of a source are its downloaded shards' (`--shards`: img2dataset's tables) or
+its ingested shards' (`--samples`: oqvl.raw.ingest's list, valid samples only). The job's
+manifest lies beside OUT (kept.manifest.json for kept.parquet).
 """
 
 from __future__ import annotations
@@ -122,6 +127,14 @@ def present_in(uids: pd.Series, scores: pd.DataFrame, failed: pd.DataFrame
     return scores.loc[s_in].reset_index(drop=True), failed.loc[f_in].reset_index(drop=True), absent
 
 
+def samples_uids(samples: Path) -> pd.Series:
+    """uids of the valid samples of an ingested source (oqvl.raw.ingest's sample list)."""
+    if not samples.exists():
+        raise FileNotFoundError(f"{samples}: sample list not found")
+    rows = pd.read_parquet(samples, columns=["uid", "status"])
+    return rows.loc[rows["status"] == "success", "uid"].astype(str).reset_index(drop=True)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--scores", type=Path)
@@ -131,16 +144,21 @@ def main(argv=None):
     ap.add_argument("--uid-list", type=Path)
     ap.add_argument("--union", type=Path, nargs=2, metavar=("KEPT_A", "KEPT_B"))
     ap.add_argument("--user-scores", type=Path, help="a user's parquet of uid, score (with --shards)")
+    ap.add_argument("--keep-all", action="store_true", help="method none: keep every pair")
     ap.add_argument("--shards", type=Path,
-                    help="the source's shards: with --uid-list or --user-scores the pairs they select "
-                         "from; with --scores only the scored pairs they hold are kept or rejected")
+                    help="the source's shards: with --uid-list, --keep-all or --user-scores the pairs they "
+                         "select from; with --scores only the scored pairs they hold are kept or rejected")
+    ap.add_argument("--samples", type=Path, help="an ingested source's sample list (instead of --shards)")
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--stats", type=Path, required=True)
     args = ap.parse_args(argv)
-    if (args.uid_list or args.user_scores) and not args.shards:
-        ap.error("--uid-list and --user-scores need --shards (the source whose pairs they select)")
-    if not (args.uid_list or args.union or args.user_scores) and not (args.scores and args.failures):
-        ap.error("give --scores and --failures, --uid-list and --shards, --user-scores and --shards, or --union")
+    if (args.uid_list or args.keep_all) and not (args.shards or args.samples):
+        ap.error("--uid-list and --keep-all need --shards or --samples (the source whose pairs they select)")
+    if args.user_scores and not args.shards:
+        ap.error("--user-scores needs --shards (the source whose pairs it selects)")
+    if not (args.uid_list or args.union or args.keep_all or args.user_scores) and not (args.scores and args.failures):
+        ap.error("give --scores and --failures, --uid-list or --keep-all with --shards or --samples, "
+                 "--user-scores and --shards, or --union")
     try:
         if args.union:
             read = args.union
@@ -149,11 +167,15 @@ def main(argv=None):
             stats = {"method": "union", "kept_a": len(a), "kept_b": len(b), "both": len(a & b),
                      "only_a": len(a - b), "only_b": len(b - a), "kept": len(kept)}
             stats.update(pairs_in=len(kept), rejected=0, failed=0)  # counted by the sets' own stats
+        elif args.keep_all:
+            read = [args.samples] if args.samples else []
+            kept = samples_uids(args.samples) if args.samples else shard_uids(args.shards)
+            stats = {"method": "none", "pairs_in": len(kept), "kept": len(kept), "rejected": 0, "failed": 0}
         elif args.uid_list:
             if not args.uid_list.exists():
                 raise FileNotFoundError(f"{args.uid_list}: uid list not found")
-            read = [args.uid_list]
-            uids = shard_uids(args.shards)
+            read = [args.uid_list] + ([args.samples] if args.samples else [])
+            uids = samples_uids(args.samples) if args.samples else shard_uids(args.shards)
             listed = read_uid_list(args.uid_list)
             kept = uids[uids.isin(listed)]
             stats = {"method": "uid_list", "pairs_in": len(uids), "kept": len(kept),

@@ -3,6 +3,9 @@
     python -m oqvl.raw.download --pairs results/raw/ccs/pairs.parquet --out results/raw/ccs/shards
 
 The same call serves both scales: toy pair lists hold file:// URLs, paper ones http(s) URLs.
+OPTIONS are the config's raw section with the source's own `download` entries over it (DataComp:
+its download script's resize mode and face blurring); blur_faces blurs the pair list's
+face_bboxes (img2dataset's bbox_col).
 After img2dataset, every pair is either a sample in a shard or a failure with its reason
 (OUT/failures.parquet); ACCOUNTING holds the counts and the check in = out + failures, and the
 job's manifest lies beside it (accounting.manifest.json: a file inside OUT, a directory output,
@@ -15,13 +18,16 @@ import argparse
 import json
 import os
 import re
+import sys
 import tarfile
 from pathlib import Path
 
 import pandas as pd
+import pyarrow.parquet as pq
 
 from ..io import sha256_file, write_json, write_parquet
 from ..manifest import args_config, manifest_path, write_manifest
+from .import_pairs import BBOX
 
 
 class AccountingError(RuntimeError):
@@ -32,6 +38,9 @@ def run_img2dataset(pairs: Path, out: Path, opts: dict) -> None:
     os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # it would phone home on import
     from img2dataset import download
 
+    blur = opts.get("blur_faces", False)
+    if blur and BBOX not in pq.ParquetFile(pairs).schema_arrow.names:
+        raise ValueError(f"{pairs}: blur_faces needs a {BBOX} column (give the source's bbox_col)")
     download(
         url_list=str(pairs),
         input_format="parquet",
@@ -43,6 +52,8 @@ def run_img2dataset(pairs: Path, out: Path, opts: dict) -> None:
         image_size=opts["image_size"],
         resize_mode=opts["resize_mode"],
         resize_only_if_bigger=opts["resize_only_if_bigger"],
+        skip_reencode=opts.get("skip_reencode", False),
+        bbox_col=BBOX if blur else None,  # img2dataset blurs these boxes (and keeps them as a column)
         encode_format=opts["encode_format"],
         encode_quality=opts["encode_quality"],
         number_sample_per_shard=opts["samples_per_shard"],
@@ -50,6 +61,7 @@ def run_img2dataset(pairs: Path, out: Path, opts: dict) -> None:
         thread_count=opts["threads"],
         timeout=opts["timeout_s"],
         retries=opts["retries"],
+        oom_shard_count=opts.get("oom_shard_count", 5),  # digits of a shard's name (img2dataset's default)
         distributor="multiprocessing",
         enable_wandb=False,
         incremental_mode="incremental",  # a re-run after a crash keeps the finished shards
@@ -114,7 +126,10 @@ def main(argv=None):
     args = ap.parse_args(argv)
     opts = json.loads(args.options)
     args.out.mkdir(parents=True, exist_ok=True)
-    run_img2dataset(args.pairs, args.out, opts)
+    try:
+        run_img2dataset(args.pairs, args.out, opts)
+    except ValueError as e:
+        sys.exit(f"error: {e}")
     counts = account(args.pairs, args.out)
     write_json(args.accounting, counts)
     files = sorted(args.out.glob("*.tar")) + [args.out / "failures.parquet", args.accounting]
