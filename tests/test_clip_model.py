@@ -124,3 +124,43 @@ def test_hard_negatives_are_false_captions_of_their_image():
     hard = train_clip.hard_negatives(idx, scenes, styles, 0.5, rng)
     assert len(hard) == 16
     assert not set(hard) & set(captions)  # not even another image's true caption, here
+
+
+def test_an_open_clip_tag_decides_the_activation_and_preprocessing():
+    from oqvl.filter.clip_model import tag_settings
+
+    # OpenAI's weights under plain ViT-L-14: QuickGELU forced, OpenAI's preprocessing
+    openai = tag_settings("ViT-L-14", "openai")
+    assert openai["force_quick_gelu"] is True
+    assert openai["image_mean"] == pytest.approx((0.48145466, 0.4578275, 0.40821073))
+    assert tag_settings("ViT-L-14-quickgelu", "openai")["force_quick_gelu"] is True
+    assert "force_quick_gelu" not in tag_settings("ViT-L-14", "laion2b_s32b_b82k")  # trained with GELU
+    assert tag_settings("ViT-L-14", None) == {}
+    with pytest.raises(ValueError, match="no pretrained tag 'laion2b_s32b_b82k' for 'ViT-L-14-quickgelu'"):
+        tag_settings("ViT-L-14-quickgelu", "laion2b_s32b_b82k")
+
+
+def test_the_same_weights_score_differently_through_gelu_and_quickgelu(tmp_path, monkeypatch):
+    """A tiny CLIP in OpenAI's key layout (open_clip's native one) saved as safetensors: loaded as a
+    copy of an OpenAI-like tag it runs QuickGELU, loaded bare it runs GELU, and the scores differ.
+    The tag's registry entry is declared for the tiny model as open_clip declares ViT-L-14's."""
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    model = open_clip.create_model(TOY_MODEL)
+    weights = tmp_path / "tiny-openai.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(weights))
+    real = open_clip.get_pretrained_cfg
+    monkeypatch.setattr(open_clip, "get_pretrained_cfg", lambda name, tag: (
+        {"quick_gelu": True}  # no preprocessing of its own: only the activation differs
+        if (name, tag) == (TOY_MODEL, "tiny-openai") else real(name, tag)))
+    images, captions = toy_pairs(6)
+    gelu = load_clip(TOY_MODEL, str(weights))
+    quick = load_clip(TOY_MODEL, str(weights), tag="tiny-openai")
+    acts = {type(m).__name__ for m in quick[0].modules()}
+    assert "QuickGELU" in acts and "QuickGELU" not in {type(m).__name__ for m in gelu[0].modules()}
+    # the weights loaded strictly both ways: same tensors
+    for (k, a), (_, b) in zip(gelu[0].state_dict().items(), quick[0].state_dict().items()):
+        assert torch.equal(a, b), k
+    s_gelu, s_quick = score_pairs(*gelu, images, captions), score_pairs(*quick, images, captions)
+    assert np.abs(s_gelu - s_quick).max() > 1e-3
