@@ -31,3 +31,10 @@ def test_the_check_fails_on_a_changed_value(tmp_path):
     assert proc.returncode == 1 and "train.pretrain.lr" in proc.stderr
     row = next(line for line in proc.stdout.splitlines() if line.startswith("| train.pretrain.lr |"))
     assert "**NO**" in row
+
+
+def test_docs_show_the_current_table():
+    doc = (recipe.REPO / "docs" / "recipe.md").read_text()
+    shown = doc.split("<!-- recipe table: python -m oqvl.recipe -->\n")[1].split("\n<!-- end recipe table -->")[0]
+    assert shown == recipe.markdown(recipe.compare(load(recipe.FULL), recipe.read_table())), \
+        "docs/recipe.md is stale: paste the output of python -m oqvl.recipe"
