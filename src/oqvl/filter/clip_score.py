@@ -48,15 +48,17 @@ def decode(sample: dict) -> tuple[Image.Image | None, str, str | None]:
     return image, caption, None
 
 
-def score_shard(path: Path, clip, batch_size: int, device: str, bar) -> tuple[pd.DataFrame, pd.DataFrame]:
-    model, preprocess, tokenizer = clip
+def score_batches(path: Path, score_batch, batch_size: int, bar) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(scores, failures) of one shard: `score_batch(images, captions, uids)` gives one float per
+    pair of each batch; a sample that does not decode (or has no caption) is a failure with its
+    reason and never reaches it. Shared by every scorer that runs over shards."""
     scored, failed = [], []
     batch: list[tuple[str, Image.Image, str]] = []
 
     def flush():
         if batch:
-            s = score_pairs(model, preprocess, tokenizer, [b[1] for b in batch], [b[2] for b in batch], device)
-            scored.extend({"uid": u, "score": float(x)} for (u, _, _), x in zip(batch, s))
+            uids, images, captions = map(list, zip(*batch))
+            scored.extend({"uid": u, "score": float(x)} for u, x in zip(uids, score_batch(images, captions, uids)))
             bar.update(len(batch))
             batch.clear()
 
@@ -71,8 +73,14 @@ def score_shard(path: Path, clip, batch_size: int, device: str, bar) -> tuple[pd
         if len(batch) == batch_size:
             flush()
     flush()
-    return (pd.DataFrame(scored, columns=["uid", "score"]),
+    return (pd.DataFrame(scored, columns=["uid", "score"]).astype({"score": float}),
             pd.DataFrame(failed, columns=["uid", "reason"]))
+
+
+def score_shard(path: Path, clip, batch_size: int, device: str, bar) -> tuple[pd.DataFrame, pd.DataFrame]:
+    model, preprocess, tokenizer = clip
+    return score_batches(path, lambda images, captions, _: score_pairs(
+        model, preprocess, tokenizer, images, captions, device), batch_size, bar)
 
 
 def weights_key(model: str, pretrained: str | None, tag: str | None = None) -> dict:

@@ -95,7 +95,7 @@ from transformers import Qwen2Config
 from ..io import sha256_file
 from ..manifest import args_config, manifest_path, write_manifest
 from ..model.config import VisionConfig, VLMConfig, grid_side, lm_config_dict
-from ..model.prismatic import Rule, map_keys, reference_name
+from ..model.prismatic import Rule, map_keys, reference_name, save_converted
 from ..model.tokenizer import IMAGE_TOKEN, load_tokenizer
 from ..model.vision import build_vision_tower, open_clip_tower_config, vision_width
 from ..model.vlm import CONFIG_FILE, OpenQwen2VL
@@ -469,14 +469,7 @@ def convert(release, vision, out_dir, *, vision_arch: str | None = None) -> Open
     ours = model.state_dict()
     state = convert_state(release_sd, vision_sd, ours, ptype, bool(lm_cfg.tie_word_embeddings),
                           len(tok), vision_from_release, release, vision)
-    model.load_state_dict(state, strict=True)
-    model.eval()
-
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    tok.save_pretrained(out, save_jinja_files=False)
-    model.save_pretrained(out)  # config.json last: it marks a complete checkpoint
-    return model
+    return save_converted(model, state, tok, out_dir)
 
 
 def main(argv=None):

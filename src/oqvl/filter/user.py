@@ -21,8 +21,9 @@ import importlib.util
 import json
 import math
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Protocol, Sequence
+from typing import Protocol
 
 import pandas as pd
 from PIL import Image
@@ -107,32 +108,10 @@ def call_scorer(fn: Scorer, ref: str, images, captions, uids, options: dict) -> 
 
 
 def score_shard(path: Path, fn: Scorer, ref: str, options: dict, batch_size: int, bar):
-    from ..shards import iter_samples, sample_uid
-    from .clip_score import decode  # the same failures as CLIP scoring
+    from .clip_score import score_batches  # the same failures as CLIP scoring
 
-    scored, failed, batch = [], [], []
-
-    def flush():
-        if batch:
-            uids, images, captions = map(list, zip(*batch))
-            s = call_scorer(fn, ref, images, captions, uids, options)
-            scored.extend({"uid": u, "score": x} for u, x in zip(uids, s))
-            bar.update(len(batch))
-            batch.clear()
-
-    for sample in iter_samples([path]):
-        uid = sample_uid(sample)
-        image, caption, reason = decode(sample)
-        if reason:
-            failed.append({"uid": uid, "reason": reason})
-            bar.update(1)
-            continue
-        batch.append((uid, image, caption))
-        if len(batch) == batch_size:
-            flush()
-    flush()
-    return (pd.DataFrame(scored, columns=["uid", "score"]).astype({"score": float}),
-            pd.DataFrame(failed, columns=["uid", "reason"]))
+    return score_batches(path, lambda images, captions, uids: call_scorer(
+        fn, ref, images, captions, uids, options), batch_size, bar)
 
 
 def score_source(shards: Path, ref: str, options: dict, out: Path, failures: Path,

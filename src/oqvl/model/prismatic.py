@@ -74,7 +74,12 @@ from transformers import Qwen2Config
 from ..io import sha256_file
 from ..manifest import args_config, manifest_path, write_manifest
 from .config import VisionConfig, VLMConfig, grid_side, lm_config_dict
-from .tokenizer import IMAGE_TOKEN, REFERENCE_ADDED_TOKENS, add_reference_tokens, load_tokenizer
+from .tokenizer import (
+    IMAGE_TOKEN,
+    REFERENCE_ADDED_TOKENS,
+    add_reference_tokens,
+    load_tokenizer,
+)
 from .vision import (
     build_vision_tower,
     open_clip_tower_config,
@@ -353,9 +358,14 @@ def convert(run_dir, out_dir, *, lm, tokenizer=None, vision_weights=None, vision
     ours = model.state_dict()
     state = convert_state(modules, ours, ckpt, bool(lm_cfg.tie_word_embeddings),
                           vision_state, vision_weights)
+    return save_converted(model, state, tok, out_dir)
+
+
+def save_converted(model: OpenQwen2VL, state: dict, tok, out_dir) -> OpenQwen2VL:
+    """Load a converted state strictly into `model` and write it with its tokenizer, as
+    `OpenQwen2VL.from_pretrained` and `load_tokenizer` read it back."""
     model.load_state_dict(state, strict=True)
     model.eval()
-
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tok.save_pretrained(out, save_jinja_files=False)

@@ -43,7 +43,14 @@ from ..evaluate.paper import MC_SUFFIX, SHORT_SUFFIX
 from ..io import write_parquet
 from ..manifest import args_config, manifest_path, write_manifest
 from ..world.captions import describe, sample_style
-from ..world.questions import COUNT_CHOICES, FLOAT_KINDS, INTEGER_KINDS, KINDS, ask, letters
+from ..world.questions import (
+    COUNT_CHOICES,
+    FLOAT_KINDS,
+    INTEGER_KINDS,
+    KINDS,
+    ask,
+    letters,
+)
 from ..world.scene import CELLS, COLOURS, SHAPES, png_bytes, render, sample_scene
 from ..world.source import WorldConfig, stream_rng
 

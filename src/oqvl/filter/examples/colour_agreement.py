@@ -18,7 +18,7 @@ scores 0 against a caption that names them. The quality report shows what it cat
 from __future__ import annotations
 
 import re
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 from PIL import Image
