@@ -483,3 +483,17 @@ def test_quality_main_writes_the_report(raw, scored, tmp_path):
     assert manifest["work"] == {"amount": 2.0 * N_PAIRS, "unit": "pairs"}  # two entries, one truth table each
     assert set(manifest["files"]) == {"summary.csv", "by_corruption.csv", "report.md", "hist_ccs_clip.png"}
     assert set(manifest["inputs"]) == {str(p) for p in (truth_p, scores_p, kept_p, listed_p)}
+
+
+def test_a_filter_with_no_scored_pair_still_has_its_histogram(tmp_path):
+    # a borderline toy MLM-Filter may answer without numbers: the report's files stay the same
+    import numpy as np
+    import pandas as pd
+
+    from oqvl.filter.quality import histogram
+
+    truth = pd.DataFrame({"uid": ["a", "b"], "corruption": ["clean", "generic_caption"]})
+    scores = pd.DataFrame({"uid": ["a", "b"], "score": [np.nan, np.nan]})
+    out = tmp_path / "hist_x_mlm.png"
+    histogram(truth, scores, set(), "mlm scores, x", out)
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

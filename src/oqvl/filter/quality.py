@@ -47,15 +47,23 @@ def judge(truth: pd.DataFrame, kept_uids: set[str]) -> tuple[dict, pd.DataFrame]
     return summary, pd.DataFrame(rows)
 
 
-def histogram(truth: pd.DataFrame, scores: pd.DataFrame, kept_uids: set[str], title: str, path: Path) -> bool:
-    """A score histogram per corruption kind; False (no plot) when no pair has a score (an
-    MLM-Filter whose answers held no number)."""
+def histogram(truth: pd.DataFrame, scores: pd.DataFrame, kept_uids: set[str], title: str, path: Path) -> None:
+    """A score histogram per corruption kind. When no pair has a score (an MLM-Filter whose
+    answers held no number) the plot says so: every scored filter has its figure, whatever its
+    model learned, so the report's files do not depend on a borderline model."""
     df = scores.merge(truth[["uid", "corruption"]], on="uid", how="left")
     df = df[df["score"].notna()]
-    if df.empty:
-        return False
-    cut = df.loc[df["uid"].isin(kept_uids), "score"].min() if kept_uids else None
     fig, ax = plt.subplots(figsize=(7, 3.6), dpi=110)
+    if df.empty:
+        ax.text(0.5, 0.5, f"no pair has a score ({len(scores)} answers without a number in 0-100)",
+                ha="center", va="center", transform=ax.transAxes)
+        ax.set_axis_off()
+        ax.set_title(title)
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, format="png")
+        plt.close(fig)
+        return
+    cut = df.loc[df["uid"].isin(kept_uids), "score"].min() if kept_uids else None
     lo, hi = df["score"].min(), df["score"].max()
     bins = [lo + (hi - lo) * i / 40 for i in range(41)] if hi > lo else 10
     for kind, sel in df.groupby("corruption"):
@@ -71,7 +79,6 @@ def histogram(truth: pd.DataFrame, scores: pd.DataFrame, kept_uids: set[str], ti
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png")
     plt.close(fig)
-    return True
 
 
 def main(argv=None):
@@ -91,7 +98,8 @@ def main(argv=None):
         summaries.append({"source": source, "filter": filt, **summary})
         kinds.append(by_kind.assign(source=source, filter=filt))
         hist = args.out / f"hist_{source}_{filt}.png"
-        if scores_p != "-" and histogram(truth, pd.read_parquet(scores_p), kept, f"{filt} scores, {source}", hist):
+        if scores_p != "-":
+            histogram(truth, pd.read_parquet(scores_p), kept, f"{filt} scores, {source}", hist)
             hists.append(hist)
     summary = pd.DataFrame(summaries)
     by_kind = pd.concat(kinds, ignore_index=True)[["source", "filter", "corruption", "pairs", "kept", "kept_rate"]]
