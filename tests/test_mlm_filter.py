@@ -365,7 +365,7 @@ def test_captions_reach_the_prompt(raw):
 
 
 def test_quality_report_takes_a_filter_without_any_score(raw, tmp_path):
-    """An MLM-Filter whose answers held no number (all NaN) is judged, without a histogram."""
+    """An MLM-Filter whose answers held no number (all NaN) is judged; its histogram says so."""
     from oqvl.filter import quality
 
     uids = shard_uids(raw / "shards")
@@ -375,4 +375,4 @@ def test_quality_report_takes_a_filter_without_any_score(raw, tmp_path):
                   str(tmp_path / "k.parquet"), "--out", str(tmp_path / "q")])
     summary = pd.read_csv(tmp_path / "q" / "summary.csv")
     assert summary.loc[0, "kept"] == 0 and summary.loc[0, "recall"] == 0
-    assert not (tmp_path / "q" / "hist_datacomp_mlm.png").exists()
+    assert (tmp_path / "q" / "hist_datacomp_mlm.png").read_bytes()[:4] == b"\x89PNG"

@@ -159,7 +159,7 @@ def test_ci_config_end_to_end(ci_run):
     mlm = json.loads((results / "filter" / "datacomp" / "mlm_score_stats.json").read_text())
     acc = json.loads((results / "raw" / "datacomp" / "accounting.json").read_text())
     assert mlm["scored"] + mlm["no_score"] + mlm["failed"] == acc["samples_in_shards"]
-    assert set(summary.loc[summary["source"] == "datacomp", "filter"]) == {"clip", "mlm", "union"}
+    assert set(summary.loc[summary["source"] == "datacomp", "filter"]) == {"clip", "colour", "mlm", "union"}
     union = json.loads((results / "filter" / "datacomp" / "kept_union_stats.json").read_text())
     assert union["kept"] == union["kept_a"] + union["kept_b"] - union["both"] >= max(union["kept_a"], union["kept_b"])
     # Every mixture is packed; every kept pair of its sources (its kept set of each) is a document of it.
