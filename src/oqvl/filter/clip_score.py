@@ -83,6 +83,39 @@ def score_shard(path: Path, clip, batch_size: int, device: str, bar) -> tuple[pd
         model, preprocess, tokenizer, images, captions, device), batch_size, bar)
 
 
+def score_shards(shards: Path, out: Path, failures: Path, key: dict, score_one, columns: dict,
+                 expected: int | None, desc: str) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Every shard scored by `score_one(path, bar)` -> (scores, failures), each shard's result kept
+    in OUT.parts-<key>/ until all are done (a crashed run resumes at its first unfinished shard);
+    then OUT and FAILURES written in uid order with `columns` and the key's hash added."""
+    parts = parts_dir(out, key)
+    parts.mkdir(parents=True, exist_ok=True)
+    paths = shard_paths(shards)
+    with tqdm(total=expected, desc=f"{desc} {shards.parent.name}", unit="pair", mininterval=2) as bar:
+        for path in paths:
+            done_s, done_f = parts / f"{path.stem}.scores.parquet", parts / f"{path.stem}.failed.parquet"
+            if done_s.exists() and done_f.exists():  # finished before a crash
+                bar.update(len(pd.read_parquet(done_s)) + len(pd.read_parquet(done_f)))
+                continue
+            s, f = score_one(path, bar)
+            write_parquet(f, done_f)
+            write_parquet(s, done_s)  # last: both parts there mark a finished shard
+    scores = pd.concat([pd.read_parquet(parts / f"{p.stem}.scores.parquet") for p in paths], ignore_index=True)
+    failed = pd.concat([pd.read_parquet(parts / f"{p.stem}.failed.parquet") for p in paths], ignore_index=True)
+    # uid order: the raw shards' order within a shard is the download's, which varies run to run
+    scores = scores.sort_values("uid", kind="stable", ignore_index=True)
+    failed = failed.sort_values("uid", kind="stable", ignore_index=True)
+    for name, value in columns.items():
+        scores[name] = value
+    scores["config_hash"] = config_hash(key)
+    write_parquet(failed, failures)
+    write_parquet(scores, out)
+    for p in parts.iterdir():
+        p.unlink()
+    parts.rmdir()
+    return scores, failed
+
+
 def weights_key(model: str, pretrained: str | None, tag: str | None = None) -> dict:
     """What decides the scores: the model name, the content of its weights (a toy checkpoint
     folder, a weights file or an open_clip tag; the model itself when it is the checkpoint) and
@@ -103,30 +136,8 @@ def score_source(shards: Path, model: str, pretrained: str | None, out: Path, fa
     torch.set_num_threads(threads)
     key = key or weights_key(model, pretrained, tag)
     clip = load_clip(model, pretrained, device, tag=tag)
-    parts = parts_dir(out, key)
-    parts.mkdir(parents=True, exist_ok=True)
-    paths = shard_paths(shards)
-    with tqdm(total=expected, desc=f"clip score {shards.parent.name}", unit="pair", mininterval=2) as bar:
-        for path in paths:
-            done_s, done_f = parts / f"{path.stem}.scores.parquet", parts / f"{path.stem}.failed.parquet"
-            if done_s.exists() and done_f.exists():  # finished before a crash
-                bar.update(len(pd.read_parquet(done_s)) + len(pd.read_parquet(done_f)))
-                continue
-            s, f = score_shard(path, clip, batch_size, device, bar)
-            write_parquet(f, done_f)
-            write_parquet(s, done_s)  # last: both parts there mark a finished shard
-    scores = pd.concat([pd.read_parquet(parts / f"{p.stem}.scores.parquet") for p in paths], ignore_index=True)
-    failed = pd.concat([pd.read_parquet(parts / f"{p.stem}.failed.parquet") for p in paths], ignore_index=True)
-    # uid order: the raw shards' order within a shard is the download's, which varies run to run
-    scores = scores.sort_values("uid", kind="stable", ignore_index=True)
-    failed = failed.sort_values("uid", kind="stable", ignore_index=True)
-    scores["model"] = f"{model}:{pretrained}"
-    scores["config_hash"] = config_hash(key)
-    write_parquet(failed, failures)
-    write_parquet(scores, out)
-    for p in parts.iterdir():
-        p.unlink()
-    parts.rmdir()
+    scores, failed = score_shards(shards, out, failures, key, lambda path, bar: score_shard(
+        path, clip, batch_size, device, bar), {"model": f"{model}:{pretrained}"}, expected, "clip score")
     return {"scored": len(scores), "failed": len(failed),
             "failed_by_reason": {k: int(v) for k, v in failed["reason"].value_counts().items()}}
 

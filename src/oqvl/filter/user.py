@@ -25,11 +25,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Protocol
 
-import pandas as pd
 from PIL import Image
 
-from ..config import config_hash
-from ..io import sha256_file, write_json, write_parquet
+from ..io import sha256_file, write_json
 from ..manifest import args_config, manifest_path, write_manifest
 
 BATCH_SIZE = 64  # pairs per call when the filter's config gives no batch_size
@@ -117,36 +115,13 @@ def score_shard(path: Path, fn: Scorer, ref: str, options: dict, batch_size: int
 def score_source(shards: Path, ref: str, options: dict, out: Path, failures: Path,
                  batch_size: int = BATCH_SIZE, expected: int | None = None) -> dict:
     """Score every pair of the shards with the user's scorer (resumable per shard)."""
-    from tqdm import tqdm
 
-    from ..shards import shard_paths
-    from .clip_score import parts_dir
+    from .clip_score import score_shards
 
     fn = load_scorer(ref)
     key = scorer_key(ref, options)
-    parts = parts_dir(out, key)
-    parts.mkdir(parents=True, exist_ok=True)
-    paths = shard_paths(shards)
-    with tqdm(total=expected, desc=f"user score {shards.parent.name}", unit="pair", mininterval=2) as bar:
-        for path in paths:
-            done_s, done_f = parts / f"{path.stem}.scores.parquet", parts / f"{path.stem}.failed.parquet"
-            if done_s.exists() and done_f.exists():  # finished before a crash
-                bar.update(len(pd.read_parquet(done_s)) + len(pd.read_parquet(done_f)))
-                continue
-            s, f = score_shard(path, fn, ref, options, batch_size, bar)
-            write_parquet(f, done_f)
-            write_parquet(s, done_s)  # last: both parts there mark a finished shard
-    scores = pd.concat([pd.read_parquet(parts / f"{p.stem}.scores.parquet") for p in paths], ignore_index=True)
-    failed = pd.concat([pd.read_parquet(parts / f"{p.stem}.failed.parquet") for p in paths], ignore_index=True)
-    scores = scores.sort_values("uid", kind="stable", ignore_index=True)  # not the download's order
-    failed = failed.sort_values("uid", kind="stable", ignore_index=True)
-    scores["scorer"] = ref
-    scores["config_hash"] = config_hash(key)
-    write_parquet(failed, failures)
-    write_parquet(scores, out)
-    for p in parts.iterdir():
-        p.unlink()
-    parts.rmdir()
+    scores, failed = score_shards(shards, out, failures, key, lambda path, bar: score_shard(
+        path, fn, ref, options, batch_size, bar), {"scorer": ref}, expected, "user score")
     return {"scored": len(scores), "failed": len(failed), "no_score": int(scores["score"].isna().sum()),
             "failed_by_reason": {k: int(v) for k, v in failed["reason"].value_counts().items()}}
 
