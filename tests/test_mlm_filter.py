@@ -131,8 +131,9 @@ def test_keep_judges_only_the_pairs_the_shards_hold(tmp_path):
     # imported scores of a run over another download: x and y were never downloaded here, c failed to
     shards = tmp_path / "shards"
     shards.mkdir()
-    pd.DataFrame({"uid": ["a", "b", "c", "d"], "status": ["success", "success", "failed_to_download", "success"]}
-                 ).to_parquet(shards / "00000.parquet")
+    pd.DataFrame({"uid": ["a", "b", "c", "d", "e"],
+                  "status": ["success", "success", "failed_to_download", "success", "success"]}
+                 ).to_parquet(shards / "00000.parquet")  # e: downloaded here, never scored there
     pd.DataFrame({"uid": ["a", "b", "c", "x"], "score": [90.0, 10.0, 95.0, 99.0]}).to_parquet(tmp_path / "s.parquet")
     pd.DataFrame({"uid": ["d", "y"], "reason": ["undecodable image (OSError)"] * 2}).to_parquet(tmp_path / "f.parquet")
     keep.main(["--scores", str(tmp_path / "s.parquet"), "--failures", str(tmp_path / "f.parquet"),
@@ -141,7 +142,8 @@ def test_keep_judges_only_the_pairs_the_shards_hold(tmp_path):
     stats = json.loads((tmp_path / "k.json").read_text())
     assert pd.read_parquet(tmp_path / "k.parquet")["uid"].tolist() == ["a"]
     assert (stats["pairs_in"], stats["kept"], stats["rejected"], stats["failed"], stats["scored_absent"]) == \
-        (3, 1, 1, 1, 3)
+        (4, 1, 2, 1, 3)
+    assert stats["not_scored"] == 1 and stats["no_score"] == 1
     # the union with the source's own filter then holds only uids of its shards
     pd.DataFrame({"uid": ["b", "d"]}).to_parquet(tmp_path / "dfn.parquet")
     keep.main(["--union", str(tmp_path / "dfn.parquet"), str(tmp_path / "k.parquet"),

@@ -196,8 +196,15 @@ def main(argv=None):
             scores = pd.read_parquet(args.scores)
             failed = pd.read_parquet(args.failures)
             absent = 0
+            unscored = 0
             if args.shards:  # scores made elsewhere (imported) may cover pairs these shards lack
-                scores, failed, absent = present_in(shard_uids(args.shards), scores, failed)
+                uids = shard_uids(args.shards)
+                scores, failed, absent = present_in(uids, scores, failed)
+                # ... and lack pairs these shards hold: each is a pair without a score, rejected
+                seen = set(scores["uid"].astype(str)) | set(failed["uid"].astype(str))
+                missing = sorted(set(uids) - seen)
+                unscored = len(missing)
+                scores = pd.concat([scores, pd.DataFrame({"uid": missing, "score": np.nan})], ignore_index=True)
             mask = keep_by_score(scores, args.threshold, args.fraction)
             kept = scores.loc[mask, "uid"]
             stats = {"method": "threshold" if args.threshold is not None else "fraction",
@@ -207,7 +214,7 @@ def main(argv=None):
                      "no_score": int(scores["score"].isna().sum()),
                      "min_kept_score": float(scores.loc[mask, "score"].min()) if mask.any() else None}
             if args.shards:
-                stats["scored_absent"] = absent
+                stats.update(scored_absent=absent, not_scored=unscored)
     except (FileNotFoundError, ValueError) as e:
         sys.exit(f"error: {e}")
     assert stats["pairs_in"] == stats["kept"] + stats["rejected"] + stats["failed"]
