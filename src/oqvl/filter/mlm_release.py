@@ -95,7 +95,7 @@ from transformers import Qwen2Config
 from ..io import sha256_file
 from ..manifest import args_config, manifest_path, write_manifest
 from ..model.config import VisionConfig, VLMConfig, grid_side, lm_config_dict
-from ..model.prismatic import Rule, map_keys, reference_name, save_converted
+from ..model.prismatic import Rule, map_keys, reference_name, save_converted, tie_lm_head
 from ..model.tokenizer import IMAGE_TOKEN, load_tokenizer
 from ..model.vision import build_vision_tower, open_clip_tower_config, vision_width
 from ..model.vlm import CONFIG_FILE, OpenQwen2VL
@@ -404,12 +404,7 @@ def convert_state(release_sd: dict, vision_sd: dict, ours: dict, projector_type:
                 raise ValueError(f"{f}: {prefix}{VISION_PREFIX}{ref} gives {target} shape {tuple(tensor.shape)}, "
                                  f"it needs {tuple(ours[target].shape)}")
             out[target] = tensor
-    head, embed = "lm.lm_head.weight", "lm.model.embed_tokens.weight"
-    if tied and embed in out:
-        if head in out and not torch.equal(out[head], out[embed]):
-            raise ValueError(f"{weights_file(release_dir)}: lm_head.weight differs from model.embed_tokens.weight "
-                             f"but the config ties them")
-        out[head] = out[embed]
+    tie_lm_head(out, tied, weights_file(release_dir), "lm_head.weight", "model.embed_tokens.weight")
     for key in ours:
         if key not in out:
             if key.startswith("vision.trunk."):

@@ -297,12 +297,7 @@ def convert_state(modules: dict, ours: dict, source, tied: bool,
     if vision_file is not None:
         map_keys({f"visual.{k}": v for k, v in vision_file.items()}, VISION_FILE, VISION_FILE_MAP,
                  ours, vision_source, out)
-    head, embed = "lm.lm_head.weight", "lm.model.embed_tokens.weight"
-    if tied and embed in out:
-        if head in out and not torch.equal(out[head], out[embed]):
-            raise ValueError(f"{source}: llm_backbone/llm.lm_head.weight differs from "
-                             f"llm.model.embed_tokens.weight but the LM config ties them")
-        out[head] = out[embed]
+    tie_lm_head(out, tied, source, "llm_backbone/llm.lm_head.weight", "llm.model.embed_tokens.weight")
     for key in ours:
         if key not in out:
             from_file = vision_file is not None and key.startswith("vision.")
@@ -310,6 +305,16 @@ def convert_state(modules: dict, ours: dict, source, tied: bool,
             raise ValueError(f"{vision_source if from_file else source}: missing key "
                              f"{reference_name(key, rules)} (for {key})")
     return out
+
+
+def tie_lm_head(out: dict, tied: bool, where, head_name: str, embed_name: str) -> None:
+    """With tied embeddings (Qwen2.5-1.5B) the LM head is the embedding: a release that stores
+    both must store the same tensor; ours is filled from the embedding."""
+    head, embed = "lm.lm_head.weight", "lm.model.embed_tokens.weight"
+    if tied and embed in out:
+        if head in out and not torch.equal(out[head], out[embed]):
+            raise ValueError(f"{where}: {head_name} differs from {embed_name} but the LM config ties them")
+        out[head] = out[embed]
 
 
 # ------------------------------------------------------------------------------------ convert
