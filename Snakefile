@@ -34,6 +34,11 @@ include: "rules/mlm_filter.smk"
 include: "rules/evaluate.smk"
 include: "rules/report.smk"
 
+try:
+    cluster.check(config, cluster.rule_names(Path(workflow.basedir) / "rules"))
+except ConfigError as e:
+    sys.exit(f"config error: {e}")
+
 
 rule all:
     """Everything: every configured run trained and evaluated (table3), table4 and the summary,

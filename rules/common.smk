@@ -4,6 +4,7 @@ import json
 import os
 import re
 
+from oqvl import cluster
 from oqvl import layout as L
 from oqvl.plan import Plan, as_json, compute_files, job_files, record_files
 from oqvl.scale import resolve
@@ -11,6 +12,15 @@ from oqvl.scale import resolve
 SCALE = resolve(config)
 P = Plan(config, SCALE)
 BENCHMARKS = P.benchmarks
+SITE = cluster.load_site(cluster.site_path())  # the SLURM site's partition, account, QoS
+TRAINING = {"pretrain", "sft", "train_mlm_filter"}
+
+
+def asks(rule, gpus=0):
+    """What a rule's jobs ask the scheduler for (oqvl.cluster): its label's CPUs, memory and time,
+    its GPUs, the nodes of a training job (train.nodes), the site's partition."""
+    nodes = config["train"].get("nodes", 1) if rule in TRAINING else 1
+    return cluster.job_resources(config, rule, gpus=gpus, nodes=nodes, site=SITE)
 
 
 def preset_file(name):

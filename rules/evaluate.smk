@@ -17,6 +17,8 @@ rule eval_data:
         seed=config["seed"],
         control="" if EVAL["shuffled_control"] else "--no-control",
         out=folder_of("manifest"),
+    resources:
+        **asks("eval_data"),
     container: config["containers"]["model"]
     log:
         L.log("eval_data"),
@@ -46,6 +48,8 @@ if RELEASED:
             out=lambda w: L.released_dir(w.name),
             vision=lambda w, input: f"--vision-weights {shlex.quote(str(input.vision_weights))}"
             if input.vision_weights else "",
+        resources:
+            **asks("convert_released"),
         container: config["containers"]["model"]
         log:
             L.log("convert_released"),
@@ -78,10 +82,9 @@ rule evaluate:
         batch_size=EVAL["batch_size"],
         max_new_tokens=f"--max-new-tokens {EVAL['max_new_tokens']}" if EVAL["max_new_tokens"] else "",
         device=EVAL["device"],
-    threads: 1
     resources:
-        gpu=SCALE.gpus["evaluate"],
-        mem_mb=4000,
+        **asks("evaluate", gpus=SCALE.gpus["evaluate"]),
+    threads: 1
     container: config["containers"]["model"]
     log:
         L.log("evaluate"),
@@ -101,6 +104,8 @@ rule run_results:
     output:
         csv=L.run_results(),
         manifest=L.manifest("run_results"),
+    resources:
+        **asks("run_results"),
     container: config["containers"]["data"]
     log:
         L.log("run_results"),

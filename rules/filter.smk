@@ -28,6 +28,8 @@ if SCALE.has("train_clip"):
             seed=config["seed"],
             world=world_args(),
             out=folder_of("weights"),
+        resources:
+            **asks("train_clip"),
         threads: 2
         container: config["containers"]["model"]
         log:
@@ -58,9 +60,9 @@ rule clip_score:
         tag=f"--pretrained-tag {CLIP['pretrained_tag']}" if CLIP["pretrained_tag"] else "",
         batch_size=CLIP["batch_size"],
         expected=lambda w, input: json.load(open(input.accounting))["samples_in_shards"],
-    threads: 2
     resources:
-        gpu=SCALE.gpus["score"],
+        **asks("clip_score", gpus=SCALE.gpus["score"]),
+    threads: 2
     container: config["containers"]["model"]
     log:
         L.log("clip_score"),
@@ -84,6 +86,8 @@ rule keep:
     params:
         spec=lambda w: P.filter_spec(w.source),
         args=lambda w, input: P.keep_args(w.source, input),
+    resources:
+        **asks("keep"),
     container: config["containers"]["data"]
     log:
         L.log("keep"),
@@ -113,9 +117,9 @@ if SCORERS:
         params:
             args=lambda w: P.scorer_args(w.source, w.which),
             expected=lambda w, input: json.load(open(input.accounting))["samples_in_shards"],
-        threads: 2
         resources:
-            gpu=SCALE.gpus["score"],
+            **asks("user_score", gpus=SCALE.gpus["score"]),
+        threads: 2
         container: config["containers"]["model"]
         log:
             L.log("user_score"),
@@ -142,6 +146,8 @@ if EXTRA:
         params:
             spec=lambda w: P.filter_spec(w.source, w.which),
             args=lambda w, input: P.keep_args(w.source, input, w.which),
+        resources:
+            **asks("keep_extra"),
         container: config["containers"]["data"]
         log:
             L.log("keep_extra"),
@@ -167,6 +173,8 @@ if SCALE.has("filter_quality"):
         params:
             entries=" ".join(f"--entry {s} {f} {L.truth(s)} {sc} {k}" for s, f, sc, k in P.quality_entries()),
             out=folder_of("summary"),
+        resources:
+            **asks("filter_quality"),
         container: config["containers"]["data"]
         log:
             L.log("filter_quality"),

@@ -15,6 +15,8 @@ rule mixture:
             zip(config["mixtures"][w.mixture]["sources"], input.shards, input.kept)),
         per_shard=lambda w: config["mixtures"][w.mixture]["samples_per_shard"],
         out=folder_of("manifest"),
+    resources:
+        **asks("mixture"),
     container: config["containers"]["data"]
     log:
         L.log("mixture"),

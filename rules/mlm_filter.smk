@@ -29,6 +29,8 @@ if SCALE.has("mlm_filter_seed"):
             world=world_args(),
             out=folder_of("seed"),
             clip=lambda w, input: os.path.dirname(input.clip),
+        resources:
+            **asks("mlm_filter_seed"),
         container: config["containers"]["model"]
         log:
             L.log("mlm_filter_seed"),
@@ -61,7 +63,7 @@ if SCALE.has("train_mlm_filter"):
             seed=config["seed"],
             launch=train_launch(),
         resources:
-            gpu=SCALE.gpus["train"],
+            **asks("train_mlm_filter", gpus=SCALE.gpus["train"]),
         threads: train_threads()
         container: config["containers"]["model"]
         log:
@@ -90,6 +92,8 @@ if SCALE.mlm == "release":
             manifest=L.manifest("convert_mlm_filter"),
         params:
             out=folder_of("model"),
+        resources:
+            **asks("convert_mlm_filter"),
         container: config["containers"]["model"]
         log:
             L.log("convert_mlm_filter"),
@@ -114,6 +118,8 @@ if SCALE.mlm == "import":
             source=alternatives(MLM_SOURCES),
         params:
             metric=MLM["metric"],
+        resources:
+            **asks("mlm_import"),
         container: config["containers"]["data"]
         log:
             L.log("mlm_import"),
@@ -143,9 +149,9 @@ if SCALE.mlm in ("train", "release", "model"):
             spec=MLM,
             expected=lambda w, input: json.load(open(input.accounting))["samples_in_shards"],
             prompt=SCALE.mlm_prompt,
-        threads: 2
         resources:
-            gpu=SCALE.gpus["score"],
+            **asks("mlm_score", gpus=SCALE.gpus["score"]),
+        threads: 2
         container: config["containers"]["model"]
         log:
             L.log("mlm_score"),
@@ -176,6 +182,8 @@ if MLM:
             manifest=L.manifest("keep_mlm"),
         params:
             threshold=MLM["threshold"],
+        resources:
+            **asks("keep_mlm"),
         container: config["containers"]["data"]
         log:
             L.log("keep_mlm"),
@@ -195,6 +203,8 @@ if MLM:
             kept=L.kept(which="union"),
             stats=L.kept_stats(which="union"),
             manifest=L.manifest("keep_union"),
+        resources:
+            **asks("keep_union"),
         container: config["containers"]["data"]
         log:
             L.log("keep_union"),

@@ -11,6 +11,8 @@ if SCALE.has("tokenizer"):
         params:
             vocab_size=config["model"]["tokenizer"]["vocab_size"],
             out=folder_of("manifest"),
+        resources:
+            **asks("tokenizer"),
         container: config["containers"]["model"]
         log:
             L.log("tokenizer"),
@@ -38,7 +40,7 @@ rule pack:
         document_tokens=config["pack"]["document_tokens"],
         out=folder_of("stats"),
     resources:
-        mem_mb=8000,
+        **asks("pack"),
     container: config["containers"]["model"]
     log:
         L.log("pack"),

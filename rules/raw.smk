@@ -19,6 +19,8 @@ if SCALE.has("generate_pairs"):
             seed=config["seed"],
             world=world_args(),
             out=folder_of("pairs"),
+        resources:
+            **asks("generate_pairs"),
         container: config["containers"]["data"]
         log:
             L.log("generate_pairs"),
@@ -41,6 +43,8 @@ rule import_pairs:
         source=alternatives(SCALE.imported),
     params:
         args=lambda w: P.import_args(w.source),
+    resources:
+        **asks("import_pairs"),
     container: config["containers"]["data"]
     log:
         L.log("import_pairs"),
@@ -63,9 +67,9 @@ rule download:
         source=alternatives(SCALE.downloaded),
     params:
         options=lambda w: as_json(P.download_options(w.source)),
-    threads: 2
     resources:
-        mem_mb=4000,
+        **asks("download"),
+    threads: 2
     container: config["containers"]["data"]
     log:
         L.log("download"),
@@ -89,6 +93,8 @@ rule ingest_shards:
         source=alternatives(SCALE.ingested),
     params:
         args=lambda w: P.ingest_args(w.source),
+    resources:
+        **asks("ingest_shards"),
     container: config["containers"]["data"]
     log:
         L.log("ingest_shards"),

@@ -19,6 +19,8 @@ rule compute:
     params:
         inputs=as_json(P.compute_inputs()),
         config=as_json(P.report_config()),
+    resources:
+        **asks("compute"),
     container: config["containers"]["data"]
     log:
         L.log("compute"),
@@ -46,6 +48,8 @@ rule table4:
         jobs=as_json([job_files(job) for job in P.run_jobs(TABLE4_RUN)]),
         config=as_json(config),
         report_config=as_json(P.report_config()),
+    resources:
+        **asks("table4"),
     container: config["containers"]["data"]
     log:
         L.log("table4"),
@@ -68,6 +72,8 @@ rule table3:
     params:
         runs=as_json({run: P.run_record(run) for run in TABLE3_RUNS}),
         config=as_json(config),
+    resources:
+        **asks("table3"),
     container: config["containers"]["data"]
     log:
         L.log("table3"),
@@ -92,6 +98,8 @@ rule plots:
         # Each training job's manifest lists its loss log (with its hash).
         manifests=as_json({run: {stage: L.manifest(stage, run=run) for stage in L.TRAIN_STAGES} for run in config["runs"]}),
         out=folder_of("scores"),
+    resources:
+        **asks("plots"),
     container: config["containers"]["data"]
     log:
         L.log("plots"),

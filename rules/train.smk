@@ -20,6 +20,8 @@ if SCALE.has("sft_data"):
             weights=f"--kind-weights {as_json(SFT_DATA['kind_weights'])!r}" if SFT_DATA["kind_weights"] else "",
             seed=config["seed"],
             world=world_args(),
+        resources:
+            **asks("sft_data"),
         container: config["containers"]["model"]
         log:
             L.log("sft_data"),
@@ -59,7 +61,7 @@ rule pretrain:
         seed=config["seed"],
         launch=train_launch(),
     resources:
-        gpu=SCALE.gpus["train"],
+        **asks("pretrain", gpus=SCALE.gpus["train"]),
     threads: train_threads()
     container: config["containers"]["model"]
     log:
@@ -94,7 +96,7 @@ rule sft:
         seed=config["seed"],
         launch=train_launch(),
     resources:
-        gpu=SCALE.gpus["train"],
+        **asks("sft", gpus=SCALE.gpus["train"]),
     threads: train_threads()
     container: config["containers"]["model"]
     log:
