@@ -68,6 +68,19 @@ def library_versions() -> dict:
     return out
 
 
+# The SLURM allocation a job ran in, as its environment gives it (compute.csv cross-checks the
+# GPU-hours against SLURM's own accounting of these job ids).
+SLURM_ENV = {"job_id": "SLURM_JOB_ID", "nodes": "SLURM_JOB_NUM_NODES", "gpus_on_node": "SLURM_GPUS_ON_NODE",
+             "cpus_on_node": "SLURM_CPUS_ON_NODE", "partition": "SLURM_JOB_PARTITION"}
+
+
+def slurm_allocation() -> dict:
+    """{job_id, nodes, gpus_on_node, cpus_on_node, partition} of the SLURM job running this, or {}."""
+    if "SLURM_JOB_ID" not in os.environ:
+        return {}
+    return {k: os.environ[v] for k, v in SLURM_ENV.items() if v in os.environ}
+
+
 def write_manifest(
     path: str | Path, stage: str, *, work: tuple[float, str], config: dict,
     files: list[str | Path] = (), counts: dict | None = None, inputs: dict[str, str] | None = None,
@@ -94,6 +107,7 @@ def write_manifest(
         "versions": library_versions(),
         "code_version": code_version(),
         "container_image": container_image(),
+        "slurm": slurm_allocation(),
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
     write_json(path, manifest)

@@ -22,6 +22,8 @@ import ast
 import json
 import math
 import re
+import shutil
+import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,7 +33,7 @@ from ..manifest import REPO_ROOT
 
 COLUMNS = ["row_type", "stage", "rule", "job", "run", "device", "gpus", "threads", "wall_h", "gpu_h",
            "cpu_h", "peak_mem_mb", "work", "work_unit", "throughput", "throughput_unit", "benchmark",
-           "note"]
+           "slurm_job", "slurm_gpus", "slurm_elapsed_h", "slurm_gpu_h", "note"]
 GPU_KEYS = ("gpu", "gpus", "nvidia_gpu")  # Snakemake's standard name first, then common aliases
 TRAIN_STAGES = ("pretrain", "sft")
 
@@ -85,10 +87,61 @@ def read_benchmark(path: Path) -> list[dict]:
 
 
 def granted_gpus(resources: dict) -> int:
+    """The GPUs a job asked for: `gpu` (one node), or GRES gpu per node x nodes (oqvl.cluster)."""
     for key in GPU_KEYS:
         if key in resources:
             return int(_number(resources[key]) or 0)
+    if m := re.fullmatch(r"gpu(?::[\w.]+)?:(\d+)", str(resources.get("gres", ""))):
+        return int(m.group(1)) * int(_number(resources.get("nodes", 1)) or 1)
     return 0
+
+
+# ------------------------------------------------------------------------------- SLURM's own record
+
+def slurm_records(job_ids: list[str], run=subprocess.run) -> dict[str, dict]:
+    """SLURM's accounting of these jobs, {id: {elapsed_s, gpus, nodes}}: `sacct` (slurmdbd), else
+    `sacct --completion` (jobcomp records); {} where neither answers. gpus is NaN where SLURM's
+    record has no TRES (job completion records)."""
+    if not job_ids or shutil.which("sacct") is None:
+        return {}
+    fields = ["-n", "-P", "-o", "JobIDRaw,ElapsedRaw,AllocTRES,NNodes", "-j", ",".join(job_ids)]
+    for extra in (["-X"], ["--completion"]):
+        proc = run(["sacct", *extra, *fields], capture_output=True, text=True)
+        if proc.returncode == 0 and proc.stdout.strip():
+            break
+    else:
+        return {}
+    out = {}
+    for line in proc.stdout.splitlines():
+        parts = line.split("|")
+        if len(parts) < 4 or parts[0] not in job_ids:
+            continue
+        tres = dict(t.split("=", 1) for t in parts[2].split(",") if "=" in t)
+        gpus = _number(tres.get("gres/gpu", 0)) if parts[2] else math.nan
+        out[parts[0]] = {"elapsed_s": _number(parts[1]), "gpus": gpus, "nodes": _number(parts[3])}
+    return out
+
+
+def cross_check(rows: pd.DataFrame, slurm: dict[str, dict]) -> pd.DataFrame:
+    """SLURM's elapsed time and GPUs beside each job's own record, and a note where they disagree:
+    the GPUs SLURM granted (its TRES, else the job's SLURM_GPUS_ON_NODE x nodes) against those
+    recorded, and a benchmark wall time longer than SLURM's whole job (impossible)."""
+    rows = rows.copy()
+    for i, r in rows.iterrows():
+        rec = slurm.get(str(r["slurm_job"]))
+        if not rec:
+            continue
+        gpus = rec["gpus"] if not math.isnan(rec["gpus"]) else r["slurm_gpus"]
+        rows.at[i, "slurm_gpus"] = gpus
+        rows.at[i, "slurm_elapsed_h"] = rec["elapsed_s"] / 3600
+        rows.at[i, "slurm_gpu_h"] = gpus * rec["elapsed_s"] / 3600
+        notes = [r["note"]] if r["note"] else []
+        if gpus != r["gpus"]:
+            notes.append(f"SLURM granted {gpus:g} GPU(s), {r['gpus']} recorded")
+        if r["wall_h"] * 3600 > rec["elapsed_s"] + 2:  # SLURM counts whole seconds
+            notes.append("benchmark wall time exceeds SLURM's elapsed time")
+        rows.at[i, "note"] = "; ".join(notes)
+    return rows
 
 
 @dataclass
@@ -200,8 +253,18 @@ def job_row(job: Job, manifest: dict | None) -> dict:
         "throughput": throughput,
         "throughput_unit": f"{work['work_unit']}/s/{units}" if work["work_unit"] else "",
         "benchmark": job.benchmark,
+        **slurm_of(manifest),
         "note": "; ".join(notes),
     }
+
+
+def slurm_of(manifest: dict | None) -> dict:
+    """The SLURM job a job ran in (its manifest's record of its environment) and the GPUs it was granted."""
+    alloc = (manifest or {}).get("slurm") or {}
+    if not alloc.get("job_id"):
+        return {"slurm_job": "", "slurm_gpus": math.nan}
+    gpus = _number(alloc.get("gpus_on_node", 0)) * _number(alloc.get("nodes", 1))
+    return {"slurm_job": str(alloc["job_id"]), "slurm_gpus": 0.0 if math.isnan(gpus) else gpus}
 
 
 def job_rows(jobs: list) -> pd.DataFrame:
@@ -426,6 +489,8 @@ def _projection_note(run, summary, why):
 
 def build(inputs: dict, config: dict) -> pd.DataFrame:
     jobs = job_rows(inputs.get("jobs") or [])
+    if len(jobs) and (ids := sorted({j for j in jobs["slurm_job"] if j})):
+        jobs = cross_check(jobs, slurm_records(ids))
     extra = pd.DataFrame(projection_rows(config, inputs.get("pretrain") or {}, jobs), columns=COLUMNS)
     return pd.concat([jobs, extra], ignore_index=True) if len(jobs) else extra
 
@@ -455,6 +520,9 @@ def main(argv=None):
     jobs = df[df["row_type"] == "job"]
     print(f"{args.out}: {len(jobs)} jobs, {jobs['gpu_h'].sum():.3f} GPU-h, "
           f"{jobs['wall_h'].sum():.3f} wall-h, {int((df['row_type'] == 'projection').sum())} projections")
+    if (checked := jobs["slurm_elapsed_h"].notna()).any():
+        print(f"SLURM's accounting of {int(checked.sum())} jobs: {jobs['slurm_gpu_h'].sum():.3f} GPU-h, "
+              f"{jobs['slurm_elapsed_h'].sum():.3f} elapsed-h")
 
 
 if __name__ == "__main__":
