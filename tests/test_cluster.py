@@ -6,8 +6,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import runpy
 import subprocess
-import sys
 from pathlib import Path
 
 import pandas as pd
@@ -169,3 +169,63 @@ def test_the_ci_subset_through_real_slurm_equals_the_local_run(local_slurm, ci_r
     assert not rows["note"].fillna("").str.contains("SLURM").any(), rows["note"]
     manifest = json.loads((results / "packed" / "ccs+datacomp" / "manifest.json").read_text())
     assert manifest["slurm"]["job_id"] in {j["JobId"] for j in jobs}
+
+
+# ------------------------------------------------------------------------- apptainer on the cluster
+
+RECORDER = '''#!/usr/bin/env python3
+# Stands in for apptainer (not installable here): records each call, then runs the job's own
+# command on the host, so the workflow's command lines are what is tested.
+import json, os, subprocess, sys
+args = sys.argv[1:]
+with open(os.environ["APPTAINER_RECORD"], "a") as f:
+    f.write(json.dumps(args) + "\\n")
+if args[:1] == ["--version"]:
+    print("apptainer version 1.3.4")
+    sys.exit(0)
+image = next(i for i, a in enumerate(args) if a.endswith(".sif"))
+sys.exit(subprocess.call(args[image + 1:]))
+'''
+
+
+def test_the_gpu_wrapper_adds_nv_to_exec_only_for_jobs_granted_gpus():
+    command = runpy.run_path(str(SLURM_PROFILE / "bin" / "apptainer"))["command"]  # not run as __main__
+    argv = ["--quiet", "exec", "--home", "/w", "img.sif", "bash", "-c", "true"]
+    assert command(argv, {"SLURM_GPUS_ON_NODE": "8"}, "/usr/bin/apptainer") == [
+        "/usr/bin/apptainer", "--quiet", "exec", "--nv", "--home", "/w", "img.sif", "bash", "-c", "true"]
+    assert command(argv, {"SLURM_GPUS_ON_NODE": "0"}, "/a")[1:] == argv
+    assert command(argv, {"CUDA_VISIBLE_DEVICES": "0,1"}, "/a")[3] == "--nv"
+    assert command(["--version"], {"SLURM_GPUS_ON_NODE": "1"}, "/a") == ["/a", "--version"]
+
+
+@pytest.mark.parametrize("gpus", ["0", "2"])
+def test_the_slurm_profiles_apptainer_command_lines(tmp_path, gpus):
+    # A job of the workflow under --sdm apptainer with the SLURM profile's apptainer-args and its
+    # GPU wrapper first on PATH, images as .sif files (what a cluster runs).
+    fake = tmp_path / "fakebin"
+    fake.mkdir()
+    (fake / "apptainer").write_text(RECORDER)
+    (fake / "apptainer").chmod(0o755)
+    sif = {k: tmp_path / f"oqvl-{k}.sif" for k in ("data", "model")}
+    for p in sif.values():
+        p.write_bytes(b"")
+    cfg = yaml.safe_load(CI_CONFIG.read_text())
+    cfg["containers"] = {k: str(p) for k, p in sif.items()}
+    cfg_path = tmp_path / "ci_sif.yaml"
+    cfg_path.write_text(yaml.safe_dump(cfg))
+    work = tmp_path / "work"
+    work.mkdir()
+    record = tmp_path / "calls.jsonl"
+    profile_args = yaml.safe_load((SLURM_PROFILE / "config.yaml").read_text())["apptainer-args"]
+    env = dict(os.environ, PATH=f"{SLURM_PROFILE / 'bin'}:{fake}:{os.environ['PATH']}",
+               APPTAINER_RECORD=str(record), SLURM_GPUS_ON_NODE=gpus, PWD=str(REPO))
+    snakemake(work, "--sdm", "apptainer", "--apptainer-args", os.path.expandvars(profile_args.replace("$PWD", str(REPO))),
+              "results/raw/ccs/pairs.parquet", configfile=cfg_path, env=env)
+    calls = [json.loads(line) for line in record.read_text().splitlines()]
+    (job,) = [c for c in calls if "exec" in c]
+    assert ("--nv" in job) == (gpus != "0")
+    assert job[job.index("exec") + (2 if gpus != "0" else 1)] == "--home"
+    assert f"{REPO}:/opt/oqvl:ro" in job and "PYTHONPATH=/opt/oqvl/src" in job
+    assert str(sif["data"]) in job  # generate_pairs runs in the data image
+    assert "oqvl.raw.generate" in job[-1]
+    assert (work / "results" / "raw" / "ccs" / "pairs.parquet").is_file()
