@@ -56,7 +56,10 @@ rule import_pairs:
 
 
 rule download:
-    """img2dataset: pair list -> webdataset shards; every pair is a sample or a listed failure."""
+    """img2dataset: pair list -> webdataset shards; every pair is a sample or a listed failure.
+    It downloads into params.work, no output (Snakemake deletes a failed job's outputs), so a job
+    killed at its wall-clock limit resumes there from its finished shards; moved to shards when
+    complete and accounted."""
     input:
         L.pairs(),
     output:
@@ -67,6 +70,7 @@ rule download:
         source=alternatives(SCALE.downloaded),
     params:
         options=lambda w: as_json(P.download_options(w.source)),
+        work=lambda w: L.shards_partial(w.source),
     resources:
         **asks("download"),
     threads: 2
@@ -76,7 +80,7 @@ rule download:
     benchmark:
         L.benchmark("download")
     shell:
-        "$PY -m oqvl.raw.download --pairs {input:q} --out {output.shards:q}"
+        "$PY -m oqvl.raw.download --pairs {input:q} --out {output.shards:q} --work {params.work:q}"
         " --options {params.options:q} --accounting {output.accounting:q} > {log} 2>&1"
 
 

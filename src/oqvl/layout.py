@@ -44,6 +44,12 @@ def shards(source="{source}"):
     return f"{raw_dir(source)}/shards"
 
 
+def shards_partial(source="{source}"):
+    """The download's working folder: not an output (Snakemake would delete it before a rerun),
+    so a killed download resumes from its finished shards; moved to `shards()` when complete."""
+    return f"{raw_dir(source)}/shards.partial"
+
+
 def accounting(source="{source}"):
     return f"{raw_dir(source)}/accounting.json"
 

@@ -83,10 +83,12 @@ def slurm_allocation() -> dict:
 
 def write_manifest(
     path: str | Path, stage: str, *, work: tuple[float, str], config: dict,
-    files: list[str | Path] = (), counts: dict | None = None, inputs: dict[str, str] | None = None,
+    files: list[str | Path] | dict[str | Path, str] = (), counts: dict | None = None,
+    inputs: dict[str, str] | None = None,
     device: str = "cpu", gpus: int = 0,
 ) -> dict:
-    """Write a job's manifest; `files` are hashed and listed relative to the manifest's folder.
+    """Write a job's manifest; `files` are hashed and listed relative to the manifest's folder
+    (or map each path to its sha256, hashed before the file was moved there).
 
     `work` is (amount, unit), e.g. (3000, "pairs"); `config` the values the job ran with; `device`
     and `gpus` what the job computed on (the GPU-hour accounting trusts a job that used GPUs)."""
@@ -94,6 +96,8 @@ def write_manifest(
 
     path = Path(path)
     base = path.parent
+    hashes = ({str(f): h for f, h in files.items()} if isinstance(files, dict)
+              else {str(f): sha256_file(f) for f in files})
     amount, unit = work
     manifest = {
         "stage": stage,
@@ -102,7 +106,7 @@ def write_manifest(
         "counts": counts or {},
         "config": config,
         "config_hash": config_hash(config),
-        "files": {os.path.relpath(f, base): sha256_file(f) for f in sorted(map(str, files))},
+        "files": {os.path.relpath(f, base): hashes[f] for f in sorted(hashes)},
         "inputs": inputs or {},
         "versions": library_versions(),
         "code_version": code_version(),

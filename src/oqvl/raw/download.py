@@ -10,28 +10,128 @@ After img2dataset, every pair is either a sample in a shard or a failure with it
 (OUT/failures.parquet); ACCOUNTING holds the counts and the check in = out + failures, and the
 job's manifest lies beside it (accounting.manifest.json: a file inside OUT, a directory output,
 could not be declared an output of its own).
+
+A killed download resumes. img2dataset writes into WORK (default OUT.partial, on OUT's
+filesystem), which is no output, so a rerun finds it: its finished shards are kept (img2dataset's
+incremental mode skips them) and its unfinished ones removed and downloaded again. Only a
+complete, accounted WORK is moved to OUT. SIGTERM (a wall-clock limit, scancel) stops the
+download and its worker processes and exits non-zero, the finished shards left in WORK.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import os
 import re
+import shutil
+import signal
 import sys
 import tarfile
+from contextlib import contextmanager
 from pathlib import Path
 
 import pandas as pd
 import pyarrow.parquet as pq
 
-from ..io import sha256_file, write_json, write_parquet
+from ..io import sha256_file, write_json, write_parquet, write_text
 from ..manifest import args_config, manifest_path, write_manifest
 from .import_pairs import BBOX
 
 
 class AccountingError(RuntimeError):
     """Pairs went missing between the pair list and the shards."""
+
+
+class Terminated(BaseException):
+    """SIGTERM, raised in the main thread (a BaseException: no `except Exception` swallows it)."""
+
+
+RESUME_KEY = "resume_key.txt"  # in WORK: what its shards were made from (not .json: img2dataset's)
+SHARD_FILE = re.compile(r"(\d+)(?:\.tar|\.parquet|_stats\.json)")  # img2dataset's files of a shard
+SPEED_ONLY = ("processes", "threads")  # options that change how fast, not what is downloaded
+
+
+def resume_key(pairs_sha256: str, opts: dict) -> str:
+    options = {k: v for k, v in opts.items() if k not in SPEED_ONLY}
+    return json.dumps({"pairs_sha256": pairs_sha256, "options": options}, sort_keys=True)
+
+
+def shard_finished(work: Path, name: str) -> bool:
+    """img2dataset writes a shard's stats file last, after closing its tar and parquet, and its
+    incremental mode trusts any stats file; but it writes it in place, so a kill can cut it short."""
+    try:
+        json.loads((work / f"{name}_stats.json").read_text())
+        pq.read_metadata(work / f"{name}.parquet")  # its footer: written on close
+        return (work / f"{name}.tar").is_file()
+    except (OSError, ValueError):  # missing or cut short (json's and arrow's errors are ValueErrors)
+        return False
+
+
+def prepare_work(work: Path, key: str) -> None:
+    """Keep WORK's finished shards for img2dataset to skip, remove the files of any other shard
+    (img2dataset then downloads it again); a WORK made from another pair list or other options
+    is started over."""
+    key_file = work / RESUME_KEY
+    if key_file.is_file() and key_file.read_text() != key:
+        print(f"{work}: made from another pair list or other options, starting over")
+        shutil.rmtree(work)
+    work.mkdir(parents=True, exist_ok=True)
+    for f in work.glob("*.tmp"):  # an atomic write (failures.parquet, the key) a kill cut short
+        f.unlink()
+    write_text(key_file, key)
+    shards: dict[str, list[Path]] = {}
+    for f in work.iterdir():
+        if m := SHARD_FILE.fullmatch(f.name):
+            shards.setdefault(m.group(1), []).append(f)
+    unfinished = [name for name in sorted(shards) if not shard_finished(work, name)]
+    for name in unfinished:
+        for f in shards[name]:
+            f.unlink()
+    if shards:
+        print(f"{work}: resuming, {len(shards) - len(unfinished)} finished shards kept, "
+              f"{len(unfinished)} unfinished removed")
+
+
+def move_into_place(work: Path, out: Path) -> None:
+    # The key first: a kill between the two leaves a WORK without one, which a rerun resumes.
+    (work / RESUME_KEY).unlink()
+    if out.exists():
+        shutil.rmtree(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(work, out)
+
+
+def stop_children(timeout_s: float = 10) -> None:
+    """End every child process still running: img2dataset's logger process outlives its pool (and
+    would keep this one from exiting), and none may write into WORK once this process is gone."""
+    children = multiprocessing.active_children()
+    for p in children:
+        p.terminate()
+    for p in children:
+        p.join(timeout_s)
+        if p.is_alive():
+            p.kill()
+            p.join()
+
+
+@contextmanager
+def sigterm_raises():
+    """SIGTERM raises Terminated in the main thread, which unwinds img2dataset: leaving its `with
+    Pool` terminates the workers (a shard they were writing has no stats file: it is redone)."""
+    def handler(signum, frame):
+        signal.signal(signal.SIGTERM, lambda *_: None)  # a second SIGTERM must not cut the cleanup short
+        raise Terminated
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    except Terminated:
+        stop_children()
+        raise
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def run_img2dataset(pairs: Path, out: Path, opts: dict) -> None:
@@ -64,7 +164,7 @@ def run_img2dataset(pairs: Path, out: Path, opts: dict) -> None:
         oom_shard_count=opts.get("oom_shard_count", 5),  # digits of a shard's name (img2dataset's default)
         distributor="multiprocessing",
         enable_wandb=False,
-        incremental_mode="incremental",  # a re-run after a crash keeps the finished shards
+        incremental_mode="incremental",  # a rerun skips the shards with a stats file (prepare_work)
     )
 
 
@@ -121,21 +221,33 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--pairs", type=Path, required=True)
     ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--work", type=Path, help="working folder kept across reruns (default OUT.partial)")
     ap.add_argument("--options", required=True, help="JSON of the config's raw section")
     ap.add_argument("--accounting", type=Path, required=True)
     args = ap.parse_args(argv)
     opts = json.loads(args.options)
-    args.out.mkdir(parents=True, exist_ok=True)
+    args.work = work = args.work or args.out.with_name(args.out.name + ".partial")
+    if work.resolve() == args.out.resolve():
+        ap.error("--work must not be --out (Snakemake deletes the output before a rerun)")
+    pairs_sha256 = sha256_file(args.pairs)
+    prepare_work(work, resume_key(pairs_sha256, opts))
     try:
-        run_img2dataset(args.pairs, args.out, opts)
+        with sigterm_raises():
+            run_img2dataset(args.pairs, work, opts)
     except ValueError as e:
         sys.exit(f"error: {e}")
-    counts = account(args.pairs, args.out)
+    except Terminated:
+        sys.exit(f"terminated (SIGTERM): the finished shards stay in {work}, a rerun resumes them")
+    counts = account(args.pairs, work)
     write_json(args.accounting, counts)
-    files = sorted(args.out.glob("*.tar")) + [args.out / "failures.parquet", args.accounting]
+    # Hashed in WORK under their names in OUT: a kill before the move leaves WORK whole.
+    shard_files = sorted(work.glob("*.tar")) + [work / "failures.parquet"]
+    files = {args.out / f.name: sha256_file(f) for f in shard_files}
+    files[args.accounting] = sha256_file(args.accounting)
     write_manifest(manifest_path(args.accounting), "raw", work=(counts["pairs_in"], "pairs"),
                    config={**args_config(args), "options": opts}, files=files, counts=counts,
-                   inputs={str(args.pairs): sha256_file(args.pairs)})
+                   inputs={str(args.pairs): pairs_sha256})
+    move_into_place(work, args.out)
     print(f"{args.pairs}: {counts['pairs_in']} in = {counts['samples_in_shards']} in shards "
           f"+ {counts['failures']} failed {counts['failures_by_reason']}")
 
