@@ -1,14 +1,16 @@
 """Training: FSDP2 loop on gloo with 1 and 2 processes (one node, or two nodes' agents), exact resume
-after a crash, checkpoints, SFT."""
+after a crash or a SIGTERM, checkpoints, SFT."""
 
 from __future__ import annotations
 
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
+import time
 
 import numpy as np
 import open_clip
@@ -26,7 +28,7 @@ from oqvl.pack import build
 from oqvl.train import launch as launcher
 from oqvl.train import sft_data
 from oqvl.train.data import rank_micro_batches, step_indices
-from oqvl.train.trainer import FAULT_ENV, TrainConfig, param_groups, warmup_cosine
+from oqvl.train.trainer import FAULT_ENV, STOPPED_EXIT, TrainConfig, param_groups, warmup_cosine
 
 VISUAL = 16
 CONTEXT = 160
@@ -181,6 +183,39 @@ def test_killed_run_resumes_to_bitwise_identical_weights(one_proc, inputs, tmp_p
     a, b = weights(one_proc), weights(out)
     assert a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_sigterm_saves_exits_and_resumes_to_bitwise_identical_weights(one_proc, inputs, tmp_path):
+    """What SLURM does at a job's time limit or preemption: SIGTERM to torchrun, which passes it on
+    to its worker (SIGKILL if it still runs 30 s later). The worker saves at the step boundary, exits
+    non-zero, and the rerun ends where an uninterrupted run does."""
+    out = tmp_path / "pretrain"
+    args = pretrain_args(inputs, out, save_every=100)  # of 4 steps only the last is a scheduled save
+    agent_log = tmp_path / "agent.log"
+    agent = start(launcher.command(1, 1, args, env={}), agent_log)
+    try:
+        deadline = time.monotonic() + 300
+        while not (out / "train_log.jsonl").is_file() or not (out / "train_log.jsonl").read_text():
+            assert agent.poll() is None and time.monotonic() < deadline, agent_log.read_text()[-3000:]
+            time.sleep(0.02)
+        agent.send_signal(signal.SIGTERM)  # a step is logged
+        sent = time.monotonic()
+        code = agent.wait(timeout=120)
+        waited = time.monotonic() - sent
+    finally:
+        if agent.poll() is None:
+            agent.kill()
+    text = agent_log.read_text()
+    assert code != 0, text[-3000:]
+    assert f"exiting with status {STOPPED_EXIT}" in text and waited < 25  # saved, not killed at 30 s
+    step = json.loads((out / "checkpoints" / "latest.json").read_text())["step"]
+    assert 0 < step < 4 and f"SIGTERM: checkpoint at step {step} of 4 saved" in text
+    assert not (out / "final").exists() and len(log(out)) == step
+    resumed = launch(args)
+    assert f"resuming at step {step}" in resumed.stdout
+    assert [r["loss"] for r in log(out)] == [r["loss"] for r in log(one_proc)]
+    a, b = weights(one_proc), weights(out)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_changed_config_starts_over_and_other_world_size_is_refused(one_proc, inputs, tmp_path):
