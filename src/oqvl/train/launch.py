@@ -82,7 +82,7 @@ def main(argv=None):
         cmd = command(args.nodes, args.nproc_per_node, argv[split + 1:], dict(os.environ), args.port)
     except (LaunchError, subprocess.CalledProcessError, FileNotFoundError) as e:
         sys.exit(f"error: {e}")
-    sys.stdout.flush()
+    sys.stdout.flush()  # exec drops what is still buffered
     os.execvp(cmd[0], cmd)
 
 
