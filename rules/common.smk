@@ -41,8 +41,16 @@ def world_args():
 
 
 def train_launch():
-    """torchrun on one node, one process per GPU (or CPU rank), running `python -m oqvl.train`."""
-    return f"$PY -m torch.distributed.run --standalone --nproc-per-node {config['train']['nproc']} -m oqvl.train"
+    """torchrun on train.nodes nodes (several: srun inside a SLURM allocation), train.nproc processes
+    per node (one per GPU, or CPU ranks), running `python -m oqvl.train` (oqvl.train.launch); the
+    trainer's arguments follow."""
+    t = config["train"]
+    return f"$PY -m oqvl.train.launch --nodes {t['nodes']} --nproc-per-node {t['nproc']} --"
+
+
+def train_world():
+    """Training processes in all: nodes x processes per node."""
+    return config["train"]["nodes"] * config["train"]["nproc"]
 
 
 def train_threads():

@@ -58,7 +58,7 @@ if SCALE.has("train_mlm_filter"):
             init=lambda w, input: os.path.dirname(input.init),
             tokenizer=model_folder("tokenizer"),
             train=MLM["train"],
-            micro=MLM["train"]["global_batch"] // config["train"]["nproc"],
+            micro=MLM["train"]["global_batch"] // train_world(),
             threads=config["train"]["threads"],
             seed=config["seed"],
             launch=train_launch(),

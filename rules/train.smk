@@ -1,6 +1,7 @@
 # Stages 5-6: pretrain each run's model on its packed mixture, then SFT it on instruction data.
-# Both launch `torchrun -m oqvl.train` (FSDP2); a killed job resumes from its last checkpoint
-# (checkpoints/ is kept across reruns because the final outputs are written last).
+# Both launch `torchrun -m oqvl.train` (FSDP2) through oqvl.train.launch (one node, or several
+# under SLURM); a killed or SIGTERMed job resumes from its last checkpoint (checkpoints/ is kept
+# across reruns because the final outputs are written last).
 
 TRAIN = config["train"]
 SFT_DATA = config["sft_data"]

@@ -49,6 +49,9 @@ def ci():
     (lambda c: c["runs"].update(extra={"mixture": "ccs+nothing"}), "runs.extra.mixture: no mixture named"),
     (lambda c: c.update(table4_run="nope"), "table4_run: no run named 'nope'"),
     (lambda c: c["train"]["pretrain"].update(global_batch=6), "train.pretrain.global_batch 6 is not a multiple"),
+    (lambda c: c["train"].update(nodes=2),  # world 2 x 2, micro batch 4: 16 per step at least
+     "train.pretrain.global_batch 8 is not a multiple of train.nodes x train.nproc x micro_batch"),
+    (lambda c: c["train"].update(nodes=0), "train.nodes: 0 is less than the minimum of 1"),
     (lambda c: c["train"]["sft"].update(lr=0), "train.sft.lr: 0 is less than or equal to the minimum of 0"),
     (lambda c: c["filter"]["mlm"].update(threshold=101), "filter.mlm.threshold: 101 is greater than the maximum"),
     (lambda c: c["filter"]["mlm"].update(metric="clip"), "filter.mlm.metric: 'clip' is not one of"),

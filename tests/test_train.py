@@ -1,12 +1,16 @@
-"""Training: FSDP2 loop on gloo with 1 and 2 processes, exact resume after a crash, checkpoints, SFT."""
+"""Training: FSDP2 loop on gloo with 1 and 2 processes (one node, or two nodes' agents), exact resume
+after a crash or a SIGTERM, checkpoints, SFT."""
 
 from __future__ import annotations
 
 import json
 import os
 import shutil
+import signal
+import socket
 import subprocess
 import sys
+import time
 
 import numpy as np
 import open_clip
@@ -21,9 +25,10 @@ from oqvl.model.chat import IGNORE_INDEX
 from oqvl.model.tokenizer import build_qwen2_tokenizer, load_tokenizer
 from oqvl.model.vlm import OpenQwen2VL
 from oqvl.pack import build
+from oqvl.train import launch as launcher
 from oqvl.train import sft_data
 from oqvl.train.data import rank_micro_batches, step_indices
-from oqvl.train.trainer import FAULT_ENV, TrainConfig, param_groups, warmup_cosine
+from oqvl.train.trainer import FAULT_ENV, STOPPED_EXIT, TrainConfig, param_groups, warmup_cosine
 
 VISUAL = 16
 CONTEXT = 160
@@ -56,9 +61,9 @@ def pretrain_args(inputs, out, **kw):
 
 
 def launch(args, nproc=None, env=None, check=True):
-    """Run the trainer as a user would: `python -m oqvl.train` or under torchrun."""
-    cmd = ([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-            "-m", "oqvl.train"] if nproc else [sys.executable, "-m", "oqvl.train"]) + args
+    """Run the trainer as a user would: `python -m oqvl.train` or under torchrun (the launcher's
+    one-node command)."""
+    cmd = launcher.command(1, nproc, args, env={}) if nproc else [sys.executable, "-m", "oqvl.train", *args]
     proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **(env or {})})
     if check and proc.returncode != 0:
         raise AssertionError(f"trainer failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
@@ -112,16 +117,56 @@ def test_frozen_vision_tower_unchanged(one_proc, inputs):
             assert torch.equal(final["vision." + k[len("visual."):]], v), k
 
 
-def test_two_processes_train_the_same_model(one_proc, inputs, tmp_path):
-    """Global batch 4: one process runs 2 micro batches of 2, two run one each; same losses."""
-    out = tmp_path / "pretrain"
+@pytest.fixture(scope="module")
+def two_proc(inputs, tmp_path_factory):
+    out = tmp_path_factory.mktemp("run2") / "pretrain"
     launch(pretrain_args(inputs, out), nproc=2)
-    one, two = log(one_proc), log(out)
+    return out
+
+
+def test_two_processes_train_the_same_model(one_proc, two_proc):
+    """Global batch 4: one process runs 2 micro batches of 2, two run one each; same losses."""
+    one, two = log(one_proc), log(two_proc)
     np.testing.assert_allclose([r["loss"] for r in two], [r["loss"] for r in one], rtol=2e-4)
     assert [r["tokens"] for r in two] == [r["tokens"] for r in one]
-    assert sorted(p.name for p in (out / "checkpoints" / "step_000004").iterdir()) == [
+    assert sorted(p.name for p in (two_proc / "checkpoints" / "step_000004").iterdir()) == [
         "rank00000-of-00002.safetensors", "rank00001-of-00002.safetensors", "state.json"]
-    a, b = weights(one_proc), weights(out)
+    a, b = weights(one_proc), weights(two_proc)
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-3
+
+
+def start(cmd, log_file):
+    """A process writing its output to log_file (no pipe to fill while the test waits)."""
+    with open(log_file, "w") as f:
+        return subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_nodes_train_the_same_model(two_proc, inputs, tmp_path):
+    """Two torchrun agents of one process each, meeting in a c10d rendezvous as two nodes would
+    (the launcher's multi-node command, with 127.0.0.1 for the allocation's first host): the
+    same model as one node of two processes."""
+    out = tmp_path / "pretrain"
+    cmd = launcher.torchrun(2, 1, pretrain_args(inputs, out), f"127.0.0.1:{free_port()}", "two-nodes")
+    logs = [tmp_path / f"agent{i}.log" for i in range(2)]
+    agents = [start(cmd, f) for f in logs]
+    try:
+        codes = [a.wait(timeout=600) for a in agents]
+    finally:
+        for a in agents:
+            if a.poll() is None:
+                a.kill()
+    assert codes == [0, 0], "\n".join(f.read_text()[-3000:] for f in logs)
+    one, two = log(two_proc), log(out)
+    np.testing.assert_allclose([r["loss"] for r in two], [r["loss"] for r in one], rtol=2e-4)
+    assert [r["tokens"] for r in two] == [r["tokens"] for r in one]
+    assert json.loads((out / "summary.json").read_text())["world_size"] == 2
+    a, b = weights(two_proc), weights(out)
     assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-3
 
 
@@ -140,11 +185,45 @@ def test_killed_run_resumes_to_bitwise_identical_weights(one_proc, inputs, tmp_p
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_sigterm_saves_exits_and_resumes_to_bitwise_identical_weights(one_proc, inputs, tmp_path):
+    """What SLURM does at a job's time limit or preemption: SIGTERM to torchrun, which passes it on
+    to its worker (SIGKILL if it still runs 30 s later). The worker saves at the step boundary, exits
+    non-zero, and the rerun ends where an uninterrupted run does."""
+    out = tmp_path / "pretrain"
+    args = pretrain_args(inputs, out, save_every=100)  # of 4 steps only the last is a scheduled save
+    agent_log = tmp_path / "agent.log"
+    agent = start(launcher.command(1, 1, args, env={}), agent_log)
+    try:
+        deadline = time.monotonic() + 300
+        while not (out / "train_log.jsonl").is_file() or not (out / "train_log.jsonl").read_text():
+            assert agent.poll() is None and time.monotonic() < deadline, agent_log.read_text()[-3000:]
+            time.sleep(0.02)
+        agent.send_signal(signal.SIGTERM)  # a step is logged
+        sent = time.monotonic()
+        code = agent.wait(timeout=120)
+        waited = time.monotonic() - sent
+    finally:
+        if agent.poll() is None:
+            agent.kill()
+    text = agent_log.read_text()
+    assert code != 0, text[-3000:]
+    assert f"exiting with status {STOPPED_EXIT}" in text and waited < 25  # saved, not killed at 30 s
+    step = json.loads((out / "checkpoints" / "latest.json").read_text())["step"]
+    assert 0 < step < 4 and f"SIGTERM: checkpoint at step {step} of 4 saved" in text
+    assert not (out / "final").exists() and len(log(out)) == step
+    resumed = launch(args)
+    assert f"resuming at step {step}" in resumed.stdout
+    assert [r["loss"] for r in log(out)] == [r["loss"] for r in log(one_proc)]
+    a, b = weights(one_proc), weights(out)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_changed_config_starts_over_and_other_world_size_is_refused(one_proc, inputs, tmp_path):
     out = tmp_path / "pretrain"
     launch(pretrain_args(inputs, out), env={FAULT_ENV: "2"}, check=False)
     bad = launch(pretrain_args(inputs, out), nproc=2, check=False)
-    assert bad.returncode != 0 and "saved by 1 processes, resuming with 2" in (bad.stderr + bad.stdout)
+    assert bad.returncode != 0 and "saved by 1 processes, resuming with 2 (1 node(s) x 2)" in bad.stderr
+    assert "set train.nodes x train.nproc (--nodes x --nproc-per-node) to it" in bad.stderr
     redo = launch(pretrain_args(inputs, out, lr=1e-3))
     assert "checkpoints of another training config or other inputs, starting over" in redo.stdout
     assert "from scratch" in redo.stdout and [r["step"] for r in log(out)] == [1, 2, 3, 4]

@@ -116,9 +116,10 @@ def test_paper_config_trains_on_8_processes_from_the_released_models(tmp_path):
     proc = snakemake(tmp_path, "-n", "-p", "results/runs/ccs+datacomp/sft/final/config.json",
                      "--allowed-rules", "pretrain", "sft", configfile=cfg)
     out = proc.stdout + proc.stderr
-    pretrain = next(line for line in out.splitlines() if " -m oqvl.train pretrain " in line)
-    sft = next(line for line in out.splitlines() if " -m oqvl.train sft " in line)
-    for flag in ("--nproc-per-node 8", "--preset open-qwen2vl", "--lm-path models/Qwen2.5-1.5B-Instruct",
+    launches = [line for line in out.splitlines() if " -m oqvl.train.launch " in line]
+    pretrain = next(line for line in launches if " -- pretrain " in line)
+    sft = next(line for line in launches if " -- sft " in line)
+    for flag in ("--nodes 1 --nproc-per-node 8 --", "--preset open-qwen2vl", "--lm-path models/Qwen2.5-1.5B-Instruct",
                  "--visual-tokens-pretrain 144", "--visual-tokens-sft 729", "--grad-checkpointing",
                  "--lr 5e-05", "--epochs 1", "--freeze-vision", "--no-doc-isolation", "--betas 0.9 0.999",
                  "--eps 1e-08"):

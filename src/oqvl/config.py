@@ -82,6 +82,7 @@ def _check_downloads(config: dict, schema: dict) -> None:
 
 def _check_semantics(config: dict) -> None:
     """What JSON Schema cannot say (what each scale needs is oqvl.scale's to check)."""
+    world = config["train"]["nodes"] * config["train"]["nproc"]  # training processes in all
     for name, source in config["sources"].items():
         total = sum(source.get("corruption", {}).values())
         if total > 1 + 1e-9:
@@ -115,9 +116,9 @@ def _check_semantics(config: dict) -> None:
             if "shards" in config["sources"][src]:
                 raise ConfigError(f"filter.mlm.sources: {src!r} is released shards (already filtered); "
                                   f"the MLM-Filter scores downloaded sources")
-        if mlm["train"] and mlm["train"].get("global_batch", 0) % config["train"]["nproc"]:
+        if mlm["train"] and mlm["train"].get("global_batch", 0) % world:
             raise ConfigError(f"filter.mlm.train.global_batch {mlm['train']['global_batch']} is not a "
-                              f"multiple of train.nproc")
+                              f"multiple of train.nodes x train.nproc")
     mlm_sources = set(mlm["sources"]) if mlm else set()
     for name, mix in config["mixtures"].items():
         for src in mix["sources"]:
@@ -167,9 +168,9 @@ def _check_semantics(config: dict) -> None:
         raise ConfigError("sft_data.kind_weights: at least one weight must be positive")
     for stage in ("pretrain", "sft"):
         opt = config["train"][stage]
-        if opt["global_batch"] % (config["train"]["nproc"] * opt["micro_batch"]):
+        if opt["global_batch"] % (world * opt["micro_batch"]):
             raise ConfigError(f"train.{stage}.global_batch {opt['global_batch']} is not a multiple of "
-                              f"train.nproc x micro_batch")
+                              f"train.nodes x train.nproc x micro_batch")
 
 
 # What each filter method needs besides its method (the keep rule: one of threshold and fraction).

@@ -10,8 +10,9 @@
 Every rank writes its own FSDP2 shards (DTensor local tensors) into `step_N.tmp/`; after a
 barrier rank 0 writes state.json, renames the directory and then updates latest.json, each by
 write-then-rename, so a crash at any point leaves the previous checkpoint intact and never a
-half-written one that looks complete. Resuming needs the same world size (the shards are split
-for it); the consolidated final model (`save_pretrained`) has no such restriction.
+half-written one that looks complete. Resuming needs the same world size, nodes x processes per
+node (the shards are split for it); the consolidated final model (`save_pretrained`) has no such
+restriction.
 
 The optimizer state is restored into the optimizer (the reference code scattered it and never
 loaded it, so its resumed runs restarted Adam's moments from zero).
@@ -156,8 +157,11 @@ def load(ckpt: Path, model, optimizer, scheduler) -> dict:
     if state.get("format") != FORMAT:
         raise ValueError(f"{ckpt}: not a {FORMAT} checkpoint")
     if state["world_size"] != world:
-        raise ValueError(f"{ckpt}: saved by {state['world_size']} processes, resuming with {world}; "
-                         f"resume with --nproc {state['world_size']} (shards are split per process)")
+        per_node = int(os.environ.get("LOCAL_WORLD_SIZE", world))  # torchrun's processes per node
+        raise ValueError(f"{ckpt}: saved by {state['world_size']} processes, resuming with {world} "
+                         f"({world // per_node} node(s) x {per_node}); the world size is nodes x processes "
+                         f"per node and must be {state['world_size']} to resume (the shards are split per "
+                         f"process): set train.nodes x train.nproc (--nodes x --nproc-per-node) to it")
     tensors = load_file(str(ckpt / shard_file(rank, world)))
 
     msd = get_model_state_dict(model)

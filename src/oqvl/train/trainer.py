@@ -18,6 +18,10 @@ grad_norm, ...), loss.png, checkpoints/ (sharded, every --save-every steps; see 
 final/ (the consolidated model + tokenizer: config.json, model.safetensors, tokenizer files),
 summary.json (steps, tokens, seconds, throughput, device) and, last, manifest.json (oqvl.manifest:
 tokens trained, the resolved config, the identity of every input).
+
+SIGTERM (SLURM's time limit, preemption) during the steps: a checkpoint at the end of the current
+step, then exit STOPPED_EXIT; the rerun resumes there. oqvl.train.launch starts torchrun on one
+node or, under SLURM, several.
 """
 
 from __future__ import annotations
@@ -26,10 +30,12 @@ import json
 import math
 import os
 import shutil
+import signal
 import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 import torch.distributed as dist
@@ -52,6 +58,7 @@ from .plot import plot_loss
 from .sft_data import load_records
 
 FAULT_ENV = "OQVL_FAULT_AFTER_STEP"  # tests: exit abruptly after this step (a crash mid-run)
+STOPPED_EXIT = 128 + signal.SIGTERM  # told to stop (SIGTERM), checkpoint saved: rerun to resume
 
 
 @dataclass
@@ -197,6 +204,23 @@ def all_sum(x: float, device) -> float:
     return float(t)
 
 
+def any_rank(flag: bool, device) -> bool:
+    """True on every rank if it is True on one: all ranks then take the same branch (a collective
+    save entered by some ranks only would wait forever)."""
+    t = torch.tensor(int(flag), dtype=torch.int32, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t)
+
+
+def stop_on_sigterm() -> SimpleNamespace:
+    """From now on SIGTERM (SLURM's time limit or preemption; torchrun passes it on to its workers)
+    only sets `.requested`: the loop acts on it at the next step boundary, where every rank can
+    save. `.previous` is the handler it replaced."""
+    stop = SimpleNamespace(requested=False)
+    stop.previous = signal.signal(signal.SIGTERM, lambda signum, frame: setattr(stop, "requested", True))
+    return stop
+
+
 # ------------------------------------------------------------------------------ optimisation
 
 def param_groups(model, weight_decay: float) -> list[dict]:
@@ -311,6 +335,7 @@ def _train(cfg: TrainConfig, rank: int, world: int, device: torch.device) -> dic
               f"on {device}, {'resuming at step ' + str(start) if start else 'from scratch'}", flush=True)
 
     fault = int(os.environ.get(FAULT_ENV, "0"))
+    stop = stop_on_sigterm()  # not earlier: before the first step there is nothing to save
     params = [p for p in model.parameters() if p.requires_grad]
     bar = tqdm(total=steps, initial=start, desc=cfg.stage, unit="step", mininterval=5, disable=rank != 0)
     totals = {"tokens": 0.0, "loss_tokens": 0.0, "seconds": 0.0}
@@ -353,12 +378,21 @@ def _train(cfg: TrainConfig, rank: int, world: int, device: torch.device) -> dic
                 f.write(json.dumps(record) + "\n")
             bar.set_postfix(loss=f"{loss_value:.3f}", refresh=False)
             bar.update(1)
-        if (step + 1) % cfg.save_every == 0 or step + 1 == steps:
+        scheduled = (step + 1) % cfg.save_every == 0 or step + 1 == steps
+        if scheduled:
             ckpt.save(ckpt_root, step + 1, model, opt, sched,
                       {"train_config": key}, cfg.keep_last)
         if fault and step + 1 == fault:
             os._exit(17)  # no cleanup, no flush: what a killed process leaves behind
+        if any_rank(stop.requested, device):
+            if not scheduled:
+                ckpt.save(ckpt_root, step + 1, model, opt, sched, {"train_config": key}, cfg.keep_last)
+            if rank == 0:
+                print(f"{cfg.stage}: SIGTERM: checkpoint at step {step + 1} of {steps} saved, exiting "
+                      f"with status {STOPPED_EXIT}; a rerun resumes there", flush=True)
+            raise SystemExit(STOPPED_EXIT)  # non-zero: Snakemake / SLURM rerun the job
     bar.close()
+    signal.signal(signal.SIGTERM, stop.previous)  # finishing: SIGTERM ends it at once (final/ is atomic)
 
     full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     summary = {}
