@@ -19,7 +19,7 @@ TRAINING = {"pretrain", "sft", "train_mlm_filter"}
 def asks(rule, gpus=0):
     """What a rule's jobs ask the scheduler for (oqvl.cluster): its label's CPUs, memory and time,
     its GPUs, the nodes of a training job (train.nodes), the site's partition."""
-    nodes = config["train"].get("nodes", 1) if rule in TRAINING else 1
+    nodes = config["train"]["nodes"] if rule in TRAINING else 1
     return cluster.job_resources(config, rule, gpus=gpus, nodes=nodes, site=SITE)
 
 

@@ -107,6 +107,14 @@ def test_paper_scale_dry_run_under_the_slurm_profile_shows_every_jobs_resources(
     assert "cpus_per_task=64" in resources("sft") and "--signal=TERM@600" in resources("sft")
     assert "gpu=1" in resources("evaluate") and "mem_mb=64000" in resources("evaluate")
     assert "cpus_per_task=32" in resources("download") and "gpu=0" in resources("download")
+    # Across nodes, `train.nodes` is all that changes: GPUs per node, one task per node, srun.
+    two = yaml.safe_load(cfg.read_text())
+    two["train"]["nodes"] = 2
+    two["train"]["pretrain"]["micro_batch"] = 2  # the recipe's global batch of 32 over 16 GPUs
+    cfg.write_text(yaml.safe_dump(two, sort_keys=False))
+    out = snakemake(tmp_path, "--profile", str(SLURM_PROFILE), "-n", "results/table4.csv", configfile=cfg).stdout
+    assert all(f in resources("pretrain") for f in ("nodes=2", "tasks=2", "gres=gpu:8", "mpi=srun"))
+    assert "-m oqvl.train.launch --nodes 2 --nproc-per-node 8 -- pretrain" in out
     # Nothing caps the GPUs: the default profile, loaded beside it, sets no gpu limit.
     assert "gpu" not in yaml.safe_load((REPO / "profiles" / "default" / "config.yaml").read_text()).get("resources", [])
 

@@ -59,6 +59,7 @@ NOT_RECIPE = {
     "sources.*.download.threads": "download parallelism only",
     "train.threads": "CPU threads per process (0: torch's default)",
     "train.nodes": "machines the processes run on (the global batch, not the world size, is the recipe)",
+    "cluster.*": "what each job asks the cluster for (the paper ran on its own machines)",
     "sft_data.path": "where the user put the SFT data",
     "sft_data.image_root": "where the user put the SFT images",
     "runs.*.sft_data.path": "where the user put the SFT data",
