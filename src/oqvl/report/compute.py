@@ -8,8 +8,9 @@ The workflow's compute rule declares every file named there as an input (rules/r
 nothing else is read. Each job's benchmark file (Snakemake's extended format, set in the default
 profile) gives wall seconds, CPU seconds, peak RSS, threads and the resources Snakemake granted;
 its manifest (oqvl.manifest) gives the work it did and the device it ran on. One row of
-compute.csv per job (`row_type=job`): gpu_h = GPUs x wall hours, so a job recorded with gpu 0 (a GPU
-rule run under `--resources gpu=0`) costs no GPU-hours and its throughput is per core. Below the
+compute.csv per job (`row_type=job`): gpu_h = GPUs x wall hours, so a job recorded with gpu 0 (every
+toy job) costs no GPU-hours and its throughput is per core; under SLURM, SLURM's own record of each
+job stands beside it (slurm_* columns, `slurm_records`). Below the
 jobs, `row_type=projection` rows project the paper-scale pretraining from each measured
 pretraining run, and `row_type=paper` rows give the paper's own figures; the method is in
 docs/compute.md.
