@@ -153,7 +153,12 @@ def _sha(path: Path) -> str:
 
 @pytest.mark.slow
 def test_the_ci_subset_through_real_slurm_equals_the_local_run(local_slurm, ci_run, tmp_path):
-    snakemake(tmp_path, *SLURM_RUN, *ci_targets(), configfile=CI_CONFIG, env=local_slurm.env)
+    proc = snakemake(tmp_path, *SLURM_RUN, *ci_targets(), configfile=CI_CONFIG, env=local_slurm.env, check=False)
+    if proc.returncode != 0:  # the failed jobs' SLURM logs (their srun errors) and the daemons' logs
+        logs = sorted((tmp_path / "results" / "logs" / "slurm").rglob("*.log"))
+        detail = "\n".join(f"--- {p}\n{p.read_text()[-1500:]}" for p in logs[-4:])
+        pytest.fail(f"snakemake under SLURM failed ({proc.returncode}):\n{proc.stderr[-4000:]}\n"
+                    f"{detail}\n{local_slurm.logs()}")
     results = tmp_path / "results"
     # Every job went through sbatch: one SLURM job per benchmark record, each completed.
     benchmarks = sorted((results / "benchmarks").rglob("*.tsv"))
