@@ -151,8 +151,17 @@ def _sha(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+def _same_tensors(a: Path, b: Path) -> bool:
+    """Bitwise the same weights (the files' metadata order may differ)."""
+    from safetensors.torch import load_file
+
+    x, y = load_file(a), load_file(b)
+    return x.keys() == y.keys() and all(x[k].equal(y[k]) for k in x)
+
+
 @pytest.mark.slow
 def test_the_ci_subset_through_real_slurm_equals_the_local_run(local_slurm, ci_run, tmp_path):
+    earlier = {j["JobId"] for j in local_slurm.completions()}
     proc = snakemake(tmp_path, *SLURM_RUN, *ci_targets(), configfile=CI_CONFIG, env=local_slurm.env, check=False)
     if proc.returncode != 0:  # the failed jobs' SLURM logs (their srun errors) and the daemons' logs
         logs = sorted((tmp_path / "results" / "logs" / "slurm").rglob("*.log"))
@@ -162,7 +171,7 @@ def test_the_ci_subset_through_real_slurm_equals_the_local_run(local_slurm, ci_r
     results = tmp_path / "results"
     # Every job went through sbatch: one SLURM job per benchmark record, each completed.
     benchmarks = sorted((results / "benchmarks").rglob("*.tsv"))
-    jobs = local_slurm.completions()
+    jobs = [j for j in local_slurm.completions() if j["JobId"] not in earlier]
     assert len(jobs) == len(benchmarks) and {j["JobState"] for j in jobs} == {"COMPLETED"}, jobs
     # The outputs equal the local run's: the same files, the deterministic ones byte for byte,
     # and the trained weights and their evaluations too (same machine, same threads).
@@ -170,9 +179,15 @@ def test_the_ci_subset_through_real_slurm_equals_the_local_run(local_slurm, ci_r
     remote["outputs"] = [f for f in remote["outputs"] if not f.startswith("results/logs/slurm/")]
     assert remote["outputs"] == local["outputs"]
     assert remote["hashes"] == local["hashes"]
+    models = [f for f in local["outputs"] if f.endswith("/model.safetensors") and ("/final/" in f or "/init/" in f)]
+    assert len(models) >= 4  # the MLM-Filter's init and final, the run's pretrain and sft
+    for f in models:
+        assert _same_tensors(tmp_path / f, ci_run / f), f
     for f in local["outputs"]:
-        if f.endswith(".safetensors") and "/final/" in f or f.startswith("results/runs/") and f.endswith("/eval/tidy.csv"):
+        if f.startswith("results/runs/") and f.endswith("/eval/tidy.csv"):
             assert _sha(tmp_path / f) == _sha(ci_run / f), f
+    # compute.csv, built under SLURM after the DAG (the local CI run does not build it).
+    proc = snakemake(tmp_path, *SLURM_RUN, "results/compute.csv", configfile=CI_CONFIG, env=local_slurm.env)
     # The accounting knows each job's SLURM job, and SLURM's own record of it (sacct --completion)
     # agrees: nothing granted a GPU, and no benchmark outlasted its SLURM job.
     table = pd.read_csv(results / "compute.csv", dtype={"slurm_job": str})

@@ -41,7 +41,7 @@ VARYING = {
     "results/filter/*/clip_*": "scores of the trained CLIP model",
     "results/filter/*/kept*": "decisions on those scores",
     "results/filter/*/mlm_*": "scores of the trained MLM-Filter",
-    "results/filter/mlm_model/init/*": "random initialisation, saved with safetensors' unordered metadata",
+    "results/filter/mlm_model/init/*": "the seeded untrained model, saved with safetensors' unordered metadata",
     "results/filter/mlm_model/train/*": "trained weights and their checkpoints",
     "results/filter/quality/*": "precision and recall of those decisions",
     "results/packed/*": "packs the mixture's kept pairs",

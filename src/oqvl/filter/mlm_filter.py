@@ -254,12 +254,15 @@ def seed_conversations(n: int, seed: int, world, metric: str) -> pd.DataFrame:
 def make_seed(out: Path, n: int, seed: int, world, metric: str, vision_weights: str, tokenizer: str,
               visual_tokens: int) -> dict:
     """OUT/seed.parquet (the training conversations) and OUT/init/ (the untrained toy VLM)."""
+    import torch
+
     from ..model.tokenizer import load_tokenizer
     from ..model.vlm import OpenQwen2VL
 
     out.mkdir(parents=True, exist_ok=True)
     df = seed_conversations(n, seed, world, metric)
     write_parquet(df, out / "seed.parquet")
+    torch.manual_seed(seed)  # the untrained LM's weights: the same in every run of this config
     model = OpenQwen2VL.from_preset("toy", vision_weights=vision_weights, visual_tokens_pretrain=visual_tokens,
                                     visual_tokens_sft=visual_tokens)
     model.save_pretrained(out / "init")
