@@ -81,7 +81,7 @@ def test_paper_config_plans_the_final_model_and_the_isolation_ablation(tmp_path)
     cfg = paper_downloads(tmp_path)
     proc = snakemake(tmp_path, "-n", "-p", "results/table4.csv", "results/table3.csv", configfile=cfg)
     out = proc.stdout + proc.stderr
-    sft = [line for line in out.splitlines() if " -m oqvl.train sft " in line]
+    sft = [line for line in out.splitlines() if "-m oqvl.train.launch " in line and " -- sft " in line]
     mammoth = next(line for line in sft if "runs/ccs+datacomp_mlm+mammoth/sft" in line)
     assert "--init-from results/runs/ccs+datacomp_mlm/pretrain/final" in mammoth
     assert "--sft-data data/MAmmoTH-VL-Instruct-12M/mammoth_si_10M_simple.jsonl" in mammoth
@@ -89,7 +89,7 @@ def test_paper_config_plans_the_final_model_and_the_isolation_ablation(tmp_path)
     assert "--too-long truncate" in mammoth and "--document-tokens reference" in mammoth
     assert "--steps 150000" in mammoth and "--steps 150000" not in next(
         line for line in sft if "runs/ccs+datacomp_mlm/sft" in line)
-    pretrain = [line for line in out.splitlines() if " -m oqvl.train pretrain " in line]
+    pretrain = [line for line in out.splitlines() if "-m oqvl.train.launch " in line and " -- pretrain " in line]
     assert not any("runs/ccs+datacomp_mlm+mammoth/" in line for line in pretrain)
     isolated = next(line for line in pretrain if "runs/ccs+datacomp_mlm+isolation/" in line)
     assert "--doc-isolation" in isolated.replace("--no-doc-isolation", "")
