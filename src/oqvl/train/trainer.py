@@ -378,15 +378,13 @@ def _train(cfg: TrainConfig, rank: int, world: int, device: torch.device) -> dic
                 f.write(json.dumps(record) + "\n")
             bar.set_postfix(loss=f"{loss_value:.3f}", refresh=False)
             bar.update(1)
-        scheduled = (step + 1) % cfg.save_every == 0 or step + 1 == steps
-        if scheduled:
+        stopping = any_rank(stop.requested, device)
+        if stopping or (step + 1) % cfg.save_every == 0 or step + 1 == steps:
             ckpt.save(ckpt_root, step + 1, model, opt, sched,
                       {"train_config": key}, cfg.keep_last)
         if fault and step + 1 == fault:
             os._exit(17)  # no cleanup, no flush: what a killed process leaves behind
-        if any_rank(stop.requested, device):
-            if not scheduled:
-                ckpt.save(ckpt_root, step + 1, model, opt, sched, {"train_config": key}, cfg.keep_last)
+        if stopping:
             if rank == 0:
                 print(f"{cfg.stage}: SIGTERM: checkpoint at step {step + 1} of {steps} saved, exiting "
                       f"with status {STOPPED_EXIT}; a rerun resumes there", flush=True)
