@@ -15,7 +15,8 @@ from conftest import REPO, snakemake
 from PIL import Image
 
 from oqvl.report import compute, plots, tables
-from oqvl.report.compute import ModelCost, flop_factors, flops_per_token, project_hours
+from oqvl.model.flops import ModelCost, flop_factors, flops_per_token
+from oqvl.report.compute import project_hours
 
 HEADER = ("s\th:m:s\tmax_rss\tmax_vms\tmax_uss\tmax_pss\tio_in\tio_out\tmean_load\tcpu_time\tjobid\t"
           "rule_name\twildcards\tparams\tthreads\tcpu_usage\tresources\tinput_size_mb")
@@ -312,7 +313,10 @@ def test_projection_rows_by_hand(world):
     f_toy = 6 * ((p["lm"] - TOY_HEAD) + TOY_HEAD * 100_000 / 400_000) + (2 * p["vision"] * 64 + 6 * p["projector"] * 16) / 38
     L = 144 + 20 + 2
     f_paper = (6 * ((proj["lm_params"] - proj["lm_head_params"]) + proj["lm_head_params"] * 21 / L)
-               + (2 * proj["vision_params"] * 729 + 6 * proj["projector_params"] * 144) / L)
+               + (2 * proj["vision_params"] * 729 + 6 * proj["projector_params"] * 144) / L
+               # attention: the LM's over the reference's full causal 4096-token sequences, the
+               # tower's over its 729 patches (docs/performance.md)
+               + 6 * 2 * 28 * 1536 * 4097 / 2 + 2 * 2 * 26 * 1152 * 729 ** 2 / L)
     hours = 5e9 * f_paper / (4000 * f_toy) / 3600
     r13 = rows["r13"]
     assert r13["wall_h"] == pytest.approx(hours, rel=1e-9)
@@ -336,6 +340,7 @@ def test_projection_from_a_paper_scale_run_is_tokens_over_throughput(world):
     s = json.loads(path.read_text())
     s["train_config"] = {"preset": "open-qwen2vl"}
     s["loss_tokens"] = s["tokens"] * 21 / 166  # caption + EOS of 144 + 20 + 2, as the formula assumes
+    s["attn_pairs"] = s["tokens"] * 4097 / 2  # full causal 4096-token sequences, as the reference
     path.write_text(json.dumps(s))
     cfg = {**CONFIG, "report": {"projection": {"text_tokens_per_image": 20}}}
     r12 = next(r for r in compute.projection_rows(cfg, world.pretrain) if r["run"] == "r12")

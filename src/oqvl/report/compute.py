@@ -31,6 +31,7 @@ from pathlib import Path
 import pandas as pd
 
 from ..manifest import REPO_ROOT
+from ..model.flops import PARTS, ModelCost, flops_per_token
 
 COLUMNS = ["row_type", "stage", "rule", "job", "run", "device", "gpus", "threads", "wall_h", "gpu_h",
            "cpu_h", "peak_mem_mb", "work", "work_unit", "throughput", "throughput_unit", "benchmark",
@@ -42,12 +43,17 @@ TRAIN_STAGES = ("pretrain", "sft")
 DEFAULT_REPORT = {
     "projection": {
         "tokens": 5.0e9,
-        "vision_params": 428_225_600,
+        "vision_params": 396_905_632,
         "projector_params": 4_131_840,
         "lm_params": 1_543_714_304,
         "lm_head_params": 233_373_696,
         "patches_per_image": 729,
         "visual_tokens": 144,
+        "lm_layers": 28,
+        "lm_width": 1536,
+        "vision_layers": 26,
+        "vision_width": 1152,
+        "attention_span": 2048.5,
         "text_tokens_per_image": None,
         "trainable": ["projector", "lm"],
     },
@@ -280,51 +286,6 @@ def job_rows(jobs: list) -> pd.DataFrame:
 
 # ------------------------------------------------------------------------------------ projection
 
-PARTS = ("vision", "projector", "lm")  # the order activations flow in
-
-
-@dataclass
-class ModelCost:
-    """What a model costs per token and per image (see docs/compute.md)."""
-    vision_params: float
-    projector_params: float
-    lm_params: float        # unique LM parameters (a tied head counted once)
-    lm_head_params: float   # vocab x hidden: the output matmul, run only where a loss is taken
-    patches_per_image: int
-    visual_tokens: int
-    trainable: tuple[str, ...] = ("projector", "lm")
-
-
-def flop_factors(trainable) -> dict[str, int]:
-    """FLOPs per parameter per token: 6 trained (forward + both backward matmuls), 4 frozen but
-    below a trained part (its input gradient is still needed), 2 frozen with nothing trained
-    below it (forward only)."""
-    out, upstream_trained = {}, False
-    for part in PARTS:
-        if part in trainable:
-            out[part] = 6
-            upstream_trained = True
-        else:
-            out[part] = 4 if upstream_trained else 2
-    return out
-
-
-def flops_per_token(m: ModelCost, text_tokens_per_image: float, loss_fraction: float | None = None) -> float:
-    """Training FLOPs per packed (non-padding) token of image-caption documents.
-
-    A document is BOS + visual tokens + caption + EOS, L = visual + text + 2 tokens. The LM body
-    runs on every token, its head only on loss tokens (caption + EOS, by default); the vision
-    tower runs once per image on every patch, the projector once per visual token."""
-    k = flop_factors(m.trainable)
-    doc_len = m.visual_tokens + text_tokens_per_image + 2
-    if loss_fraction is None:
-        loss_fraction = (text_tokens_per_image + 1) / doc_len
-    lm = k["lm"] * ((m.lm_params - m.lm_head_params) + m.lm_head_params * loss_fraction)
-    per_image = (k["vision"] * m.vision_params * m.patches_per_image
-                 + k["projector"] * m.projector_params * m.visual_tokens)
-    return lm + per_image / doc_len
-
-
 def project_hours(tokens_per_s_per_device: float, measured_flops_per_token: float,
                   target_flops_per_token: float, target_tokens: float) -> float:
     """Device-hours to process target_tokens at the measured FLOP rate per device."""
@@ -372,7 +333,10 @@ def preset_model_cost(preset_name: str, params: dict, visual_tokens: int, traina
 def measured_model_cost(summary: dict, stats: dict, config: dict, paper: ModelCost, default_trainable) -> ModelCost:
     """The model a pretraining run trained: its preset (from the summary's train_config, else by
     scale), at the visual tokens its mixture was packed with; a preset that loads a released LM
-    is the paper's model."""
+    is the paper's model. A summary that carries the trainer's own FLOP model (`flop_model`,
+    oqvl.model.flops.model_cost) is taken as it is."""
+    if summary.get("flop_model"):
+        return ModelCost(**summary["flop_model"])
     preset = (summary.get("train_config") or {}).get("preset") or ("toy" if config.get("scale") != "paper" else None)
     path = REPO_ROOT / "src" / "oqvl" / "model" / "model_configs" / f"{preset}.json"
     if preset is None or not path.is_file() or "config" not in json.loads(path.read_text())["lm"]:
@@ -397,7 +361,8 @@ def paper_model_cost(proj: dict) -> ModelCost:
     return ModelCost(vision_params=proj["vision_params"], projector_params=proj["projector_params"],
                      lm_params=proj["lm_params"], lm_head_params=proj["lm_head_params"],
                      patches_per_image=proj["patches_per_image"], visual_tokens=proj["visual_tokens"],
-                     trainable=tuple(proj["trainable"]))
+                     trainable=tuple(proj["trainable"]), lm_layers=proj["lm_layers"], lm_width=proj["lm_width"],
+                     vision_layers=proj["vision_layers"], vision_width=proj["vision_width"])
 
 
 def report_settings(config: dict) -> dict:
@@ -434,8 +399,9 @@ def projection_rows(config: dict, pretrain: dict, jobs: pd.DataFrame | None = No
         text_used = text
         measured = measured_model_cost(s, stats, config, paper, proj["trainable"])
         loss_fraction = s["loss_tokens"] / s["tokens"] if s.get("tokens") and s.get("loss_tokens") else None
-        f_meas = flops_per_token(measured, measured_text, loss_fraction)
-        f_paper = flops_per_token(paper, text)
+        span = s["attn_pairs"] / s["tokens"] if s.get("attn_pairs") and s.get("tokens") else None
+        f_meas = flops_per_token(measured, measured_text, loss_fraction, attention_span=span)
+        f_paper = flops_per_token(paper, text, attention_span=proj["attention_span"])
         device = s.get("device") or "cpu"
         on_gpu = device.lower() != "cpu" and (s.get("gpus") or 0) > 0
         per_device = s["tokens_per_s"] / (s["gpus"] if on_gpu else 1)
@@ -458,7 +424,7 @@ def projection_rows(config: dict, pretrain: dict, jobs: pd.DataFrame | None = No
     for version, hours in rep["paper_gpu_hours"].items():
         note = f"paper's figure ({version})"
         if text_used is not None:
-            rate = proj["tokens"] * flops_per_token(paper, text_used) / (hours * 3600)
+            rate = proj["tokens"] * flops_per_token(paper, text_used, attention_span=proj["attention_span"]) / (hours * 3600)
             note += (f"; implies {rate:.3g} FLOP/s per GPU = {rate / peak:.0%} of "
                      f"{rep['paper_device_peak_tflops']} TFLOP/s peak")
         rows.append({
