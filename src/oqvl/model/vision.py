@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 from pathlib import Path
 
 import open_clip
@@ -38,10 +39,11 @@ def is_clip_checkpoint(path: str | os.PathLike | None) -> bool:
 
 
 def load_vision_tower(vision: str | os.PathLike, vision_pretrained: str | os.PathLike | None = None, *,
-                      feature_layer: int = -1, preprocess: dict | None = None
+                      feature_layer: int = -1, preprocess: dict | None = None, depth: int = 0
                       ) -> tuple[VisionConfig, nn.Module]:
     """(config, tower) from a toy CLIP checkpoint directory, or from an open_clip model name with
-    `vision_pretrained` weights (None: random); `preprocess` None: what open_clip would use."""
+    `vision_pretrained` weights (None: random); `preprocess` None: what open_clip would use;
+    `depth` > 0 keeps only the first `depth` blocks (and their weights)."""
     if is_clip_checkpoint(vision):
         vision_path = Path(vision)
         meta = json.loads((vision_path / CLIP_CONFIG_FILE).read_text())
@@ -53,10 +55,13 @@ def load_vision_tower(vision: str | os.PathLike, vision_pretrained: str | os.Pat
         name, model_cfg = str(vision), open_clip_tower_config(str(vision))
         source = None if vision_pretrained is None else str(vision_pretrained)
         state = None if vision_pretrained is None else read_open_clip_visual_state(vision_pretrained)
-    vcfg = VisionConfig(open_clip_model=name, model_cfg=model_cfg, feature_layer=feature_layer,
-                        preprocess=preprocess or default_preprocess(name, model_cfg), source=source)
+    vcfg = with_depth(VisionConfig(open_clip_model=name, model_cfg=model_cfg, feature_layer=feature_layer,
+                                   preprocess=preprocess or default_preprocess(name, model_cfg), source=source),
+                      depth)
     tower = build_vision_tower(vcfg)
     if state is not None:
+        if depth:
+            state = drop_removed_blocks(state, depth)
         tower.load_state_dict(state, strict=True)
     return vcfg, tower
 
@@ -92,12 +97,51 @@ def build_vision_tower(vcfg: VisionConfig) -> nn.Module:
     # open_clip passes no activation to timm; a tower converted from another port names its own
     # (transformers' SigLIP: gelu_tanh where timm's SigLIP has the exact GELU)
     act = vision_cfg.pop("timm_act_layer", None)
+    depth = vision_cfg.pop("depth", None)  # reduced-depth smoke configurations: the first N blocks
     if vision_cfg.get("timm_model_name"):
         vision_cfg["timm_model_pretrained"] = False  # never fetch timm weights; ours are loaded after
     tower = _build_vision_tower(mc["embed_dim"], vision_cfg, quick_gelu=mc.get("quick_gelu", False))
     if act is not None:
         set_timm_activation(tower, act)
+    if depth is not None:
+        keep_blocks(tower, int(depth))
     return tower
+
+
+def tower_blocks(tower: nn.Module) -> nn.Sequential:
+    """The transformer blocks of an open_clip tower (timm trunk or native ViT)."""
+    trunk = getattr(tower, "trunk", None)
+    return trunk.blocks if trunk is not None else tower.transformer.resblocks
+
+
+def keep_blocks(tower: nn.Module, n: int) -> None:
+    """Keep the first n blocks (full width): the published architecture at reduced depth."""
+    blocks = tower_blocks(tower)
+    if not 1 <= n <= len(blocks):
+        raise ValueError(f"vision depth {n} outside 1..{len(blocks)}")
+    trunk = getattr(tower, "trunk", None)
+    if trunk is not None:
+        trunk.blocks = blocks[:n]
+        if hasattr(trunk, "feature_info"):
+            trunk.feature_info = trunk.feature_info[:n]
+    else:
+        tower.transformer.resblocks = blocks[:n]
+        tower.transformer.layers = n
+
+
+def with_depth(vcfg: VisionConfig, depth: int) -> VisionConfig:
+    """The same tower config with only its first `depth` blocks (0: unchanged)."""
+    if not depth:
+        return vcfg
+    model_cfg = json.loads(json.dumps(vcfg.model_cfg))
+    model_cfg["vision_cfg"]["depth"] = int(depth)
+    return dataclasses.replace(vcfg, model_cfg=model_cfg)
+
+
+def drop_removed_blocks(state: dict[str, torch.Tensor], depth: int) -> dict[str, torch.Tensor]:
+    """A full tower's weights for its first `depth` blocks (the rest dropped)."""
+    pattern = re.compile(r"^(?:trunk\.blocks|transformer\.resblocks)\.(\d+)\.")
+    return {k: v for k, v in state.items() if not ((m := pattern.match(k)) and int(m.group(1)) >= depth)}
 
 
 def set_timm_activation(tower: nn.Module, act: str) -> None:

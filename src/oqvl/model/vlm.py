@@ -54,11 +54,31 @@ from transformers.cache_utils import DynamicCache
 from ..io import write_text
 from ..pack.sequence import document_attention_mask, document_position_ids
 from .chat import IGNORE_INDEX
-from .config import CONFIG_FORMAT, VLMConfig, grid_side, lm_config_dict, load_preset, make_lm_config
-from .vision import build_vision_tower, is_clip_checkpoint, load_vision_tower, vision_width
+from .config import (
+    CONFIG_FORMAT,
+    VLMConfig,
+    grid_side,
+    lm_config_dict,
+    load_preset,
+    make_lm_config,
+)
+from .vision import (
+    build_vision_tower,
+    is_clip_checkpoint,
+    load_vision_tower,
+    vision_width,
+)
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
+# transformers attention implementations, by how packed documents are isolated: a dense 4-D mask
+# (sdpa, eager) or the kernel's own packed form from restarting positions (no T x T mask).
+DENSE_MASK_ATTENTION = ("sdpa", "eager")
+PACKED_ATTENTION = ("flex_attention", "flash_attention_2", "flash_attention_3")
+
+
+def packs_documents(attn_implementation: str) -> bool:
+    return attn_implementation in PACKED_ATTENTION or attn_implementation.startswith("flash")
 
 
 # -------------------------------------------------------------------------------------- model
@@ -123,6 +143,8 @@ class OpenQwen2VL(nn.Module):
         freeze_vision: bool = True,
         attn_implementation: str = "sdpa",
         preprocess: dict | None = None,
+        lm_layers: int = 0,
+        vision_layers: int = 0,
     ) -> OpenQwen2VL:
         """A fresh model from its parts (fp32).
 
@@ -131,12 +153,17 @@ class OpenQwen2VL(nn.Module):
             is a .safetensors file or a directory holding open_clip_model.safetensors (None: random).
         lm: a local Hugging Face directory of a Qwen2ForCausalLM (e.g. Qwen2.5-1.5B-Instruct),
             loaded offline; or a Qwen2Config (or its kwargs) for a freshly initialised LM.
+        lm_layers, vision_layers: > 0 keeps only the first N decoder layers / tower blocks at full
+            width (with their weights when loaded): the reduced-depth smoke configuration.
         """
         vcfg, tower = load_vision_tower(vision, vision_pretrained, feature_layer=feature_layer,
-                                        preprocess=preprocess)
+                                        preprocess=preprocess, depth=vision_layers)
 
+        depth = {"num_hidden_layers": int(lm_layers)} if lm_layers else {}
         if isinstance(lm, (Qwen2Config, dict)):
             lm_cfg = copy.deepcopy(lm) if isinstance(lm, Qwen2Config) else Qwen2Config(**lm)
+            for k, v in depth.items():
+                setattr(lm_cfg, k, v)
             lm_cfg._attn_implementation = attn_implementation
             lm_model, lm_source = Qwen2ForCausalLM(lm_cfg), None
         else:
@@ -146,7 +173,7 @@ class OpenQwen2VL(nn.Module):
                                         f"(no {CONFIG_FILE}); download the LM there first")
             lm_model = Qwen2ForCausalLM.from_pretrained(
                 str(lm_dir), local_files_only=True, dtype=torch.float32,
-                attn_implementation=attn_implementation)
+                attn_implementation=attn_implementation, **depth)
             lm_source = str(lm_dir)
 
         config = VLMConfig(
@@ -157,19 +184,28 @@ class OpenQwen2VL(nn.Module):
         return cls(config, vision=tower, lm=lm_model)
 
     @classmethod
-    def from_preset(cls, name: str, vision_weights=None, lm_path=None, **overrides) -> OpenQwen2VL:
+    def from_preset(cls, name: str, vision_weights=None, lm_path=None, random_init: bool = False,
+                    **overrides) -> OpenQwen2VL:
         """A fresh model from a preset (model_configs/NAME.json).
 
         toy: vision_weights = the toy CLIP checkpoint directory (None: random tower); the LM is
         new from the preset's Qwen2Config unless lm_path is given.
         open-qwen2vl: vision_weights = the local SigLIP open_clip_model.safetensors (or its
-        directory); lm_path = the local Qwen2.5-1.5B-Instruct directory (required).
+        directory); lm_path = the local Qwen2.5-1.5B-Instruct directory (required), or
+        random_init: the LM from its published config.json (`published_config`) with random
+        weights, as the smoke tests and benchmarks build it (no download).
         """
         p = load_preset(name)
         v, lm = p["vision"], p["lm"]
+        if random_init and lm_path is not None:
+            raise ValueError("random_init builds the LM from its published config: give no lm_path")
+        if random_init and "config" not in lm:
+            if "published_config" not in lm:
+                raise ValueError(f"preset {name}: no published_config to build a random LM from")
+            lm = {**lm, "config": lm["published_config"]}
         if lm_path is None and "config" not in lm:
             raise ValueError(f"preset {name}: download {lm['hf_hub']} (revision {lm.get('revision')}) "
-                             f"to a local directory and pass it as lm_path")
+                             f"to a local directory and pass it as lm_path (or build it with random_init)")
         is_ckpt = is_clip_checkpoint(vision_weights)
         kwargs = {"image_token_id": p["image_token_id"],
                   "visual_tokens_pretrain": p["visual_tokens_pretrain"],
@@ -252,8 +288,10 @@ class OpenQwen2VL(nn.Module):
         """(attention_mask, position_ids) for the Qwen2 decoder.
 
         doc_ids: a 4-D additive mask (block-diagonal causal) that transformers passes through
-        unchanged, and positions restarting per document. Flash-attention kernels take no 4-D
-        mask; there the restarting positions alone make transformers isolate documents.
+        unchanged, and positions restarting per document. With the packed-attention kernels
+        (PACKED_ATTENTION: flash-attention's varlen kernels, flex attention's block-sparse mask)
+        no dense mask is built: the restarting positions alone make transformers isolate
+        documents (flash: cu_seqlens; flex: a BlockMask), as the equivalence tests check.
         No doc_ids: no mask (causal over the whole sequence). If position_ids are given, a 2-D
         all-ones mask is passed, because transformers otherwise reads restarting positions as
         packed documents and would isolate them silently.
@@ -265,7 +303,7 @@ class OpenQwen2VL(nn.Module):
             doc_ids = doc_ids.to(embeds.device)
             if position_ids is None:
                 position_ids = document_position_ids(doc_ids)
-            if self.lm.config._attn_implementation.startswith("flash"):
+            if packs_documents(self.lm.config._attn_implementation):
                 return None, position_ids
             return document_attention_mask(doc_ids, embeds.dtype), position_ids
         if position_ids is None:

@@ -9,8 +9,10 @@ global batch.
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
+import os
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +23,7 @@ import torch
 from PIL import Image
 
 from ..model.chat import IGNORE_INDEX, encode_conversation, encode_raw_example
+from ..model.flops import causal_pairs
 from ..pack.sequence import pretrain_labels, sequence_tokens
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
@@ -55,12 +58,30 @@ class ImageStore:
     """Random access to images in webdataset tars by (shard file, key), without unpacking.
 
     Uncompressed tars keep each member's bytes at a fixed offset, so one scan of the headers per
-    shard gives an index; reads are then a seek each.
+    shard gives an index; reads are then one positioned read (pread) each, on a file kept open per
+    process: data-loader workers forked from one parent share no file offset.
     """
 
     def __init__(self, shard_dir: str | Path):
         self.dir = Path(shard_dir)
         self._index: dict[str, dict[str, tuple[int, int]]] = {}
+        self._fds: dict[str, int] = {}
+        self._pid = os.getpid()
+
+    def _fd(self, shard: str) -> int:
+        if self._pid != os.getpid():  # a forked worker: the parent's descriptors are not its own
+            self._fds, self._pid = {}, os.getpid()
+        if shard not in self._fds:
+            self._fds[shard] = os.open(self.dir / shard, os.O_RDONLY)
+        return self._fds[shard]
+
+    def __getstate__(self):  # spawned workers open their own files
+        return {**self.__dict__, "_fds": {}}
+
+    def __del__(self):
+        if getattr(self, "_pid", None) == os.getpid():
+            for fd in self._fds.values():
+                os.close(fd)
 
     def _shard_index(self, shard: str) -> dict[str, tuple[int, int]]:
         if shard not in self._index:
@@ -78,9 +99,10 @@ class ImageStore:
             offset, size = self._shard_index(shard)[key]
         except KeyError:
             raise KeyError(f"{self.dir / shard}: no image for key {key!r}") from None
-        with open(self.dir / shard, "rb") as f:
-            f.seek(offset)
-            return f.read(size)
+        data = os.pread(self._fd(shard), size, offset)
+        if len(data) != size:
+            raise OSError(f"{self.dir / shard}: {key!r} truncated ({len(data)} of {size} bytes)")
+        return data
 
 
 def decode_image(data: bytes, transform) -> torch.Tensor:
@@ -97,10 +119,31 @@ class Batch:
     doc_ids: torch.Tensor | None  # (B, T) document index per token (-1 padding), for isolation
     n_tokens: int             # real (non-padding) tokens
     n_truncated: int = 0      # SFT examples cut to max_len (too_long truncate)
+    attn_pairs: int = 0       # causal (query, key) pairs attended, padding excluded (oqvl.model.flops)
 
     @property
     def n_loss_tokens(self) -> int:
         return int((self.labels[:, 1:] != IGNORE_INDEX).sum())
+
+    @property
+    def n_images(self) -> int:
+        return 0 if self.images is None else int(self.images.shape[0])
+
+    def pin_memory(self) -> Batch:
+        """Page-locked copies (the DataLoader calls this with pin_memory=True)."""
+        pin = {k: v.pin_memory() for k, v in vars(self).items() if isinstance(v, torch.Tensor)}
+        return dataclasses.replace(self, **pin)
+
+
+def attention_pairs(doc_ids: torch.Tensor, isolated: bool) -> int:
+    """Causal (query, key) pairs over the real tokens of packed sequences: per document when
+    documents are isolated, else per sequence (its real tokens form one causal run)."""
+    pairs = 0
+    for row in doc_ids:
+        real = row[row >= 0]
+        lengths = torch.bincount(real).tolist() if isolated else [len(real)]
+        pairs += sum(causal_pairs(n) for n in lengths)
+    return pairs
 
 
 class PackedCaptions:
@@ -137,7 +180,8 @@ class PackedCaptions:
         doc_ids = torch.from_numpy(np.stack(docs))
         labels = pretrain_labels(input_ids, self.ids["image_token_id"], self.ids["pad_id"], doc_ids=doc_ids)
         return Batch(input_ids, labels, torch.stack(images) if images else None,
-                     doc_ids if self.doc_isolation else None, int((doc_ids >= 0).sum()))
+                     doc_ids if self.doc_isolation else None, int((doc_ids >= 0).sum()),
+                     attn_pairs=attention_pairs(doc_ids, self.doc_isolation))
 
 
 class Conversations:
@@ -185,7 +229,8 @@ class Conversations:
             input_ids[b, :len(x)] = torch.from_numpy(x)
             labels[b, :len(y)] = torch.from_numpy(y)
         return Batch(input_ids, labels, torch.stack(images) if images else None, None,
-                     sum(len(s[0]) for s in seqs), n_truncated)
+                     sum(len(s[0]) for s in seqs), n_truncated,
+                     attn_pairs=sum(causal_pairs(len(s[0])) for s in seqs))
 
 
 def truncate_as_reference(ids: np.ndarray, labels: np.ndarray, max_len: int, image_token_id: int | None,

@@ -47,13 +47,21 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from tqdm import tqdm
 
-from ..io import sha256_file, weights_identity, write_json, write_text
+from ..io import sha256_file, weights_identity, write_json
 from ..manifest import manifest_path, write_manifest
 from ..model.config import PRESET_DIR
-from ..model.tokenizer import DOCUMENT_TOKENS, ENDOFTEXT, document_bos_id, training_tokenizer
-from ..model.vlm import OpenQwen2VL
+from ..model.flops import model_cost, peak_flops, step_flops
+from ..model.tokenizer import (
+    DOCUMENT_TOKENS,
+    ENDOFTEXT,
+    document_bos_id,
+    training_tokenizer,
+)
+from ..model.vlm import DENSE_MASK_ATTENTION, PACKED_ATTENTION, OpenQwen2VL
 from . import checkpoint as ckpt
-from .data import Conversations, PackedCaptions, rank_micro_batches, step_indices
+from .data import Conversations, PackedCaptions
+from .loader import step_batches
+from .metrics import PhaseClock, StepLog, peak_memory_mb
 from .plot import plot_loss
 from .sft_data import load_records
 
@@ -91,10 +99,28 @@ class TrainConfig:
     """pretrain: visual tokens per image in pretraining (0: the preset's)."""
     visual_tokens_sft: int = 0
     """pretrain: visual tokens per image the model will use in SFT (0: the preset's)."""
+    random_init: bool = False
+    """pretrain: build the preset's LM from its published config with random weights, no --lm-path (smoke tests, benchmarks)."""
+    lm_layers: int = 0
+    """pretrain: keep the first N decoder layers at full width (0: all; the reduced-depth smoke configuration)."""
+    vision_layers: int = 0
+    """pretrain: keep the first N vision tower blocks at full width (0: all)."""
     freeze_vision: bool = True
     doc_isolation: bool = True
     """pretrain: block-diagonal attention + per-document positions in packed sequences."""
+    # speed (none changes what is computed beyond float rounding; docs/performance.md)
     grad_checkpointing: bool = False
+    """Recompute each decoder layer in the backward pass (activation memory for time)."""
+    attention: str = ""
+    """Attention kernel: sdpa or eager (packed documents by a dense mask), flex_attention or flash_attention_2 (packed documents without a T x T mask); empty: the model's own (sdpa)."""
+    fused_adamw: bool = False
+    """AdamW's fused kernel (one kernel for all parameters) instead of the per-tensor loop."""
+    compile: bool = False
+    """torch.compile each decoder layer."""
+    workers: int = 0
+    """Data-loader worker processes that read, decode and batch ahead of the step (0: in the training process)."""
+    prefetch: int = 2
+    """Micro batches each worker keeps ready."""
     max_len: int = 2048
     """sft: longest conversation in tokens (see too_long)."""
     too_long: str = "raise"
@@ -122,6 +148,14 @@ class TrainConfig:
     keep_last: int = 2
     threads: int = 0
     """torch CPU threads per process (0: leave torch's default)."""
+    tensorboard: bool = True
+    """TensorBoard event files in OUT/tensorboard (the train_log.jsonl fields, per step)."""
+    wandb: bool = False
+    """Also log to Weights & Biases in offline mode (OUT/wandb; `wandb sync` uploads it later)."""
+    peak_tflops: float = 0.0
+    """Peak TFLOP/s per process for MFU (0: the GPU's dense bf16 peak by its name; none known on a CPU)."""
+    time_phases: bool = False
+    """Log forward / backward / optimizer seconds per step (synchronises the GPU after each phase)."""
 
     def __post_init__(self):
         if self.stage not in ("pretrain", "sft"):
@@ -138,11 +172,17 @@ class TrainConfig:
             raise ValueError(f"too_long must be raise or truncate, got {self.too_long!r}")
         if self.document_tokens not in DOCUMENT_TOKENS:
             raise ValueError(f"document_tokens must be one of {DOCUMENT_TOKENS}, got {self.document_tokens!r}")
+        kernels = DENSE_MASK_ATTENTION + PACKED_ATTENTION
+        if self.attention and self.attention not in kernels:
+            raise ValueError(f"attention must be one of {kernels} (or empty), got {self.attention!r}")
+        if self.workers < 0 or self.prefetch < 1:
+            raise ValueError("workers must be at least 0 and prefetch at least 1")
 
     def resume_key(self) -> dict:
         """What must match for a checkpoint to be resumed (not paths, threads or save cadence)."""
         skip = {"out", "save_every", "keep_last", "threads", "tokenizer", "packed", "shards",
-                "sft_data", "image_root", "vision_weights", "lm_path", "init_from"}
+                "sft_data", "image_root", "vision_weights", "lm_path", "init_from",
+                "workers", "prefetch", "tensorboard", "wandb", "peak_tflops", "time_phases"}
         return {k: v for k, v in asdict(self).items() if k not in skip}
 
     def input_files(self) -> list[Path]:
@@ -198,10 +238,26 @@ def shard_model(model: OpenQwen2VL, device: torch.device) -> None:
     fully_shard(model, mesh=mesh, mp_policy=mp)
 
 
-def all_sum(x: float, device) -> float:
-    t = torch.tensor(float(x), dtype=torch.float64, device=device)
+def all_sum_many(xs: list[float], device) -> list[float]:
+    """Each number summed over all processes, in one all-reduce."""
+    t = torch.tensor([float(x) for x in xs], dtype=torch.float64, device=device)
     dist.all_reduce(t)
-    return float(t)
+    return t.tolist()
+
+
+def apply_speed_switches(model: OpenQwen2VL, cfg: TrainConfig, device: torch.device) -> None:
+    """The attention kernel, activation checkpointing and torch.compile of the decoder layers
+    (before sharding: FSDP2 then wraps the compiled layers)."""
+    if cfg.attention:
+        if cfg.attention == "flex_attention" and device.type == "cpu":
+            raise ValueError("attention flex_attention: torch has no flex-attention backward on the CPU; "
+                             "train with it on a GPU (its loss equals sdpa's: tests/test_fast_paths.py)")
+        model.lm.set_attn_implementation(cfg.attention)
+    if cfg.grad_checkpointing:
+        model.lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if cfg.compile:
+        for layer in model.lm.model.layers:
+            layer.compile()
 
 
 def any_rank(flag: bool, device) -> bool:
@@ -248,7 +304,8 @@ def build_model(cfg: TrainConfig) -> tuple[OpenQwen2VL, int]:
     if cfg.stage == "pretrain":
         tokens = {k: getattr(cfg, k) for k in ("visual_tokens_pretrain", "visual_tokens_sft") if getattr(cfg, k)}
         model = OpenQwen2VL.from_preset(cfg.preset, vision_weights=cfg.vision_weights, lm_path=cfg.lm_path,
-                                        freeze_vision=cfg.freeze_vision, **tokens)
+                                        random_init=cfg.random_init, lm_layers=cfg.lm_layers,
+                                        vision_layers=cfg.vision_layers, freeze_vision=cfg.freeze_vision, **tokens)
         return model, model.config.visual_tokens_pretrain
     model = OpenQwen2VL.from_pretrained(cfg.init_from)
     model.set_vision_frozen(cfg.freeze_vision)
@@ -306,12 +363,13 @@ def _train(cfg: TrainConfig, rank: int, world: int, device: torch.device) -> dic
     data = build_data(cfg, model, tokenizer, visual_tokens)
     steps = total_steps(cfg, len(data))
     config = model.config
-    if cfg.grad_checkpointing:
-        model.lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    cost = model_cost(model, visual_tokens)  # before sharding: whole parameter counts
+    apply_speed_switches(model, cfg, device)
     model.train()
     shard_model(model, device)
 
-    opt = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas, eps=cfg.eps)
+    opt = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas, eps=cfg.eps,
+                            fused=True if cfg.fused_adamw else None)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, warmup_cosine(max(1, round(cfg.warmup_frac * steps)), steps, cfg.min_lr_ratio))
 
@@ -329,30 +387,45 @@ def _train(cfg: TrainConfig, rank: int, world: int, device: torch.device) -> dic
     if resume_from is not None:
         start = ckpt.load(resume_from, model, opt, sched)["step"]
     log_path = out / "train_log.jsonl"
+    steplog = StepLog(out, log_path, start, tensorboard=cfg.tensorboard, wandb=cfg.wandb,
+                      name=f"{out.parent.name}/{cfg.stage}", config=_jsonable(asdict(cfg))) if rank == 0 else None
     if rank == 0:
-        _truncate_log(log_path, start)
         print(f"{cfg.stage}: {len(data)} examples, {steps} steps of {cfg.global_batch}, {world} process(es) "
               f"on {device}, {'resuming at step ' + str(start) if start else 'from scratch'}", flush=True)
+    peak = cfg.peak_tflops * 1e12 if cfg.peak_tflops > 0 else (
+        peak_flops(torch.cuda.get_device_name(device)) if device.type == "cuda" else None)
 
     fault = int(os.environ.get(FAULT_ENV, "0"))
     stop = stop_on_sigterm()  # not earlier: before the first step there is nothing to save
     params = [p for p in model.parameters() if p.requires_grad]
+    batches = step_batches(data, seed=cfg.seed, start=start, steps=steps, global_batch=cfg.global_batch,
+                           rank=rank, world=world, micro_batch=cfg.micro_batch, workers=cfg.workers,
+                           prefetch=cfg.prefetch, pin_memory=device.type == "cuda")
+    clock = PhaseClock(device, cfg.time_phases)
     bar = tqdm(total=steps, initial=start, desc=cfg.stage, unit="step", mininterval=5, disable=rank != 0)
     totals = {"tokens": 0.0, "loss_tokens": 0.0, "seconds": 0.0}
     loss_value = float("nan")
     for step in range(start, steps):
         t0 = time.perf_counter()
-        micro = [data.batch(mb) for mb in rank_micro_batches(
-            step_indices(cfg.seed, step, cfg.global_batch, len(data)), rank, world, cfg.micro_batch)]
-        n_loss = all_sum(sum(b.n_loss_tokens for b in micro), device)
+        micro = next(batches)
+        data_s = time.perf_counter() - t0
+        # one all-reduce for the step's counts; the loss scale needs the global loss tokens first
+        n_loss, tokens, truncated, images, pairs = all_sum_many(
+            [sum(getattr(b, k) for b in micro) for k in ("n_loss_tokens", "n_tokens", "n_truncated",
+                                                         "n_images", "attn_pairs")], device)
         loss_sum = torch.zeros((), device=device)
+        clock.start()
         for i, b in enumerate(micro):
             model.set_requires_gradient_sync(i == len(micro) - 1)  # reduce-scatter once per step
-            res = model(b.input_ids.to(device), None if b.images is None else b.images.to(device),
-                        labels=b.labels.to(device), doc_ids=None if b.doc_ids is None else b.doc_ids.to(device),
+            res = model(b.input_ids.to(device, non_blocking=True),
+                        None if b.images is None else b.images.to(device, non_blocking=True),
+                        labels=b.labels.to(device, non_blocking=True),
+                        doc_ids=None if b.doc_ids is None else b.doc_ids.to(device, non_blocking=True),
                         visual_tokens=visual_tokens, reduction="sum")
+            clock.lap("forward_s")
             # FSDP averages gradients over processes; x world makes the result the global mean.
             (res.loss * (world / max(n_loss, 1.0))).backward()
+            clock.lap("backward_s")
             loss_sum += res.loss.detach()
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
         grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
@@ -360,22 +433,27 @@ def _train(cfg: TrainConfig, rank: int, world: int, device: torch.device) -> dic
         lr = sched.get_last_lr()[0]
         sched.step()
         opt.zero_grad(set_to_none=True)
+        clock.lap("optimizer_s")
 
         dist.all_reduce(loss_sum)
         loss_value = float(loss_sum) / max(n_loss, 1.0)
-        tokens = all_sum(sum(b.n_tokens for b in micro), device)
-        truncated = all_sum(sum(b.n_truncated for b in micro), device)
         seconds = time.perf_counter() - t0
         totals["tokens"] += tokens
         totals["loss_tokens"] += n_loss
         totals["seconds"] += seconds
         if rank == 0:
+            flops = step_flops(cost, tokens=tokens, loss_tokens=n_loss, images=images, attn_pairs=pairs)
+            per_process = flops["total"] / world / seconds
             record = {"step": step + 1, "loss": round(loss_value, 6), "lr": lr, "tokens": int(tokens),
                       "loss_tokens": int(n_loss), "tokens_per_s": round(tokens / seconds, 1),
                       "grad_norm": round(grad_norm, 6), "seconds": round(seconds, 4),
-                      "truncated": int(truncated)}
-            with open(log_path, "a") as f:
-                f.write(json.dumps(record) + "\n")
+                      "truncated": int(truncated), "images": int(images), "attn_pairs": int(pairs),
+                      "data_s": round(data_s, 4), "data_share": round(data_s / seconds, 4),
+                      "flops": flops["total"], "vision_flops_share": round(flops["vision"] / flops["total"], 4),
+                      "tflops": round(per_process / 1e12, 4),
+                      "mfu": None if peak is None else round(per_process / peak, 4),
+                      "peak_mem_mb": round(peak_memory_mb(device), 1), **clock.laps()}
+            steplog.write(record)
             bar.set_postfix(loss=f"{loss_value:.3f}", refresh=False)
             bar.update(1)
         stopping = any_rank(stop.requested, device)
@@ -386,9 +464,12 @@ def _train(cfg: TrainConfig, rank: int, world: int, device: torch.device) -> dic
             os._exit(17)  # no cleanup, no flush: what a killed process leaves behind
         if stopping:
             if rank == 0:
+                steplog.close()
                 print(f"{cfg.stage}: SIGTERM: checkpoint at step {step + 1} of {steps} saved, exiting "
                       f"with status {STOPPED_EXIT}; a rerun resumes there", flush=True)
             raise SystemExit(STOPPED_EXIT)  # non-zero: Snakemake / SLURM rerun the job
+    if rank == 0:
+        steplog.close()
     bar.close()
     signal.signal(signal.SIGTERM, stop.previous)  # finishing: SIGTERM ends it at once (final/ is atomic)
 
@@ -396,13 +477,13 @@ def _train(cfg: TrainConfig, rank: int, world: int, device: torch.device) -> dic
     summary = {}
     if rank == 0:
         summary = _finish(cfg, out, config, full, tokenizer, steps, world, device, totals, loss_value,
-                          log_path, key)
+                          log_path, key, cost.to_dict())
     dist.barrier()
     return summary
 
 
 def _finish(cfg, out, config, full_state, tokenizer, steps, world, device, totals, loss_value, log_path,
-            key):
+            key, flop_model):
     """Consolidated model, loss curve, summary and manifest (rank 0)."""
     final, tmp = out / "final", out / "final.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -414,13 +495,17 @@ def _finish(cfg, out, config, full_state, tokenizer, steps, world, device, total
     os.replace(tmp, final)
     plot_loss(log_path, out / "loss.png", title=f"{cfg.stage}: {out.parent.name}")
     log = [json.loads(line) for line in log_path.read_text().splitlines()]
-    counted = {"tokens": sum(r["tokens"] for r in log), "loss_tokens": sum(r["loss_tokens"] for r in log),
-               "seconds": sum(r["seconds"] for r in log),  # over every run segment, resumes included
-               "truncated": sum(r.get("truncated", 0) for r in log)}  # SFT examples cut to max_len
+    counted = {k: sum(r.get(k, 0) for r in log)  # over every run segment, resumes included
+               for k in ("tokens", "loss_tokens", "seconds", "data_s", "truncated", "images", "attn_pairs",
+                         "flops")}
     summary = {
         "stage": cfg.stage, "run": out.parent.name, "steps": steps, "examples_per_step": cfg.global_batch,
         "sequences": steps * cfg.global_batch, **counted,
         "tokens_per_s": round(counted["tokens"] / max(counted["seconds"], 1e-9), 1),
+        "data_share": round(counted["data_s"] / max(counted["seconds"], 1e-9), 4),
+        "tflops": round(counted["flops"] / world / max(counted["seconds"], 1e-9) / 1e12, 4),
+        "mfu": _mean_mfu(log), "peak_mem_mb": max((r.get("peak_mem_mb", 0) for r in log), default=0),
+        "flop_model": flop_model,
         "final_loss": log[-1]["loss"] if log else loss_value, "world_size": world,
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "gpus": world if device.type == "cuda" else 0,
@@ -439,12 +524,14 @@ def _finish(cfg, out, config, full_state, tokenizer, steps, world, device, total
     return summary
 
 
-def _truncate_log(path: Path, step: int) -> None:
-    """Keep the log lines up to the checkpoint being resumed (later ones are redone)."""
-    if not path.exists():
-        return
-    keep = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
-    write_text(path, "".join(line + "\n" for line in keep))
+def _mean_mfu(log: list[dict]) -> float | None:
+    """MFU over the whole run: FLOPs over seconds, in the units the steps' MFU used."""
+    rated = [r for r in log if r.get("mfu")]
+    if not rated:
+        return None
+    achieved = sum(r["tflops"] * r["seconds"] for r in rated) / sum(r["seconds"] for r in rated)
+    peak = sum(r["tflops"] / r["mfu"] * r["seconds"] for r in rated) / sum(r["seconds"] for r in rated)
+    return round(achieved / peak, 4)
 
 
 def _jsonable(d: dict) -> dict:
