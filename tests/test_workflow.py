@@ -122,7 +122,7 @@ def test_paper_config_trains_on_8_processes_from_the_released_models(tmp_path):
     for flag in ("--nodes 1 --nproc-per-node 8 --", "--preset open-qwen2vl", "--lm-path models/Qwen2.5-1.5B-Instruct",
                  "--visual-tokens-pretrain 144", "--visual-tokens-sft 729", "--grad-checkpointing",
                  "--lr 5e-05", "--epochs 1", "--freeze-vision", "--no-doc-isolation", "--betas 0.9 0.999",
-                 "--eps 1e-08"):
+                 "--eps 1e-08", "--attention sdpa", "--workers 4", "--no-fused-adamw", "--no-compile"):
         assert flag in pretrain, flag
     for flag in ("--global-batch 128", "--micro-batch 2", "--lr 2e-05", "--weight-decay 0.1", "--betas 0.9 0.999",
                  "--sft-data data/llava_v1_5_mix665k.json", "--image-root data/llava_images"):

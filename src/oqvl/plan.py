@@ -17,7 +17,11 @@ from . import layout as L
 from .scale import Scale
 
 Job = tuple[str, dict]  # (rule, wildcards)
-TRAIN_SWITCHES = ("freeze_vision", "doc_isolation", "grad_checkpointing")
+# What a run trains with, from the train section (a run's own entry overrides it): on/off switches,
+# then the speed options that take a value (docs/performance.md).
+TRAIN_SWITCHES = ("freeze_vision", "doc_isolation", "grad_checkpointing", "fused_adamw", "compile", "tensorboard",
+                  "wandb")
+TRAIN_OPTIONS = ("attention", "workers")
 SFT_ONLY = ("max_len", "too_long")  # optimisation keys that pretraining has no use for
 
 
@@ -167,11 +171,12 @@ class Plan:
             else Path(sft["path"]).name
 
     def train_flags(self, run: str) -> str:
-        """Train switches of a run: the train section, overridden by the run's own entry."""
-        train = self.config["train"]
-        spec = {k: train[k] for k in TRAIN_SWITCHES}
-        spec.update({k: v for k, v in self.config["runs"][run].items() if k in TRAIN_SWITCHES})
-        return " ".join(f"--{'' if on else 'no-'}{k.replace('_', '-')}" for k, on in spec.items())
+        """Train switches and speed options of a run: the train section, overridden by the run's own entry."""
+        own = self.config["runs"][run]
+        spec = {k: own.get(k, self.config["train"][k]) for k in TRAIN_SWITCHES + TRAIN_OPTIONS}
+        flags = [f"--{'' if spec[k] else 'no-'}{k.replace('_', '-')}" for k in TRAIN_SWITCHES]
+        flags += [f"--{k} {shlex.quote(str(spec[k]))}" for k in TRAIN_OPTIONS if spec[k] not in ("", None)]
+        return " ".join(flags)
 
     def optim_flags(self, stage: str, run: str | None = None) -> str:
         """A stage's optimisation flags: the train section's, with a run's own length (steps,

@@ -58,6 +58,8 @@ NOT_RECIPE = {
     "sources.*.download.processes": "download parallelism only",
     "sources.*.download.threads": "download parallelism only",
     "train.threads": "CPU threads per process (0: torch's default)",
+    "train.tensorboard": "logging only",
+    "train.wandb": "logging only",
     "train.nodes": "machines the processes run on (the global batch, not the world size, is the recipe)",
     "cluster.*": "what each job asks the cluster for (the paper ran on its own machines)",
     "sft_data.path": "where the user put the SFT data",
