@@ -37,7 +37,6 @@ tied embeddings stored once) and then dir/config.json (a `VLMConfig`, marks comp
 from __future__ import annotations
 
 import contextlib
-import copy
 import json
 import os
 from collections.abc import Sequence
@@ -73,6 +72,17 @@ CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 # transformers attention implementations, by how packed documents are isolated: a dense 4-D mask
 # (sdpa, eager) or the kernel's own packed form from restarting positions (no T x T mask).
+def with_lm_depth(lm: dict, layers: int) -> dict:
+    """An LM config's kwargs keeping its first `layers` decoder layers (0: all), its per-layer
+    attention types cut to match."""
+    d = {k: v for k, v in lm.items() if k not in ("transformers_version", "model_type")}
+    if layers:
+        d["num_hidden_layers"] = int(layers)
+        if d.get("layer_types"):
+            d["layer_types"] = d["layer_types"][:layers]
+    return d
+
+
 DENSE_MASK_ATTENTION = ("sdpa", "eager")
 PACKED_ATTENTION = ("flex_attention", "flash_attention_2", "flash_attention_3")
 
@@ -159,11 +169,8 @@ class OpenQwen2VL(nn.Module):
         vcfg, tower = load_vision_tower(vision, vision_pretrained, feature_layer=feature_layer,
                                         preprocess=preprocess, depth=vision_layers)
 
-        depth = {"num_hidden_layers": int(lm_layers)} if lm_layers else {}
         if isinstance(lm, (Qwen2Config, dict)):
-            lm_cfg = copy.deepcopy(lm) if isinstance(lm, Qwen2Config) else Qwen2Config(**lm)
-            for k, v in depth.items():
-                setattr(lm_cfg, k, v)
+            lm_cfg = Qwen2Config(**with_lm_depth(lm.to_dict() if isinstance(lm, Qwen2Config) else lm, lm_layers))
             lm_cfg._attn_implementation = attn_implementation
             lm_model, lm_source = Qwen2ForCausalLM(lm_cfg), None
         else:
@@ -171,9 +178,10 @@ class OpenQwen2VL(nn.Module):
             if not (lm_dir / CONFIG_FILE).is_file():
                 raise FileNotFoundError(f"{lm_dir} is not a local Hugging Face model directory "
                                         f"(no {CONFIG_FILE}); download the LM there first")
+            published = json.loads((lm_dir / CONFIG_FILE).read_text())
             lm_model = Qwen2ForCausalLM.from_pretrained(
-                str(lm_dir), local_files_only=True, dtype=torch.float32,
-                attn_implementation=attn_implementation, **depth)
+                str(lm_dir), local_files_only=True, dtype=torch.float32, attn_implementation=attn_implementation,
+                config=Qwen2Config(**with_lm_depth(published, lm_layers)))
             lm_source = str(lm_dir)
 
         config = VLMConfig(
