@@ -141,7 +141,7 @@ def run_stage(stage: str, out: Path, args: list[str], nproc: int) -> list[dict]:
     train_args = [stage, "--out", str(out), *args]
     cmd = launch.command(1, nproc, train_args, env={}) if nproc > 1 else [sys.executable, "-m", "oqvl.train",
                                                                          *train_args]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if proc.returncode != 0:
         raise SystemExit(f"{stage} failed ({proc.returncode}): {' '.join(cmd)}\n{proc.stderr[-4000:]}")
     return [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]

@@ -354,3 +354,37 @@ def test_bad_sft_data_names_the_file(tmp_path):
         sft_data.load_records(bad)
     with pytest.raises(FileNotFoundError, match="missing.parquet"):
         sft_data.load_records(tmp_path / "missing.parquet")
+
+
+def test_killed_run_with_workers_resumes_to_bitwise_identical_weights(one_proc, inputs, tmp_path):
+    """Data-loader workers change when a batch is made, not what it holds: a crash and a resume,
+    both with two workers, end on the weights of the plain in-process run."""
+    out = tmp_path / "pretrain"
+    crashed = launch(pretrain_args(inputs, out, workers=2), env={FAULT_ENV: "3"}, check=False)
+    assert crashed.returncode == 17
+    launch(pretrain_args(inputs, out, workers=2))
+    assert [r["loss"] for r in log(out)] == [r["loss"] for r in log(one_proc)]
+    a, b = weights(one_proc), weights(out)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_step_log_fields_tensorboard_and_offline_wandb(inputs, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "pretrain"
+    launch([*pretrain_args(inputs, out, steps=2, peak_tflops=0.5), "--wandb", "--time-phases"])
+    records = log(out)
+    for r in records:
+        assert r["images"] > 0 and r["attn_pairs"] > 0 and r["flops"] > 0
+        assert 0 <= r["data_share"] < 1 and 0 < r["vision_flops_share"] < 1
+        assert r["mfu"] == pytest.approx(r["tflops"] / 0.5, abs=1e-3) and r["peak_mem_mb"] > 0
+        assert {"forward_s", "backward_s", "optimizer_s"} <= r.keys()
+    events = EventAccumulator(str(out / "tensorboard"))
+    events.Reload()
+    loss = events.Scalars("train/loss")
+    assert [e.step for e in loss] == [1, 2]
+    assert [round(e.value, 5) for e in loss] == [round(r["loss"], 5) for r in records]
+    assert "train/mfu" in events.Tags()["scalars"]
+    assert list((out / "wandb").glob("offline-run-*/run-*.wandb"))
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["flop_model"]["lm_params"] > 0 and summary["mfu"] > 0
