@@ -70,8 +70,6 @@ from .vision import (
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
-# transformers attention implementations, by how packed documents are isolated: a dense 4-D mask
-# (sdpa, eager) or the kernel's own packed form from restarting positions (no T x T mask).
 def with_lm_depth(lm: dict, layers: int) -> dict:
     """An LM config's kwargs keeping its first `layers` decoder layers (0: all), its per-layer
     attention types cut to match."""
@@ -83,6 +81,8 @@ def with_lm_depth(lm: dict, layers: int) -> dict:
     return d
 
 
+# transformers attention implementations, by how packed documents are isolated: a dense 4-D mask
+# (sdpa, eager) or the kernel's own packed form from restarting positions (no T x T mask).
 DENSE_MASK_ATTENTION = ("sdpa", "eager")
 PACKED_ATTENTION = ("flex_attention", "flash_attention_2", "flash_attention_3")
 
