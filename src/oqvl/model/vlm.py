@@ -70,6 +70,8 @@ from .vision import (
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
+
+
 def with_lm_depth(lm: dict, layers: int) -> dict:
     """An LM config's kwargs keeping its first `layers` decoder layers (0: all), its per-layer
     attention types cut to match."""
