@@ -12,6 +12,7 @@ import fnmatch
 import hashlib
 import json
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -29,6 +30,7 @@ VARYING = {
     "results/report/*": "the tables above, as pages",
     "*/summary.json": "training seconds and throughput",
     "*/train_log.jsonl": "tokens/s per step",
+    "*/tensorboard/*": "the training log's numbers, with wall times",
     "*/loss.png": "rendered from the training log's losses, whose last bits follow the CPU's kernels",
     # Image shards: img2dataset writes samples in the order its threads finish and stamps tar
     # members; each sample's url is the absolute path of this run's scratch directory.
@@ -49,6 +51,11 @@ VARYING = {
 }
 
 
+# Files whose names vary between identical runs: TensorBoard names an event file by its creation
+# time, host and process id; the snapshot lists it under a stable name (its content varies too).
+EVENT_FILE = re.compile(r"(/tensorboard/events\.out\.tfevents)\..*$")
+
+
 def varying(path: str) -> bool:
     return any(fnmatch.fnmatch(path, pattern) for pattern in VARYING)
 
@@ -58,7 +65,8 @@ def sha256(path: Path) -> str:
 
 
 def snapshot(root: Path) -> dict:
-    files = sorted(p.relative_to(root).as_posix() for p in (root / "results").rglob("*") if p.is_file())
+    files = sorted(EVENT_FILE.sub(r"\1.TIME.HOST.PID", p.relative_to(root).as_posix())
+                   for p in (root / "results").rglob("*") if p.is_file())
     return {"outputs": files, "hashes": {f: sha256(root / f) for f in files if not varying(f)}}
 
 
