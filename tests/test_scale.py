@@ -163,3 +163,14 @@ def test_the_benchmark_list_is_the_schemas():
 
     schema = yaml.safe_load((REPO / "schemas" / "config.schema.yaml").read_text())["properties"]["evaluate"]["properties"]
     assert tuple(schema["benchmarks"]["items"]["enum"]) == tuple(schema["benchmarks"]["default"]) == BENCHMARKS
+
+
+@pytest.mark.parametrize("vocab_size, document_tokens", [(4096, "project"), (8192, "reference")])
+def test_toy_tokenizer_that_does_not_fit_the_preset_is_refused_at_load(vocab_size, document_tokens):
+    """The toy preset embeds 8192 + 22 tokens with <|image_pad|> at 8204: another vocabulary size
+    (or the reference's two added tokens) would train on wrong or missing embedding rows."""
+    cfg = raw("default.yaml")
+    cfg["model"]["tokenizer"]["vocab_size"] = vocab_size
+    cfg.setdefault("pack", {})["document_tokens"] = document_tokens
+    with pytest.raises(ConfigError, match=r"^model\.tokenizer\.vocab_size: .* preset toy \(toy\.json\)"):
+        resolved(cfg)

@@ -21,9 +21,11 @@ from oqvl.model.tokenizer import (
     PRETOKENIZE_REGEX,
     SPECIAL_TOKENS,
     build_qwen2_tokenizer,
+    check_fits,
     load_tokenizer,
     main,
     ranks_path,
+    toy_token_ids,
 )
 
 TOY_VOCAB = 8192
@@ -178,3 +180,13 @@ def test_load_tokenizer_not_a_tokenizer_dir(tmp_path):
     (tmp_path / "readme.txt").write_text("not a tokenizer")
     with pytest.raises(FileNotFoundError, match="not a tokenizer directory"):
         load_tokenizer(tmp_path)
+
+
+def test_check_fits_names_the_tokenizer_and_the_mismatch(toy, tmp_path):
+    tokens, image_id = toy_token_ids(TOY_VOCAB)
+    assert (len(toy), toy.convert_tokens_to_ids(IMAGE_TOKEN)) == (tokens, image_id)
+    check_fits(toy, tokens, image_id, tmp_path)  # fits: no error
+    with pytest.raises(ValueError, match=rf"^{tmp_path}: {tokens} tokens, but the model embeds only {tokens - 1}"):
+        check_fits(toy, tokens - 1, image_id, tmp_path)
+    with pytest.raises(ValueError, match=rf"^{tmp_path}: <\|image_pad\|> has id {image_id}, but the model's image_token_id is 7"):
+        check_fits(toy, tokens, 7, tmp_path)

@@ -12,6 +12,7 @@ of downloaded pairs or benchmarks through the toy chain) is the explicit switch
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -158,6 +159,25 @@ def _mlm_mode(mlm: dict | None) -> tuple[str | None, str | None]:
             "scores_dir": ("import", None)}[given[0]]
 
 
+def _check_toy_vocabulary(model: dict, document_tokens: str) -> None:
+    """The toy-built tokenizer (model.tokenizer.vocab_size) must fit the model preset's embedding
+    and give <|image_pad|> the preset's image_token_id: checked here, before any job runs."""
+    from .model.tokenizer import toy_token_ids
+
+    preset_file = Path(__file__).parent / "model" / "model_configs" / f"{model['preset']}.json"
+    if not preset_file.is_file():
+        return  # an unknown preset is refused where the preset is loaded, by name
+    preset = json.loads(preset_file.read_text())
+    k = model["tokenizer"]["vocab_size"]
+    tokens, image_id = toy_token_ids(k, document_tokens)
+    vocab, want = preset["lm"].get("config", {}).get("vocab_size"), preset.get("image_token_id")
+    if vocab is not None and (tokens > vocab or image_id != want):
+        raise ConfigError(
+            f"model.tokenizer.vocab_size: {k} gives a tokenizer of {tokens} tokens with <|image_pad|> at "
+            f"{image_id}, but preset {model['preset']} ({preset_file.name}) embeds {vocab} with "
+            f"image_token_id {want}")
+
+
 def resolve(config: dict) -> Scale:
     """The Scale of a validated config; ConfigError (one line, naming the key) for a half-toy one."""
     toy = config["scale"] == "toy"
@@ -184,6 +204,9 @@ def resolve(config: dict) -> Scale:
         raise ConfigError(missing)
     if model["preset"] == "open-qwen2vl" and not model["lm_path"]:
         raise ConfigError("model.lm_path: the open-qwen2vl preset needs the local Qwen2.5-1.5B-Instruct directory")
+
+    if model["tokenizer"]["path"] is None:
+        _check_toy_vocabulary(model, config["pack"]["document_tokens"])
 
     rules = set()
     if generated:

@@ -178,6 +178,7 @@ def build_backend(ranks: dict[bytes, int]) -> Tokenizer:
 DOCUMENT_TOKENS = ("project", "reference")
 REFERENCE_ADDED_TOKENS = ("<|endofchunk|>", "<s>")  # qwen2.py:58
 REFERENCE_BOS = "<s>"                                # qwen2.py:59
+REFERENCE_BPE_RANKS = {"<s>": 128245}                # those Qwen2's BPE already holds
 
 
 def add_reference_tokens(tok, where) -> None:
@@ -225,6 +226,28 @@ def document_bos_id(tokenizer) -> int:
     if tokenizer.bos_token_id is not None:
         return tokenizer.bos_token_id
     return tokenizer.convert_tokens_to_ids(ENDOFTEXT)
+
+
+def check_fits(tokenizer, vocab_size: int, image_token_id: int, where) -> None:
+    """A model's embedding holds every id of `tokenizer` and its <|image_pad|> is the tokenizer's;
+    else one line naming `where` (the tokenizer) and the mismatch, before any training."""
+    if len(tokenizer) > vocab_size:
+        raise ValueError(f"{where}: {len(tokenizer)} tokens, but the model embeds only {vocab_size} "
+                         "(the model preset's lm.vocab_size and the tokenizer's vocab_size disagree)")
+    got = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+    if got != image_token_id:
+        raise ValueError(f"{where}: {IMAGE_TOKEN} has id {got}, but the model's image_token_id is "
+                         f"{image_token_id} (the model preset and the tokenizer disagree)")
+
+
+def toy_token_ids(vocab_size: int | None, document_tokens: str = "project") -> tuple[int, int]:
+    """(tokens, <|image_pad|> id) of the tokenizer build_qwen2_tokenizer writes for vocab_size, as
+    training_tokenizer loads it under `document_tokens`."""
+    base = N_BPE if vocab_size is None else vocab_size
+    tokens = base + len(SPECIAL_TOKENS)
+    if document_tokens == "reference":  # the added tokens the kept BPE ranks do not hold
+        tokens += sum(REFERENCE_BPE_RANKS.get(t, base) >= base for t in REFERENCE_ADDED_TOKENS)
+    return tokens, base + [t for t, _ in SPECIAL_TOKENS].index(IMAGE_TOKEN)
 
 
 def build_qwen2_tokenizer(out_dir, vocab_size: int | None = None, ranks_file=None):

@@ -54,6 +54,7 @@ from ..model.flops import model_cost, peak_flops, step_flops
 from ..model.tokenizer import (
     DOCUMENT_TOKENS,
     ENDOFTEXT,
+    check_fits,
     document_bos_id,
     training_tokenizer,
 )
@@ -360,6 +361,7 @@ def _train(cfg: TrainConfig, rank: int, world: int, device: torch.device) -> dic
 
     tokenizer = training_tokenizer(cfg.tokenizer, cfg.document_tokens)
     model, visual_tokens = build_model(cfg)
+    check_fits(tokenizer, model.config.lm["vocab_size"], model.config.image_token_id, cfg.tokenizer)
     data = build_data(cfg, model, tokenizer, visual_tokens)
     steps = total_steps(cfg, len(data))
     config = model.config
