@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 
 from oqvl.train import sft_data
-from oqvl.train.sft_data import FLOAT, INTEGER, SHORT, Mix, direct_prompt, lookup_turn, toy_conversation
+from oqvl.train.sft_data import FLOAT, INTEGER, SHORT, Mix, direct_prompt, load_records, lookup_turn, toy_conversation
 from oqvl.world.questions import KINDS, ask
 from oqvl.world.scene import sample_scene
 from oqvl.world.source import WorldConfig
@@ -103,3 +103,24 @@ def test_math_kinds_reach_the_data(tmp_path):
     for pattern in (r"How many (red|green|blue|yellow) objects", "Subtract all", "What fraction"):
         assert any(re.search(pattern, u) for u in users), pattern
     assert not any("What colour" in u or "Is there a" in u for u in users)
+
+
+@pytest.mark.parametrize("image", ["../outside.png", "a/../../outside.png", "/etc/hostname"])
+def test_llava_image_path_outside_the_image_root_is_refused(tmp_path, image):
+    """A path taken from data stays under its folder: a LLaVA record cannot make the trainer read
+    another file of the machine."""
+    data = tmp_path / "llava.json"
+    data.write_text(json.dumps([{"id": "r1", "image": image, "conversations": [
+        {"from": "human", "value": "<image>\nWhat is it?"}, {"from": "gpt", "value": "A square."}]}]))
+    with pytest.raises(ValueError, match=rf"^{data} id r1: path '{re.escape(image)}' is outside {tmp_path / 'images'}$"):
+        load_records(data, tmp_path / "images")
+
+
+def test_llava_image_path_inside_the_image_root_is_read(tmp_path):
+    (tmp_path / "images" / "sub").mkdir(parents=True)
+    (tmp_path / "images" / "sub" / "a.png").write_bytes(b"png bytes")
+    data = tmp_path / "llava.json"
+    data.write_text(json.dumps([{"id": "r1", "image": "sub/./a.png", "conversations": [
+        {"from": "human", "value": "<image>\nWhat is it?"}, {"from": "gpt", "value": "A square."}]}]))
+    (rec,) = load_records(data, tmp_path / "images")
+    assert rec.image() == b"png bytes"

@@ -3,7 +3,8 @@
 A stage never leaves half a file behind: it writes `<name>.tmp` beside the target and renames it
 into place (a rename within one folder is atomic on POSIX). A resume key that names model weights
 uses `weights_identity`, their content, never their path or mtime: a retrained model under the
-same path is a different model.
+same path is a different model. A path read from data is joined with `inside`, so it stays in its
+folder.
 """
 
 from __future__ import annotations
@@ -14,6 +15,16 @@ import os
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
+
+
+def inside(root: str | Path, relative: str, where: str) -> Path:
+    """root / relative, refused (one line naming `where`) when data gives an absolute path or one
+    that climbs out of root: a dataset names files under its own folder, never elsewhere."""
+    # Lexical, not resolved: a dataset folder may hold symlinks to where its images really are.
+    norm = os.path.normpath(relative)
+    if os.path.isabs(relative) or norm == ".." or norm.startswith(".." + os.sep):
+        raise ValueError(f"{where}: path {relative!r} is outside {root}")
+    return Path(root) / relative
 
 
 @contextmanager

@@ -40,7 +40,7 @@ import pandas as pd
 from tqdm import tqdm
 
 from ..evaluate.paper import MC_SUFFIX, SHORT_SUFFIX
-from ..io import write_parquet
+from ..io import inside, write_parquet
 from ..manifest import args_config, manifest_path, write_manifest
 from ..world.captions import describe, sample_style
 from ..world.questions import (
@@ -272,7 +272,8 @@ def llava_record(item: dict, image_root: Path, where: str) -> Record:
     if not isinstance(item, dict) or not isinstance(item.get("conversations"), list):
         raise ValueError(f"{where}: a LLaVA record needs a conversations list")
     img = item.get("image")
-    reader = (lambda p=image_root / img: p.read_bytes()) if img else None
+    image = inside(image_root, img, where) if img else None  # checked now, read when trained on
+    reader = image.read_bytes if image else None
     return Record(str(item.get("id")), to_messages(item["conversations"], where), reader)
 
 
@@ -290,7 +291,7 @@ def split_records(index: Path, image_root: Path) -> list[SplitRecord]:
                 rel = json.loads(line)["path"]
             except (json.JSONDecodeError, KeyError, TypeError):
                 raise ValueError(f"{index}:{n}: not a {{\"path\": ..., \"length\": ...}} line") from None
-            records.append(SplitRecord(folder / rel, image_root))
+            records.append(SplitRecord(inside(folder, rel, f"{index}:{n}"), image_root))
     return records
 
 
