@@ -16,10 +16,11 @@ if not workflow.overwrite_configfiles:
 
 report: "report/workflow.rst"
 
+CONFIG_FILES = ", ".join(map(str, workflow.overwrite_configfiles or ["config/default.yaml"]))  # for errors
 try:
     resolve(validate(config))  # rules/common.smk keeps the resolved scale as SCALE
 except ConfigError as e:
-    sys.exit(f"config error: {e}")
+    sys.exit(f"config error: {CONFIG_FILES}: {e}")
 
 # Every job runs `$PY`, the interpreter running Snakemake, so it sees the same pinned packages.
 shell.prefix(f"set -euo pipefail; PY={shlex.quote(sys.executable)}; ")
@@ -37,7 +38,7 @@ include: "rules/report.smk"
 try:
     cluster.check(config, cluster.rule_names(Path(workflow.basedir) / "rules"))
 except ConfigError as e:
-    sys.exit(f"config error: {e}")
+    sys.exit(f"config error: {CONFIG_FILES}: {e}")
 
 
 rule all:

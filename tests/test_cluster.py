@@ -3,7 +3,6 @@ through a real SLURM controller and node on this machine (tests/slurm_cluster.py
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import runpy
@@ -21,7 +20,7 @@ from oqvl.plan import Plan, job_files
 from oqvl.report import compute
 from oqvl.scale import resolve
 from slurm_cluster import LocalSlurm, missing_tools
-from test_golden import snapshot
+from test_golden import same_run
 from test_workflow import paper_downloads
 
 SLURM_PROFILE = REPO / "profiles" / "slurm"
@@ -149,18 +148,6 @@ def test_a_job_runs_through_sbatch_on_the_local_cluster(local_slurm, tmp_path):
     assert (tmp_path / "out.txt").read_text().strip() == out.stdout.strip()
 
 
-def _sha(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-def _same_tensors(a: Path, b: Path) -> bool:
-    """Bitwise the same weights (the files' metadata order may differ)."""
-    from safetensors.torch import load_file
-
-    x, y = load_file(a), load_file(b)
-    return x.keys() == y.keys() and all(x[k].equal(y[k]) for k in x)
-
-
 @pytest.mark.slow
 def test_the_ci_subset_through_real_slurm_equals_the_local_run(local_slurm, ci_run, tmp_path, monkeypatch):
     earlier = {j["JobId"] for j in local_slurm.completions()}
@@ -177,17 +164,8 @@ def test_the_ci_subset_through_real_slurm_equals_the_local_run(local_slurm, ci_r
     assert len(jobs) == len(benchmarks) and {j["JobState"] for j in jobs} == {"COMPLETED"}, jobs
     # The outputs equal the local run's: the same files, the deterministic ones byte for byte,
     # and the trained weights and their evaluations too (same machine, same threads).
-    local, remote = snapshot(ci_run), snapshot(tmp_path)
-    remote["outputs"] = [f for f in remote["outputs"] if not f.startswith("results/logs/slurm/")]
-    assert remote["outputs"] == local["outputs"]
-    assert remote["hashes"] == local["hashes"]
-    models = [f for f in local["outputs"] if f.endswith("/model.safetensors") and ("/final/" in f or "/init/" in f)]
-    assert len(models) >= 4  # the MLM-Filter's init and final, the run's pretrain and sft
-    for f in models:
-        assert _same_tensors(tmp_path / f, ci_run / f), f
-    for f in local["outputs"]:
-        if f.startswith("results/runs/") and f.endswith("/eval/tidy.csv"):
-            assert _sha(tmp_path / f) == _sha(ci_run / f), f
+    problems = same_run(tmp_path, ci_run, ignore="results/logs/slurm/")
+    assert not problems, "\n".join(problems[:60])
     # The accounting of these jobs knows each one's SLURM job, and SLURM's own record of it (sacct
     # --completion here) agrees: nothing granted a GPU, and no benchmark outlasted its SLURM job.
     # (The compute rule itself accounts for every run of the config: more than the CI targets.)

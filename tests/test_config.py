@@ -93,5 +93,5 @@ def test_snakemake_stops_before_any_job(tmp_path):
     proc = snakemake(tmp_path, "-n", configfile=bad, check=False)
     assert proc.returncode != 0
     lines = [l for l in (proc.stdout + proc.stderr).splitlines() if "config error" in l]
-    assert lines == ["config error: sources.laion.n_pairs: 0 is less than the minimum of 1"]
+    assert lines == [f"config error: {bad}: sources.laion.n_pairs: 0 is less than the minimum of 1"]
     assert not (tmp_path / "results").exists()

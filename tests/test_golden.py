@@ -65,8 +65,9 @@ def sha256(path: Path) -> str:
 
 
 def snapshot(root: Path) -> dict:
-    files = sorted(EVENT_FILE.sub(r"\1.TIME.HOST.PID", p.relative_to(root).as_posix())
-                   for p in (root / "results").rglob("*") if p.is_file())
+    # A resumed training appends a second event file; both carry the stable name.
+    files = sorted({EVENT_FILE.sub(r"\1.TIME.HOST.PID", p.relative_to(root).as_posix())
+                    for p in (root / "results").rglob("*") if p.is_file()})
     return {"outputs": files, "hashes": {f: sha256(root / f) for f in files if not varying(f)}}
 
 
@@ -78,6 +79,29 @@ def diff(old: dict, new: dict) -> list[str]:
     lines += [f"now hashed (was varying or absent): {f}" for f in sorted(set(new["hashes"]) - set(old["hashes"]))
               if f in old["outputs"]]
     return lines
+
+
+def same_tensors(a: Path, b: Path) -> bool:
+    """Bitwise the same weights (the files' metadata order may differ)."""
+    from safetensors.torch import load_file
+
+    x, y = load_file(a), load_file(b)
+    return x.keys() == y.keys() and all(x[k].equal(y[k]) for k in x)
+
+
+def same_run(root: Path, reference: Path, ignore: str = "") -> list[str]:
+    """What differs between two runs of the same DAG on one machine: output names, deterministic
+    files byte for byte, and the trained weights and evaluations too (same CPU, same threads).
+    `ignore`: a prefix of outputs only one run has by design (its SLURM logs)."""
+    new, old = snapshot(root), snapshot(reference)
+    new["outputs"] = [f for f in new["outputs"] if not (ignore and f.startswith(ignore))]
+    problems = diff(old, new)
+    models = [f for f in old["outputs"] if f.endswith("/model.safetensors") and ("/final/" in f or "/init/" in f)]
+    assert len(models) >= 4  # the MLM-Filter's init and final, the run's pretrain and sft
+    problems += [f"weights differ: {f}" for f in models if (root / f).is_file() and not same_tensors(root / f, reference / f)]
+    problems += [f"evaluation differs: {f}" for f in old["outputs"] if f.startswith("results/runs/")
+                 and f.endswith("/eval/tidy.csv") and (root / f).is_file() and sha256(root / f) != sha256(reference / f)]
+    return problems
 
 
 @pytest.mark.slow

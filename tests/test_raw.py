@@ -40,7 +40,10 @@ def test_failures_are_exactly_the_broken_images(raw_source):
     broken = set(truth.loc[truth["corruption"].isin(IMAGE_KINDS), "uid"])
     failures = pd.read_parquet(raw_source / "shards" / "failures.parquet")
     assert set(failures["uid"]) == broken and len(broken) == 15
-    assert "empty image file" in set(failures["reason"])
+    want = {"broken_truncated": "undecodable", "broken_empty": "empty_file", "broken_not_image": "undecodable"}
+    kind = truth.set_index("uid")["corruption"]
+    assert (failures["reason"] == failures["uid"].map(kind).map(want)).all()
+    assert failures["error_message"].str.len().gt(0).all()  # the library's words kept beside the reason
 
 
 def test_shards_read_back_with_webdataset(raw_source):

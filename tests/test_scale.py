@@ -142,7 +142,7 @@ def test_the_snakefile_stops_a_half_toy_config_with_one_line(tmp_path):
     path.write_text(yaml.safe_dump(cfg))
     proc = snakemake(tmp_path, "-n", "results/table4.csv", configfile=path, check=False)
     assert proc.returncode != 0
-    assert "config error: model.lm_path: scale toy builds the LLM folder" in proc.stdout + proc.stderr
+    assert f"config error: {path}: model.lm_path: scale toy builds the LLM folder" in proc.stdout + proc.stderr
 
 
 def test_no_rule_decides_the_scale_by_testing_a_path():

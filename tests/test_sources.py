@@ -300,8 +300,8 @@ def release(tmp_path):
 
 
 GOOD = {"uid-000000001", "000000002", "uid-000010000", "uid-000010001", "uid-000010003"}
-REASONS = {"no caption": 1, "no image": 1, "image not recognised": 1, "empty caption": 1,
-           "in the shard's table, not in its tar": 1, "duplicate uid": 2}
+REASONS = {"no_caption": 1, "no_image": 1, "undecodable": 1, "empty_caption": 1, "missing_from_tar": 1,
+           "duplicate_uid": 2}
 
 
 def test_released_shards_are_ingested_with_every_bad_sample_counted(release, tmp_path):
@@ -313,7 +313,7 @@ def test_released_shards_are_ingested_with_every_bad_sample_counted(release, tmp
                       "shards": 2, "revision": "abc123"}
     table = pd.read_parquet(samples)
     assert set(table.loc[table["status"] == "success", "uid"]) == GOOD and len(table) == 12
-    assert table.loc[table["key"] == "000000003", "reason"].item() == "no caption"
+    assert table.loc[table["key"] == "000000003", "reason"].item() == "no_caption"
     manifest = json.loads((tmp_path / "accounting.manifest.json").read_text())
     assert manifest["stage"] == "ingest_shards" and manifest["counts"] == counts
     assert set(manifest["files"]) == {"samples.parquet", "accounting.json"}

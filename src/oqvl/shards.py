@@ -33,8 +33,13 @@ def sample_meta(sample: dict) -> dict:
 
 
 def sample_uid(sample: dict) -> str:
-    """The pair's uid from its JSON, else the tar key."""
-    return str(sample_meta(sample).get("uid", sample["__key__"]))
+    """The pair's uid from its JSON (img2dataset's save_additional_columns), else the tar key (no
+    json, an unreadable one, or one without a uid)."""
+    try:
+        meta = sample_meta(sample)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return str(sample["__key__"])
+    return str(meta["uid"]) if isinstance(meta, dict) and meta.get("uid") is not None else str(sample["__key__"])
 
 
 def sample_caption(sample: dict) -> str:

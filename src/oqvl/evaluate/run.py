@@ -187,7 +187,13 @@ def main(argv=None):
         import torch
         torch.set_num_threads(args.threads)
     t0 = time.time()
-    rows = evaluate(args.checkpoint, args.run, args.benchmark, args.data_dir, protocols,
-                    not args.no_control, args.batch_size, args.max_new_tokens, args.device, args.out,
-                    args.verbosity)
+    from ..model.vlm import CheckpointError
+    from .schemas import SchemaError
+
+    try:
+        rows = evaluate(args.checkpoint, args.run, args.benchmark, args.data_dir, protocols,
+                        not args.no_control, args.batch_size, args.max_new_tokens, args.device, args.out,
+                        args.verbosity)
+    except (SchemaError, CheckpointError) as e:  # checked before any question is asked
+        sys.exit(f"error: {e}")
     print(f"{len(rows)} rows -> {args.out} in {time.time() - t0:.1f}s")

@@ -103,20 +103,32 @@ def questions_written(counts: dict[str, dict]) -> int:
     return sum(c["rows"] for c in counts.values())
 
 
+class SchemaError(ValueError):
+    """A benchmark file that is missing or not in its benchmark's schema."""
+
+
 def check_schema(path, benchmark: str) -> None:
-    """Raise ValueError unless the file has exactly the benchmark's columns and types."""
+    """Raise SchemaError unless the file has exactly the benchmark's columns and types."""
     expected = FEATURES[benchmark]
-    got = pq.read_schema(path)
+    if not Path(path).is_file():
+        raise SchemaError(f"{path}: {benchmark} file not found (rule eval_data writes it, or convert the release)")
+    try:
+        got = pq.read_schema(path)
+    except (pa.ArrowException, OSError) as e:
+        raise SchemaError(f"{path}: not a parquet file ({e})") from None
     if got.names != list(expected):
-        raise ValueError(f"{path}: columns {got.names} != {benchmark}'s {list(expected)}")
+        missing = [c for c in expected if c not in got.names]
+        extra = [c for c in got.names if c not in expected]
+        raise SchemaError(f"{path}: columns differ from {benchmark}'s: missing {missing}, unexpected {extra}"
+                          + ("" if missing or extra else f", order {got.names}"))
     want = expected.arrow_schema
     for name in expected:
         if not got.field(name).type.equals(want.field(name).type):
-            raise ValueError(f"{path}: column {name} is {got.field(name).type}, "
+            raise SchemaError(f"{path}: column {name} is {got.field(name).type}, "
                              f"{benchmark} has {want.field(name).type}")
     stored = Features.from_arrow_schema(got)
     if stored != expected:
-        raise ValueError(f"{path}: stored features differ from {benchmark}'s (images would not "
+        raise SchemaError(f"{path}: stored features differ from {benchmark}'s (images would not "
                          f"load as images)")
 
 

@@ -3,8 +3,9 @@
     python -m oqvl.filter.clip_score --shards results/raw/ccs/shards --model NAME \
         --pretrained WEIGHTS --out results/filter/ccs/clip_scores.parquet
 
-A sample whose image does not decode or whose caption is empty is not scored: it goes to
---failures with its reason. Scores are written per shard into OUT.parts-<key>/ first, so a crashed
+A sample whose image does not decode (or is over oqvl.reasons.MAX_PIXELS: refused from its
+header) or whose caption is missing, not UTF-8 or empty is not scored: it goes to --failures
+with its reason (a name from oqvl.reasons) and the decoder's message. Scores are written per shard into OUT.parts-<key>/ first, so a crashed
 run resumes at the first unfinished shard; the key is the model name and the content of its
 weights (`weights_key`), so a model retrained under the same path starts over. The job's manifest
 lies beside OUT (clip_scores.manifest.json).
@@ -13,7 +14,7 @@ lies beside OUT (clip_scores.manifest.json).
 from __future__ import annotations
 
 import argparse
-import io
+import json
 import sys
 from pathlib import Path
 
@@ -22,29 +23,38 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
+from .. import images
 from ..config import config_hash
+from ..images import Problem
 from ..io import weights_identity, write_json, write_parquet
 from ..manifest import args_config, manifest_path, write_manifest
-from ..shards import iter_samples, sample_caption, sample_uid, shard_paths
+from ..shards import iter_samples, sample_meta, sample_uid, shard_paths
 from .clip_model import load_clip, score_pairs
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+FAILURE_COLUMNS = ["uid", "reason", "message"]  # reason: a name from oqvl.reasons; message: the library's
 
 
-def decode(sample: dict) -> tuple[Image.Image | None, str, str | None]:
-    """(image, caption, failure reason or None)."""
-    caption = sample_caption(sample).strip()
-    data = next((sample[e] for e in IMAGE_EXTS if e in sample), None)
-    if data is None:
-        return None, caption, "no image in sample"
+def decode(sample: dict) -> tuple[Image.Image | None, str, Problem | None]:
+    """(image, caption, None), or (image or None, caption, (reason, message)) for a sample that
+    cannot be scored: its image (oqvl.images.decode) or its caption (no_caption, caption_not_utf8,
+    empty_caption) is bad."""
+    image, problem = images.decode(next((sample[e] for e in IMAGE_EXTS if e in sample), None))
+    if problem:
+        return None, "", problem
+    raw = sample.get("txt")
+    if raw is None:
+        return image, "", ("no_caption", "no txt in the sample")
     try:
-        image = Image.open(io.BytesIO(data))
-        image.load()
-        image = image.convert("RGB")
-    except Exception as e:  # any decoder error: the sample is bad, the stage goes on
-        return None, caption, f"undecodable image ({type(e).__name__})"
+        caption = raw.decode("utf-8").strip() if isinstance(raw, bytes) else str(raw).strip()
+    except UnicodeDecodeError as e:
+        return image, "", ("caption_not_utf8", str(e))
     if not caption:
-        return image, caption, "empty caption"
+        return image, caption, ("empty_caption", "the caption is empty or white space")
+    try:
+        sample_meta(sample)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        return image, caption, ("metadata_unreadable", f"{type(e).__name__}: {e}")
     return image, caption, None
 
 
@@ -64,9 +74,9 @@ def score_batches(path: Path, score_batch, batch_size: int, bar) -> tuple[pd.Dat
 
     for sample in iter_samples([path]):
         uid = sample_uid(sample)
-        image, caption, reason = decode(sample)
-        if reason:
-            failed.append({"uid": uid, "reason": reason})
+        image, caption, problem = decode(sample)
+        if problem:
+            failed.append({"uid": uid, "reason": problem[0], "message": problem[1]})
             bar.update(1)
             continue
         batch.append((uid, image, caption))
@@ -74,7 +84,7 @@ def score_batches(path: Path, score_batch, batch_size: int, bar) -> tuple[pd.Dat
             flush()
     flush()
     return (pd.DataFrame(scored, columns=["uid", "score"]).astype({"score": float}),
-            pd.DataFrame(failed, columns=["uid", "reason"]))
+            pd.DataFrame(failed, columns=FAILURE_COLUMNS))
 
 
 def score_shard(path: Path, clip, batch_size: int, device: str, bar) -> tuple[pd.DataFrame, pd.DataFrame]:

@@ -366,9 +366,9 @@ def score_source(shards: Path, score_batch, key: dict, out: Path, failures: Path
                 if i < skip:
                     continue
                 uid = sample_uid(sample)
-                image, caption, reason = decode(sample)
-                if image is None:  # a bad image is listed with its reason (an empty caption is scored)
-                    rows.append({"uid": uid, "text": None, "score": None, "status": f"failed: {reason}"})
+                image, caption, problem = decode(sample)
+                if problem and problem[0] != "empty_caption":  # an empty caption is scored, as the reference does
+                    rows.append({"uid": uid, "text": problem[1], "score": None, "status": f"failed: {problem[0]}"})
                     bar.update(1)
                 else:
                     batch.append((uid, image, caption))
@@ -382,7 +382,8 @@ def score_source(shards: Path, score_batch, key: dict, out: Path, failures: Path
         raise RuntimeError(f"{parts}: duplicated uids {table.loc[table['uid'].duplicated(), 'uid'].head(3).tolist()}")
     failed = table["status"].str.startswith("failed: ")
     scores = table.loc[~failed].reset_index(drop=True).assign(score=lambda d: d["score"].astype(float))
-    fails = pd.DataFrame({"uid": table.loc[failed, "uid"], "reason": table.loc[failed, "status"].str[8:]})
+    fails = pd.DataFrame({"uid": table.loc[failed, "uid"], "reason": table.loc[failed, "status"].str[8:],
+                          "message": table.loc[failed, "text"]})  # a failed row's text: the message
     scores["model"] = str(key.get("model"))
     scores["config_hash"] = config_hash(key)
     write_parquet(fails, failures)
@@ -421,7 +422,7 @@ def import_scores(files: list[Path], metric: str, out: Path, failures: Path) -> 
     scores["score"] = scores["score"].astype(float)
     scores["model"] = f"imported:{metric}"
     scores["config_hash"] = config_hash({"files": sorted(map(str, files)), "metric": metric})
-    fails = pd.DataFrame({"uid": pd.Series(dtype=str), "reason": pd.Series(dtype=str)})
+    fails = pd.DataFrame({c: pd.Series(dtype=str) for c in ("uid", "reason", "message")})
     write_parquet(fails, failures)
     write_parquet(scores, out)
     return summarize(scores, fails)

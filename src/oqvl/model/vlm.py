@@ -45,6 +45,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_model, save_model
 from torch import nn
 from transformers import Qwen2Config, Qwen2ForCausalLM
@@ -70,6 +71,35 @@ from .vision import (
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint directory that is incomplete or whose weights do not fit its config."""
+
+
+def check_weights(model: nn.Module, path: Path) -> None:
+    """Every weight of `model` in the safetensors file at `path`, with its shape, and nothing else:
+    checked from the file's header, before any tensor is read (a tied weight is stored once)."""
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no weights file (an incomplete checkpoint)")
+    try:
+        with safe_open(str(path), "pt") as f:
+            stored = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118 (no keys view)
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
+    tensors = model.state_dict()
+    by_storage: dict[tuple, list[str]] = {}
+    for name, t in tensors.items():
+        by_storage.setdefault((t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape)), []).append(name)
+    missing = [names[0] for names in by_storage.values() if not any(n in stored for n in names)]
+    unexpected = sorted(set(stored) - set(tensors))
+    wrong = [f"{n} {list(stored[n])} in the file, {list(tensors[n].shape)} in the model"
+             for n in tensors if n in stored and stored[n] != tuple(tensors[n].shape)]
+    problems = ([f"shape of {wrong[0]}" + (f" (and {len(wrong) - 1} more)" if len(wrong) > 1 else "")] if wrong else []) \
+        + ([f"{len(missing)} weights missing (e.g. {missing[0]})"] if missing else []) \
+        + ([f"{len(unexpected)} unexpected (e.g. {unexpected[0]})"] if unexpected else [])
+    if problems:
+        raise CheckpointError(f"{path}: weights do not fit {CONFIG_FILE}: " + "; ".join(problems))
 
 
 def with_lm_depth(lm: dict, layers: int) -> dict:
@@ -241,10 +271,17 @@ class OpenQwen2VL(nn.Module):
 
     @classmethod
     def from_pretrained(cls, ckpt_dir, device: str | torch.device = "cpu") -> OpenQwen2VL:
+        """The model saved by save_pretrained; CheckpointError (one line naming the file) when the
+        directory is not a complete checkpoint or its weights do not fit its config."""
         ckpt = Path(ckpt_dir)
         if not (ckpt / CONFIG_FILE).is_file():
-            raise FileNotFoundError(f"{ckpt} is not a complete checkpoint (no {CONFIG_FILE})")
-        model = cls(VLMConfig.from_dict(json.loads((ckpt / CONFIG_FILE).read_text())))
+            raise CheckpointError(f"{ckpt}: not a complete checkpoint (no {CONFIG_FILE})")
+        try:
+            config = VLMConfig.from_dict(json.loads((ckpt / CONFIG_FILE).read_text()))
+        except (ValueError, TypeError, KeyError) as e:
+            raise CheckpointError(f"{ckpt / CONFIG_FILE}: not a model config ({type(e).__name__}: {e})") from None
+        model = cls(config)
+        check_weights(model, ckpt / WEIGHTS_FILE)
         load_model(model, ckpt / WEIGHTS_FILE, strict=True)
         return model.to(device)
 

@@ -6,8 +6,10 @@ The same call serves both scales: toy pair lists hold file:// URLs, paper ones h
 OPTIONS are the config's raw section with the source's own `download` entries over it (DataComp:
 its download script's resize mode and face blurring); blur_faces blurs the pair list's
 face_bboxes (img2dataset's bbox_col).
-After img2dataset, every pair is either a sample in a shard or a failure with its reason
-(OUT/failures.parquet); ACCOUNTING holds the counts and the check in = out + failures, and the
+Before img2dataset, pairs it must not fetch are refused (`screen`): a URL it cannot fetch, a
+file:// URL outside the data roots (the pair list's folder and the raw section's file_roots), a
+uid more than one pair has. After it, every pair is either a sample in a shard or a failure with
+its reason, a name from oqvl.reasons, and the library's message (OUT/failures.parquet); ACCOUNTING holds the counts and the check in = out + failures, and the
 job's manifest lies beside it (accounting.manifest.json: a file inside OUT, a directory output,
 could not be declared an output of its own).
 
@@ -31,12 +33,18 @@ import sys
 import tarfile
 from contextlib import contextmanager
 from pathlib import Path
+from urllib.parse import unquote, urlsplit
+from urllib.request import url2pathname
 
+import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from ..io import sha256_file, write_json, write_parquet, write_text
 from ..manifest import args_config, manifest_path, write_manifest
+from ..reasons import check, from_download_message
 from .import_pairs import BBOX
 
 
@@ -48,7 +56,8 @@ class Terminated(BaseException):
     """SIGTERM, raised in the main thread (a BaseException: no `except Exception` swallows it)."""
 
 
-RESUME_KEY = "resume_key.txt"  # in WORK: what its shards were made from (not .json: img2dataset's)
+RESUME_KEY = "resume_key.txt"
+SCREENED = "screened_pairs.parquet"  # in WORK: the pairs img2dataset is given, when some were refused  # in WORK: what its shards were made from (not .json: img2dataset's)
 SHARD_FILE = re.compile(r"(\d+)(?:\.tar|\.parquet|_stats\.json)")  # img2dataset's files of a shard
 SPEED_ONLY = ("processes", "threads")  # options that change how fast, not what is downloaded
 
@@ -134,6 +143,84 @@ def sigterm_raises():
         signal.signal(signal.SIGTERM, previous)
 
 
+def url_problem(url, roots: list[Path]) -> tuple[str, str] | None:
+    """(reason, message) when img2dataset must not be given this URL, else None."""
+    if not isinstance(url, str) or not url.strip():
+        return "invalid_url", "no URL"
+    try:
+        parts = urlsplit(url)
+    except ValueError as e:
+        return "invalid_url", f"{url[:200]}: {e}"
+    scheme = parts.scheme.lower()
+    if scheme in ("http", "https"):
+        return None if parts.hostname else ("invalid_url", f"{url[:200]}: no host")
+    if scheme != "file":
+        return "invalid_url", f"{url[:200]}: not an http, https or file URL"
+    if parts.netloc not in ("", "localhost"):
+        return "invalid_url", f"{url[:200]}: a file URL on another host"
+    path = Path(os.path.realpath(url2pathname(unquote(parts.path))))  # links resolved: none leads out
+    if not any(path.is_relative_to(root) for root in roots):
+        return "outside_data_roots", f"{path} is outside the data roots {', '.join(map(str, roots))}"
+    return None
+
+
+def data_roots(pairs: Path, opts: dict) -> list[Path]:
+    """Where file:// URLs may point: the pair list's folder and the raw section's file_roots."""
+    return [Path(os.path.realpath(p)) for p in [pairs.parent, *opts.get("file_roots", [])]]
+
+
+def screen(pairs: Path, roots: list[Path]) -> pd.DataFrame:
+    """The pairs img2dataset must not be given, as failures (position in PAIRS, uid, url, status,
+    reason, error_message): an invalid URL, a file:// URL outside `roots`, and every pair of a uid
+    more than one pair has (a kept set must never name an ambiguous uid)."""
+    try:
+        table = pq.read_table(pairs, columns=["uid", "url"])
+    except (pa.ArrowException, OSError) as e:
+        raise ValueError(f"{pairs}: not a pair list with uid and url columns ({e})") from None
+    # In arrow, not Python: a paper-scale list has 10^8 pairs, nearly all http(s) with a host.
+    counts = pc.value_counts(table["uid"])
+    dup = pc.is_in(table["uid"], value_set=counts.field("values").filter(pc.greater(counts.field("counts"), 1)))
+    plain = pc.fill_null(pc.match_substring_regex(table["url"], r"(?i)^https?://[^/?#\s]"), False)
+    suspect = pc.indices_nonzero(pc.or_(dup, pc.invert(plain))).to_pylist()
+    uids, urls = (table[c].take(suspect).to_pylist() for c in ("uid", "url"))
+    dups = set(pc.indices_nonzero(dup).to_pylist())
+    rows = []
+    for i, uid, url in zip(suspect, uids, urls):
+        problem = ("duplicate_uid", f"uid {uid} is given to more than one pair") if i in dups else url_problem(url, roots)
+        if problem:
+            rows.append({"position": i, "uid": uid, "url": url, "status": "failed",
+                         "reason": check(problem[0]), "error_message": problem[1]})
+    return pd.DataFrame(rows, columns=["position", "uid", "url", "status", "reason", "error_message"])
+
+
+def screened_pairs(pairs: Path, refused: pd.DataFrame, work: Path) -> Path:
+    """The pair list img2dataset reads: PAIRS itself, or, when pairs were refused, the others
+    written into WORK in PAIRS' order (the shards are then what they would be without them)."""
+    if refused.empty:
+        return pairs
+    table = pq.read_table(pairs)
+    keep = np.ones(table.num_rows, bool)
+    keep[refused["position"].to_numpy()] = False
+    out = work / SCREENED
+    pq.write_table(table.filter(pa.array(keep)), out)
+    return out
+
+
+@contextmanager
+def screened_resizer():
+    """img2dataset's download builds its Resizer from img2dataset.main's name: ours while it runs."""
+    import img2dataset.main  # noqa: F401 (the package's `main` is the function: the module is sys.modules')
+
+    from .resizer import ScreenedResizer
+
+    i2d = sys.modules["img2dataset.main"]
+    previous, i2d.Resizer = i2d.Resizer, ScreenedResizer
+    try:
+        yield
+    finally:
+        i2d.Resizer = previous
+
+
 def run_img2dataset(pairs: Path, out: Path, opts: dict) -> None:
     os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # it would phone home on import
     from img2dataset import download
@@ -141,44 +228,32 @@ def run_img2dataset(pairs: Path, out: Path, opts: dict) -> None:
     blur = opts.get("blur_faces", False)
     if blur and BBOX not in pq.ParquetFile(pairs).schema_arrow.names:
         raise ValueError(f"{pairs}: blur_faces needs a {BBOX} column (give the source's bbox_col)")
-    download(
-        url_list=str(pairs),
-        input_format="parquet",
-        url_col="url",
-        caption_col="caption",
-        save_additional_columns=["uid", "source"],
-        output_format="webdataset",
-        output_folder=str(out),
-        image_size=opts["image_size"],
-        resize_mode=opts["resize_mode"],
-        resize_only_if_bigger=opts["resize_only_if_bigger"],
-        skip_reencode=opts.get("skip_reencode", False),
-        bbox_col=BBOX if blur else None,  # img2dataset blurs these boxes (and keeps them as a column)
-        encode_format=opts["encode_format"],
-        encode_quality=opts["encode_quality"],
-        number_sample_per_shard=opts["samples_per_shard"],
-        processes_count=opts["processes"],
-        thread_count=opts["threads"],
-        timeout=opts["timeout_s"],
-        retries=opts["retries"],
-        oom_shard_count=opts.get("oom_shard_count", 5),  # digits of a shard's name (img2dataset's default)
-        distributor="multiprocessing",
-        enable_wandb=False,
-        incremental_mode="incremental",  # a rerun skips the shards with a stats file (prepare_work)
-    )
-
-
-def failure_reason(message: str | None) -> str:
-    """A short, stable reason from an img2dataset error message (paths and numbers removed)."""
-    if not message:
-        return "unknown"
-    if "!buf.empty()" in message:  # OpenCV's words for a zero-length body
-        return "empty image file"
-    first = str(message).strip().splitlines()[0].lower()
-    first = re.sub(r"(file|https?)://\S+", "<url>", first)
-    first = re.sub(r"/\S+", "<path>", first)
-    first = re.sub(r"\d+", "N", first)
-    return first[:120]
+    with screened_resizer():
+        download(
+            url_list=str(pairs),
+            input_format="parquet",
+            url_col="url",
+            caption_col="caption",
+            save_additional_columns=["uid", "source"],
+            output_format="webdataset",
+            output_folder=str(out),
+            image_size=opts["image_size"],
+            resize_mode=opts["resize_mode"],
+            resize_only_if_bigger=opts["resize_only_if_bigger"],
+            skip_reencode=opts.get("skip_reencode", False),
+            bbox_col=BBOX if blur else None,  # img2dataset blurs these boxes (and keeps them as a column)
+            encode_format=opts["encode_format"],
+            encode_quality=opts["encode_quality"],
+            number_sample_per_shard=opts["samples_per_shard"],
+            processes_count=opts["processes"],
+            thread_count=opts["threads"],
+            timeout=opts["timeout_s"],
+            retries=opts["retries"],
+            oom_shard_count=opts.get("oom_shard_count", 5),  # digits of a shard's name (img2dataset's default)
+            distributor="multiprocessing",
+            enable_wandb=False,
+            incremental_mode="incremental",  # a rerun skips the shards with a stats file (prepare_work)
+        )
 
 
 def count_tar_samples(tar_path: Path) -> list[str]:
@@ -191,29 +266,31 @@ def count_tar_samples(tar_path: Path) -> list[str]:
     return sorted(keys)
 
 
-def account(pairs: Path, out: Path) -> dict:
-    """Check that every pair of the list is a shard sample or a listed failure."""
-    n_in = len(pd.read_parquet(pairs, columns=["uid"]))
-    shard_rows = [pd.read_parquet(p) for p in sorted(out.glob("*.parquet")) if p.stem != "failures"]
+def account(pairs: Path, out: Path, refused: pd.DataFrame) -> dict:
+    """Check that every pair of the list is a shard sample or a listed failure: refused by `screen`
+    or failed in img2dataset (its message kept beside the reason)."""
+    n_in = pq.ParquetFile(pairs).metadata.num_rows
+    shard_rows = [pd.read_parquet(p) for p in sorted(out.glob("*.parquet")) if SHARD_FILE.fullmatch(p.name)]
     rows = pd.concat(shard_rows, ignore_index=True) if shard_rows else pd.DataFrame(
         columns=["uid", "url", "status", "error_message"])
     ok = rows[rows["status"] == "success"]
     failed = rows[rows["status"] != "success"].copy()
-    failed["reason"] = [failure_reason(m) for m in failed["error_message"]]
+    failed["reason"] = [from_download_message(m) for m in failed["error_message"]]
+    failed = pd.concat([refused.drop(columns="position"), failed], ignore_index=True)
     in_tars = sum(len(count_tar_samples(t)) for t in sorted(out.glob("*.tar")))
     counts = {
         "pairs_in": n_in,
         "samples_in_shards": in_tars,
-        "failures": int(len(failed)),
-        "failures_by_reason": {k: int(v) for k, v in failed["reason"].value_counts().items()},
+        "failures": len(failed),
+        "failures_by_reason": {k: int(v) for k, v in failed["reason"].value_counts().sort_index().items()},
         "shards": len(list(out.glob("*.tar"))),
     }
     write_parquet(failed[["uid", "url", "status", "reason", "error_message"]], out / "failures.parquet")
-    missing = n_in - len(rows)
+    missing = n_in - len(rows) - len(refused)
     if missing or len(ok) != in_tars:
         raise AccountingError(
-            f"{pairs}: {n_in} pairs in, {len(rows)} rows reported by img2dataset, "
-            f"{len(ok)} successes but {in_tars} samples in the shards of {out}")
+            f"{pairs}: {n_in} pairs in, {len(refused)} refused and {len(rows)} rows reported by "
+            f"img2dataset, {len(ok)} successes but {in_tars} samples in the shards of {out}")
     return counts
 
 
@@ -232,13 +309,17 @@ def main(argv=None):
     pairs_sha256 = sha256_file(args.pairs)
     prepare_work(work, resume_key(pairs_sha256, opts))
     try:
+        refused = screen(args.pairs, data_roots(args.pairs, opts))
+        given = screened_pairs(args.pairs, refused, work)
         with sigterm_raises():
-            run_img2dataset(args.pairs, work, opts)
+            if len(refused) < pq.ParquetFile(args.pairs).metadata.num_rows:
+                run_img2dataset(given, work, opts)
     except ValueError as e:
         sys.exit(f"error: {e}")
     except Terminated:
         sys.exit(f"terminated (SIGTERM): the finished shards stay in {work}, a rerun resumes them")
-    counts = account(args.pairs, work)
+    counts = account(args.pairs, work, refused)
+    (work / SCREENED).unlink(missing_ok=True)
     write_json(args.accounting, counts)
     # Hashed in WORK under their names in OUT: a kill before the move leaves WORK whole.
     shard_files = sorted(work.glob("*.tar")) + [work / "failures.parquet"]

@@ -5,10 +5,11 @@
 
 The shards are img2dataset's output (numbered .tar files of key.jpg, key.txt and key.json per
 sample, a .parquet per shard); they are read where they lie, never copied. Every sample of every tar is
-checked: it needs an image (jpg, jpeg, png or webp, whose header PIL recognises), a non-empty
-UTF-8 caption (txt) and a uid (its json's, else its key) that no other sample has. A sample that
-fails is listed with its reason, and so is a sample a shard's table lists as downloaded but its
-tar lacks. SAMPLES holds one row per sample (uid, shard, key, status, reason); ACCOUNTING the
+checked: it needs an image (jpg, jpeg, png or webp, whose header PIL recognises and whose size is
+within oqvl.reasons.MAX_PIXELS), a non-empty UTF-8 caption (txt) and a uid (its json's, else its
+key) that no other sample has. A sample that fails is listed with its reason (a name from
+oqvl.reasons) and the message behind it, and so is a sample a shard's table lists as downloaded
+but its tar lacks. SAMPLES holds one row per sample (uid, shard, key, status, reason, message); ACCOUNTING the
 counts in the download stage's terms (pairs_in = samples_in_shards + failures), so the filter
 (method none or uid_list) and the mixture read an ingested source as they read a downloaded one.
 The job's manifest lies beside ACCOUNTING.
@@ -27,11 +28,12 @@ from collections import Counter
 from pathlib import Path
 
 import pandas as pd
-from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
+from ..images import open_image
 from ..io import write_json, write_parquet
 from ..manifest import args_config, manifest_path, write_manifest
+from ..shards import sample_uid
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 IMAGE_HEAD = 1 << 16
@@ -76,41 +78,26 @@ def tar_samples(path: Path) -> tuple[dict[str, dict[str, bytes]], str]:
     return samples, reader.sha.hexdigest()
 
 
-def check_sample(parts: dict[str, bytes]) -> str | None:
-    """Why a sample cannot be used, or None."""
-    image = next((parts[e] for e in IMAGE_EXTS if e in parts), None)
-    if image is None:
-        return "no image"
-    try:
-        Image.open(io.BytesIO(image))  # the header only: a full decode is the scorer's or trainer's
-    except (UnidentifiedImageError, OSError):
-        return "image not recognised"
+def check_sample(parts: dict[str, bytes]) -> tuple[str, str] | None:
+    """(reason, message) when a sample cannot be used, else None; the image's header only is read
+    (a full decode is the scorer's or trainer's)."""
+    _, problem = open_image(next((parts[e] for e in IMAGE_EXTS if e in parts), None))
+    if problem:
+        return problem
     if "txt" not in parts:
-        return "no caption"
+        return "no_caption", "no txt in the sample"
     try:
         caption = parts["txt"].decode("utf-8")
-    except UnicodeDecodeError:
-        return "caption not utf-8"
+    except UnicodeDecodeError as e:
+        return "caption_not_utf8", str(e)
     if not caption.strip():
-        return "empty caption"
+        return "empty_caption", "the caption is empty or white space"
     if "json" in parts:
         try:
             json.loads(parts["json"])
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            return "json not readable"
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            return "metadata_unreadable", f"{type(e).__name__}: {e}"
     return None
-
-
-def sample_uid(key: str, parts: dict[str, bytes]) -> str:
-    """The uid from the sample's json (img2dataset's save_additional_columns), else its key."""
-    if "json" in parts:
-        try:
-            meta = json.loads(parts["json"])
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            return key
-        if isinstance(meta, dict) and meta.get("uid") is not None:
-            return str(meta["uid"])
-    return key
 
 
 def listed_downloads(tar: Path) -> set[str]:
@@ -136,16 +123,16 @@ def ingest(shards: Path) -> tuple[pd.DataFrame, dict, dict[str, str]]:
     for tar in tqdm(tars, desc=f"ingest {shards.name}", unit="shard", mininterval=2):
         samples, hashes[str(tar)] = tar_samples(tar)
         for key, parts in samples.items():
-            reason = check_sample(parts)
-            rows.append({"uid": sample_uid(key, parts), "shard": tar.name, "key": key,
-                         "status": "failed" if reason else "success", "reason": reason or ""})
+            reason, message = check_sample(parts) or ("", "")
+            rows.append({"uid": sample_uid({"__key__": key, **parts}), "shard": tar.name, "key": key,
+                         "status": "failed" if reason else "success", "reason": reason, "message": message})
         for key in sorted(listed_downloads(tar) - set(samples)):
             rows.append({"uid": key, "shard": tar.name, "key": key, "status": "failed",
-                         "reason": "in the shard's table, not in its tar"})
-    table = pd.DataFrame(rows, columns=["uid", "shard", "key", "status", "reason"])
+                         "reason": "missing_from_tar", "message": "in the shard's table, not in its tar"})
+    table = pd.DataFrame(rows, columns=["uid", "shard", "key", "status", "reason", "message"])
     # A uid twice is no one sample: every copy fails, so a kept set never names an ambiguous uid.
     dup = table["uid"].duplicated(keep=False) & (table["status"] == "success")
-    table.loc[dup, ["status", "reason"]] = ["failed", "duplicate uid"]
+    table.loc[dup, ["status", "reason", "message"]] = ["failed", "duplicate_uid", "another sample has its uid"]
     failed = table[table["status"] == "failed"]
     counts = {
         "pairs_in": len(table),
