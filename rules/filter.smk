@@ -12,7 +12,7 @@ for _source, _which in SCORERS:  # a scorer that cannot be found stops the DAG h
     try:
         scorer_file(P.filter_spec(_source, _which)["scorer"])
     except ScorerError as e:
-        sys.exit(f"config error: filter {_which} of {_source}: {e}")
+        sys.exit(f"config error: {CONFIG_FILES}: filter {_which} of {_source}: {e}")
 
 
 if SCALE.has("train_clip"):

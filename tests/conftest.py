@@ -71,6 +71,15 @@ def ci_run(tmp_path_factory) -> Path:
     return root
 
 
+def toy_clip_checkpoint(out: Path) -> Path:
+    """A toy CLIP checkpoint trained for 2 steps: weights of the real format, quickly."""
+    from oqvl.filter import train_clip
+
+    train_clip.main(["--out", str(out), "--n-pairs", "32", "--steps", "2", "--batch-size", "16",
+                     "--seed", "0", "--threads", "1", "--log-every", "1"])
+    return out
+
+
 def raw_toy_source(out: Path, source: str, n_pairs: int, seed: int, rates: dict | None = None,
                    samples_per_shard: int = 20) -> Path:
     """A real raw toy source: pairs generated, then downloaded by img2dataset into shards under out."""

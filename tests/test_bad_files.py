@@ -52,6 +52,13 @@ def copy_of(good: Path, to: Path) -> Path:
     return to
 
 
+def refusal(checkpoint: Path) -> str:
+    """The one-line error loading `checkpoint` stops with."""
+    with pytest.raises(CheckpointError) as err:
+        OpenQwen2VL.from_pretrained(checkpoint)
+    return one_line(err)
+
+
 def one_line(err) -> str:
     text = str(err.value)
     assert "\n" not in text, text
@@ -65,26 +72,20 @@ def test_a_good_checkpoint_loads(good):
 def test_a_checkpoint_without_its_weights_file_is_one_line(good, tmp_path):
     bad = copy_of(good, tmp_path / "bad")
     (bad / WEIGHTS_FILE).unlink()
-    with pytest.raises(CheckpointError) as err:
-        OpenQwen2VL.from_pretrained(bad)
-    assert one_line(err) == f"{bad / WEIGHTS_FILE}: no weights file (an incomplete checkpoint)"
+    assert refusal(bad) == f"{bad / WEIGHTS_FILE}: no weights file (an incomplete checkpoint)"
 
 
 def test_a_checkpoint_without_its_config_is_one_line(good, tmp_path):
     bad = copy_of(good, tmp_path / "bad")
     (bad / CONFIG_FILE).unlink()
-    with pytest.raises(CheckpointError) as err:
-        OpenQwen2VL.from_pretrained(bad)
-    assert one_line(err) == f"{bad}: not a complete checkpoint (no {CONFIG_FILE})"
+    assert refusal(bad) == f"{bad}: not a complete checkpoint (no {CONFIG_FILE})"
 
 
 def test_weights_of_another_shape_are_named_before_any_tensor_is_read(good, tmp_path):
     bad = copy_of(good, tmp_path / "bad")
     tiny_model(hidden=32).save_pretrained(tmp_path / "narrow")
     (bad / WEIGHTS_FILE).write_bytes((tmp_path / "narrow" / WEIGHTS_FILE).read_bytes())
-    with pytest.raises(CheckpointError) as err:
-        OpenQwen2VL.from_pretrained(bad)
-    text = one_line(err)
+    text = refusal(bad)
     assert text.startswith(f"{bad / WEIGHTS_FILE}: weights do not fit {CONFIG_FILE}: shape of ")
     # the first named with both shapes, the rest counted
     assert text.endswith(": shape of projector.fc1.weight [32, 128] in the file, [64, 128] in the model (and 17 more)")
@@ -96,18 +97,14 @@ def test_a_weight_missing_from_the_file_is_named(good, tmp_path):
     name = min(k for k in tensors if k.startswith("projector"))
     del tensors[name]
     save_file(tensors, str(bad / WEIGHTS_FILE))
-    with pytest.raises(CheckpointError) as err:
-        OpenQwen2VL.from_pretrained(bad)
-    assert one_line(err) == f"{bad / WEIGHTS_FILE}: weights do not fit {CONFIG_FILE}: 1 weights missing (e.g. {name})"
+    assert refusal(bad) == f"{bad / WEIGHTS_FILE}: weights do not fit {CONFIG_FILE}: 1 weights missing (e.g. {name})"
 
 
 def test_a_truncated_weights_file_is_one_line(good, tmp_path):
     bad = copy_of(good, tmp_path / "bad")
     data = (good / WEIGHTS_FILE).read_bytes()
     (bad / WEIGHTS_FILE).write_bytes(data[: len(data) // 3])
-    with pytest.raises(CheckpointError) as err:
-        OpenQwen2VL.from_pretrained(bad)
-    assert one_line(err).startswith(f"{bad / WEIGHTS_FILE}: not a readable safetensors file (")
+    assert refusal(bad).startswith(f"{bad / WEIGHTS_FILE}: not a readable safetensors file (")
 
 
 @pytest.fixture(scope="module")

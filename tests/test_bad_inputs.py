@@ -17,10 +17,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import toy_clip_checkpoint
 from PIL import Image, ImageFile
 
 from oqvl import reasons
-from oqvl.filter import clip_score, train_clip
+from oqvl.filter import clip_score
 from oqvl.filter.clip_model import TOY_MODEL
 from oqvl.raw import download, ingest
 from oqvl.shards import iter_samples, sample_uid, shard_paths
@@ -191,10 +192,7 @@ def test_file_urls_are_refused_outside_the_data_roots_unless_configured(bad_sour
 
 @pytest.fixture(scope="module")
 def clip_ckpt(tmp_path_factory):
-    out = tmp_path_factory.mktemp("clip")
-    train_clip.main(["--out", str(out), "--n-pairs", "32", "--steps", "2", "--batch-size", "16",
-                     "--seed", "0", "--threads", "1", "--log-every", "1"])
-    return out
+    return toy_clip_checkpoint(tmp_path_factory.mktemp("clip"))
 
 
 def test_clip_scoring_scores_every_usable_sample_and_names_the_rest(bad_source, clip_ckpt, tmp_path):

@@ -69,12 +69,17 @@ def job_shell(snakemake: psutil.Process, piece: str) -> psutil.Process | None:
 
 
 def sigkill(procs: list[psutil.Process]) -> None:
+    """SIGKILL each, and wait until they are gone; this process's own children are left for their
+    Popen to reap (reaped here, Popen would see no exit status and report 0)."""
+    ours = set()
     for p in procs:
         try:
+            if p.ppid() == os.getpid():
+                ours.add(p.pid)
             p.send_signal(signal.SIGKILL)
         except psutil.NoSuchProcess:
             pass
-    psutil.wait_procs(procs, timeout=30)
+    psutil.wait_procs([p for p in procs if p.pid not in ours], timeout=30)
 
 
 def typical_seconds(reference: Path, rule: str) -> float:

@@ -10,9 +10,10 @@ import open_clip
 import pandas as pd
 import pytest
 import torch
+from conftest import toy_clip_checkpoint
 from PIL import Image
 
-from oqvl.filter import clip_score, keep, quality, train_clip
+from oqvl.filter import clip_score, keep, quality
 from oqvl.filter.clip_model import TOY_MODEL, save_checkpoint
 from oqvl.io import weights_identity
 from oqvl.raw import download, generate
@@ -43,10 +44,7 @@ def raw(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
-    out = tmp_path_factory.mktemp("clip")
-    train_clip.main(["--out", str(out), "--n-pairs", "32", "--steps", "2", "--batch-size", "16",
-                     "--seed", "0", "--threads", "1", "--log-every", "1"])
-    return out
+    return toy_clip_checkpoint(tmp_path_factory.mktemp("clip"))
 
 
 def parts_of(out_dir: Path, ckpt) -> Path:

@@ -93,8 +93,8 @@ def test_accounting_catches_lost_pairs(raw_source, tmp_path):
     extra = pd.concat([pairs, pairs.iloc[:1].assign(uid="laion-extra")])
     bad = tmp_path / "pairs.parquet"
     extra.to_parquet(bad)
-    with pytest.raises(download.AccountingError, match="101 pairs in"):
-        download.account(bad, raw_source / "shards")
+    with pytest.raises(download.AccountingError, match="101 pairs in, 0 refused"):
+        download.account(bad, raw_source / "shards", download.screen(bad, [raw_source.resolve()]))
 
 
 def test_import_pairs_normalises_a_release(tmp_path):

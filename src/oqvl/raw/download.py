@@ -182,7 +182,7 @@ def screen(pairs: Path, roots: list[Path]) -> pd.DataFrame:
     dup = pc.is_in(table["uid"], value_set=counts.field("values").filter(pc.greater(counts.field("counts"), 1)))
     plain = pc.fill_null(pc.match_substring_regex(table["url"], r"(?i)^https?://[^/?#\s]"), False)
     suspect = pc.indices_nonzero(pc.or_(dup, pc.invert(plain))).to_pylist()
-    uids, urls = (table[c].take(suspect).to_pylist() for c in ("uid", "url"))
+    uids, urls = (table[c].take(pa.array(suspect, pa.int64())).to_pylist() for c in ("uid", "url"))
     dups = set(pc.indices_nonzero(dup).to_pylist())
     rows = []
     for i, uid, url in zip(suspect, uids, urls):
@@ -226,8 +226,6 @@ def run_img2dataset(pairs: Path, out: Path, opts: dict) -> None:
     from img2dataset import download
 
     blur = opts.get("blur_faces", False)
-    if blur and BBOX not in pq.ParquetFile(pairs).schema_arrow.names:
-        raise ValueError(f"{pairs}: blur_faces needs a {BBOX} column (give the source's bbox_col)")
     with screened_resizer():
         download(
             url_list=str(pairs),
@@ -309,6 +307,8 @@ def main(argv=None):
     pairs_sha256 = sha256_file(args.pairs)
     prepare_work(work, resume_key(pairs_sha256, opts))
     try:
+        if opts.get("blur_faces") and BBOX not in pq.ParquetFile(args.pairs).schema_arrow.names:
+            raise ValueError(f"{args.pairs}: blur_faces needs a {BBOX} column (give the source's bbox_col)")
         refused = screen(args.pairs, data_roots(args.pairs, opts))
         given = screened_pairs(args.pairs, refused, work)
         with sigterm_raises():
