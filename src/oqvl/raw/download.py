@@ -9,8 +9,8 @@ face_bboxes (img2dataset's bbox_col).
 Before img2dataset, pairs it must not fetch are refused (`screen`): a URL it cannot fetch, a
 file:// URL outside the data roots (the pair list's folder and the raw section's file_roots), a
 uid more than one pair has. After it, every pair is either a sample in a shard or a failure with
-its reason, a name from oqvl.reasons, and the library's message (OUT/failures.parquet); ACCOUNTING holds the counts and the check in = out + failures, and the
-job's manifest lies beside it (accounting.manifest.json: a file inside OUT, a directory output,
+its reason, a name from oqvl.reasons, and the library's message (OUT/failures.parquet);
+ACCOUNTING holds the counts and the check in = out + failures, and the job's manifest lies beside it (accounting.manifest.json: a file inside OUT, a directory output,
 could not be declared an output of its own).
 
 A killed download resumes. img2dataset writes into WORK (default OUT.partial, on OUT's
@@ -56,8 +56,8 @@ class Terminated(BaseException):
     """SIGTERM, raised in the main thread (a BaseException: no `except Exception` swallows it)."""
 
 
-RESUME_KEY = "resume_key.txt"
-SCREENED = "screened_pairs.parquet"  # in WORK: the pairs img2dataset is given, when some were refused  # in WORK: what its shards were made from (not .json: img2dataset's)
+RESUME_KEY = "resume_key.txt"  # in WORK: what its shards were made from (not .json: img2dataset's)
+SCREENED = "screened_pairs.parquet"  # in WORK: the pairs img2dataset is given, when some were refused
 SHARD_FILE = re.compile(r"(\d+)(?:\.tar|\.parquet|_stats\.json)")  # img2dataset's files of a shard
 SPEED_ONLY = ("processes", "threads")  # options that change how fast, not what is downloaded
 
