@@ -10,8 +10,9 @@ Before img2dataset, pairs it must not fetch are refused (`screen`): a URL it can
 file:// URL outside the data roots (the pair list's folder and the raw section's file_roots), a
 uid more than one pair has. After it, every pair is either a sample in a shard or a failure with
 its reason, a name from oqvl.reasons, and the library's message (OUT/failures.parquet);
-ACCOUNTING holds the counts and the check in = out + failures, and the job's manifest lies beside it (accounting.manifest.json: a file inside OUT, a directory output,
-could not be declared an output of its own).
+ACCOUNTING holds the counts and the check in = out + failures, and the job's manifest lies
+beside it (accounting.manifest.json: a file inside OUT, a directory output, could not be declared
+an output of its own).
 
 A killed download resumes. img2dataset writes into WORK (default OUT.partial, on OUT's
 filesystem), which is no output, so a rerun finds it: its finished shards are kept (img2dataset's
