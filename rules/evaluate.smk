@@ -30,6 +30,12 @@ rule eval_data:
 
 RELEASED = P.released()
 
+
+def benchmark_files(wildcards):
+    """A benchmark's file and its shuffled-image twin (the control), as evaluate reads them."""
+    return [L.eval_data(wildcards.benchmark)] + (
+        [L.eval_data(wildcards.benchmark, shuffled=True)] if EVAL["shuffled_control"] else [])
+
 if RELEASED:
 
     rule convert_released:
@@ -61,22 +67,23 @@ if RELEASED:
 
 
 rule evaluate:
-    """One run's SFT checkpoint (or a released checkpoint, converted) on one benchmark: lmms-eval
-    under each protocol (results JSON and samples JSONL in eval/<benchmark>/<protocol>/) and the
-    tidy rows in eval/<benchmark>.json."""
+    """One seed of a run: its SFT checkpoint on one benchmark, lmms-eval under each protocol
+    (results JSON and samples JSONL in eval/<benchmark>/<protocol>/) and the tidy rows in
+    eval/<benchmark>.json."""
     input:
-        checkpoint=lambda w: P.checkpoint(w.run),
-        data=lambda w: [L.eval_data(w.benchmark)]
-        + ([L.eval_data(w.benchmark, shuffled=True)] if EVAL["shuffled_control"] else []),
+        checkpoint=lambda w: L.final_model(w.run, "sft", w.seed),
+        data=benchmark_files,
     output:
         rows=L.eval_rows(),
         details=directory(L.eval_details()),
         manifest=L.manifest("evaluate"),
     wildcard_constraints:
         benchmark=alternatives(BENCHMARKS),
+        seed=r"\d+",
     params:
         checkpoint=lambda w, input: os.path.dirname(input.checkpoint),
         data_dir=lambda w, input: os.path.dirname(input.data[0]),
+        label=lambda w: f"--run {shlex.quote(w.run)} --seed {w.seed}",
         protocols=",".join(EVAL["protocols"]),
         control="" if EVAL["shuffled_control"] else "--no-control",
         batch_size=EVAL["batch_size"],
@@ -91,16 +98,38 @@ rule evaluate:
     benchmark:
         L.benchmark("evaluate")
     shell:
-        "$PY -m oqvl.evaluate --checkpoint {params.checkpoint:q} --run {wildcards.run:q}"
+        "$PY -m oqvl.evaluate --checkpoint {params.checkpoint:q} {params.label}"
         " --benchmark {wildcards.benchmark} --data-dir {params.data_dir} --protocols {params.protocols}"
         " {params.control} --batch-size {params.batch_size} {params.max_new_tokens}"
         " --device {params.device} --threads {threads} --out {output.rows:q} > {log} 2>&1"
 
 
+if RELEASED:
+
+    use rule evaluate as evaluate_released with:
+        input:
+            checkpoint=lambda w: L.released_model(w.name),
+            data=benchmark_files,
+        output:
+            rows=L.released_eval_rows(),
+            details=directory(L.released_eval_details()),
+            manifest=L.manifest("evaluate_released"),
+        wildcard_constraints:
+            benchmark=alternatives(BENCHMARKS),
+            name=alternatives(RELEASED),
+        params:  # merged into evaluate's: only the label differs
+            label=lambda w: f"--run {shlex.quote(w.name)}",
+        log:
+            L.log("evaluate_released"),
+        benchmark:
+            L.benchmark("evaluate_released")
+
+
 rule run_results:
-    """One run's tidy rows on every benchmark, as one CSV (the target that reproduces one run)."""
+    """Every seed's tidy rows of one run on every benchmark, as one CSV (the target that reproduces
+    one run)."""
     input:
-        lambda w: [L.eval_rows(w.run, b) for b in BENCHMARKS],
+        lambda w: [L.eval_rows(w.run, b, seed) for seed in P.seeds(w.run) for b in BENCHMARKS],
     output:
         csv=L.run_results(),
         manifest=L.manifest("run_results"),

@@ -7,6 +7,11 @@ from oqvl.report.tables import table3_runs
 
 TABLE4_RUN = config["table4_run"]
 TABLE3_RUNS = table3_runs(config)
+# "run seed k" -> stage -> the manifest of that training job (its loss log); a run that fine-tunes
+# another's pretraining shows that pretraining.
+TRAIN_MANIFESTS = {f"{run} seed {seed}": {"pretrain": L.manifest("pretrain", run=P.pretrain_run(run), seed=seed),
+                                          "sft": L.manifest("sft", run=run, seed=seed)}
+                   for run in config["runs"] for seed in P.seeds(run)}
 
 
 rule compute:
@@ -89,14 +94,14 @@ rule plots:
     input:
         table3=L.TABLE3,
         compute=L.COMPUTE,
-        manifests=[L.manifest(stage, run=run) for run in config["runs"] for stage in L.TRAIN_STAGES],
+        manifests=[m for stages in TRAIN_MANIFESTS.values() for m in stages.values()],
     output:
         scores=report(f"{L.PLOTS}/{PLOTS['scores']}", caption="../report/scores.rst", category="Plots"),
         loss=report(f"{L.PLOTS}/{PLOTS['loss']}", caption="../report/loss.rst", category="Plots"),
         compute=report(f"{L.PLOTS}/{PLOTS['compute']}", caption="../report/compute_plot.rst", category="Plots"),
     params:
         # Each training job's manifest lists its loss log (with its hash).
-        manifests=as_json({run: {stage: L.manifest(stage, run=run) for stage in L.TRAIN_STAGES} for run in config["runs"]}),
+        manifests=as_json(TRAIN_MANIFESTS),
         out=folder_of("scores"),
     resources:
         **asks("plots"),

@@ -1,4 +1,5 @@
-# Stages 5-6: pretrain each run's model on its packed mixture, then SFT it on instruction data.
+# Stages 5-6: pretrain each run's model on its packed mixture, then SFT it on instruction data,
+# once per seed of the run (train.seeds, or the run's own): the seed sets the init and data order.
 # Both launch `torchrun -m oqvl.train` (FSDP2) through oqvl.train.launch (one node, or several
 # under SLURM); a killed or SIGTERMed job resumes from its last checkpoint (checkpoints/ is kept
 # across reruns because the final outputs are written last).
@@ -47,6 +48,8 @@ rule pretrain:
         model=L.final_model(stage="pretrain"),
         summary=L.train_summary(stage="pretrain"),
         manifest=L.manifest("pretrain"),
+    wildcard_constraints:
+        seed=r"\d+",
     params:
         out=folder_of("summary"),
         packed=lambda w, input: os.path.dirname(input.packed),
@@ -59,7 +62,6 @@ rule pretrain:
         switches=lambda w: P.train_flags(w.run),
         optim=P.optim_flags("pretrain"),
         threads=TRAIN["threads"],
-        seed=config["seed"],
         launch=train_launch(),
     resources:
         **asks("pretrain", gpus=SCALE.gpus["train"]),
@@ -73,18 +75,20 @@ rule pretrain:
         "{params.launch} pretrain --out {params.out:q}"
         " --packed {params.packed:q} --shards {input.shards:q} --tokenizer {params.tokenizer:q}"
         " --preset {params.preset} --vision-weights {params.vision:q} {params.lm} {params.visual}"
-        " {params.switches} {params.optim} --threads {params.threads} --seed {params.seed} > {log} 2>&1"
+        " {params.switches} {params.optim} --threads {params.threads} --seed {wildcards.seed} > {log} 2>&1"
 
 
 rule sft:
     input:
-        pretrained=lambda w: L.final_model(P.pretrain_run(w.run), "pretrain"),
+        pretrained=lambda w: L.final_model(P.pretrain_run(w.run), "pretrain", w.seed),
         data=lambda w: P.sft_data(w.run)["path"],
         tokenizer=SCALE.tokenizer_input(),
     output:
         model=L.final_model(stage="sft"),
         summary=L.train_summary(stage="sft"),
         manifest=L.manifest("sft"),
+    wildcard_constraints:
+        seed=r"\d+",
     params:
         out=folder_of("summary"),
         init=lambda w, input: os.path.dirname(input.pretrained),
@@ -94,7 +98,6 @@ rule sft:
         switches=lambda w: P.train_flags(w.run),
         optim=lambda w: P.optim_flags("sft", w.run),
         threads=TRAIN["threads"],
-        seed=config["seed"],
         launch=train_launch(),
     resources:
         **asks("sft", gpus=SCALE.gpus["train"]),
@@ -107,4 +110,4 @@ rule sft:
     shell:
         "{params.launch} sft --out {params.out:q} --init-from {params.init:q}"
         " --sft-data {input.data:q} {params.image_root} --tokenizer {params.tokenizer:q}"
-        " {params.switches} {params.optim} --threads {params.threads} --seed {params.seed} > {log} 2>&1"
+        " {params.switches} {params.optim} --threads {params.threads} --seed {wildcards.seed} > {log} 2>&1"

@@ -9,7 +9,7 @@ import random
 import pytest
 
 from oqvl.evaluate import paper, tidy
-from oqvl.evaluate.tidy import beats, chance_level, scored_items
+from oqvl.evaluate.tidy import beats, chance_level, reachable_answer, scored_items
 
 # ---------------------------------------------------------------------------- paper: letters
 
@@ -293,7 +293,17 @@ def test_chance_levels():
           {"choices": None, "answer": "2", "answer_type": "integer"},
           {"choices": None, "answer": "3", "answer_type": "integer"},
           {"choices": None, "answer": "0.5", "answer_type": "float"}]
-    assert chance_level("mathvista", "MathVista", mv) == pytest.approx(100 * (0.25 + 3 * 2 / 3 + 1) / 5)
+    # Only reachable answers count: under the paper protocol generation stops at ".", so "0.5" can
+    # never be given (but "1" gives 1.0); under lmms-eval's no float answer ever scores.
+    assert chance_level("mathvista_paper", "MathVista", mv) == pytest.approx(100 * (0.25 + 3 * 2 / 3 + 0) / 5)
+    assert chance_level("mathvista_lmms", "MathVista", mv) == pytest.approx(100 * (0.25 + 3 * 2 / 3 + 0) / 5)
+    whole = mv + [{"choices": None, "answer": "1.0", "answer_type": "float"}]
+    assert chance_level("mathvista_paper", "MathVista", whole) == pytest.approx(100 * (0.25 + 2 + 2 * 0.5) / 6)
+    assert chance_level("mathvista_lmms", "MathVista", whole) == pytest.approx(100 * (0.25 + 2 + 0) / 6)
+    assert reachable_answer({"answer": "1.0", "answer_type": "float"}, "paper") == "1"
+    assert reachable_answer({"answer": "0.25", "answer_type": "float"}, "paper") is None
+    assert reachable_answer({"answer": "0.25", "answer_type": "float"}, "lmms") is None
+    assert reachable_answer({"answer": "3", "answer_type": "integer"}, "lmms") == "3"
     pope = [{"answer": a, "category": c} for a, c in [("yes", "random"), ("no", "random"), ("yes", "popular"), ("yes", "popular")]]
     assert chance_level("majority", "POPE", pope) == 75.0
     assert chance_level("majority:random", "POPE", pope) == 50.0

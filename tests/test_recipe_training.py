@@ -154,14 +154,17 @@ def test_a_run_can_fine_tune_another_runs_pretraining(tmp_path):
     validate(cfg)
     plan = Plan(cfg, resolve(cfg))
     jobs = plan.run_jobs("final")
-    assert ("pretrain", {"run": base}) in jobs and ("pretrain", {"run": "final"}) not in jobs
-    assert ("sft", {"run": "final"}) in jobs
+    seeds = plan.seeds("final")
+    assert seeds == cfg["train"]["seeds"]
+    for seed in seeds:  # seed k fine-tunes the base run's seed-k pretraining
+        assert ("pretrain", {"run": base, "seed": seed}) in jobs and ("pretrain", {"run": "final", "seed": seed}) not in jobs
+        assert ("sft", {"run": "final", "seed": seed}) in jobs
     assert plan.run_mixture("final") == plan.run_mixture(base)
     assert plan.sft_data("final")["path"] == str(index)
     assert plan.sft_data_name("final") == index.name and plan.sft_data_name(base) == "toy conversations (generated)"
     assert "final" not in plan.compute_inputs()["pretrain"]
     record = plan.run_record("final")
-    assert record["pretrain_summary"] == f"results/runs/{base}/pretrain/summary.json"
+    assert record["pretrain_summaries"] == [f"results/runs/{base}/seed{s}/pretrain/summary.json" for s in seeds]
 
 
 @pytest.mark.parametrize("run, message", [

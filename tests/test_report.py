@@ -31,16 +31,17 @@ def bench(path: Path, s, cpu, rss, rule, wildcards, params, threads, resources):
     path.write_text(HEADER + "\n" + "\t".join(map(str, rec)) + "\n")
 
 
-def eval_file(path: Path, run, bench_name, scores, chance=25.0, below=()):
+def eval_file(path: Path, run, bench_name, scores, chance=25.0, below=(), seed=0):
     """An evaluation file as oqvl.evaluate writes it: percentages, both protocols, the headline
     accuracy first, then a descriptive metric with no chance level."""
     path.parent.mkdir(parents=True, exist_ok=True)
     rows = []
     for proto, v in scores.items():
-        rows.append({"run": run, "benchmark": bench_name, "protocol": proto, "metric": "accuracy", "value": v,
-                     "n": 200, "chance": chance, "control": chance + 1, "above_chance": bench_name not in below})
-        rows.append({"run": run, "benchmark": bench_name, "protocol": proto, "metric": "yes_ratio", "value": 51.5,
-                     "n": 200, "chance": None, "control": None, "above_chance": None})
+        rows.append({"run": run, "seed": seed, "benchmark": bench_name, "protocol": proto, "metric": "accuracy",
+                     "value": v, "n": 200, "chance": chance, "control": chance + 1,
+                     "above_chance": bench_name not in below})
+        rows.append({"run": run, "seed": seed, "benchmark": bench_name, "protocol": proto, "metric": "yes_ratio",
+                     "value": 51.5, "n": 200, "chance": None, "control": None, "above_chance": None})
     path.write_text(json.dumps(rows))
 
 
@@ -85,12 +86,13 @@ class World:
 
 
 def run_record(res: Path, run, mixture):
+    """One seed's record (seed 0), as oqvl.plan.run_record names its files."""
     base = res / "runs" / run
-    return {"mixture": mixture,
+    return {"mixture": mixture, "seeds": [0],
             "evals": [str(base / "eval" / f"{b}.json") for b in SCORES],
-            "pretrain_summary": str(base / "pretrain" / "summary.json"),
-            "pretrain_job": [str(res / "benchmarks" / "train" / f"{run}_pretrain.tsv"),
-                             str(base / "pretrain" / "manifest.json")],
+            "pretrain_summaries": [str(base / "pretrain" / "summary.json")],
+            "pretrain_jobs": [[str(res / "benchmarks" / "train" / f"{run}_pretrain.tsv"),
+                               str(base / "pretrain" / "manifest.json")]],
             "manifests": [str(res / "mixtures" / mixture / "manifest.json"), str(base / "pretrain" / "manifest.json")]}
 
 
@@ -394,7 +396,8 @@ def test_table4_sets_a_reproduction_beside_the_same_mixtures_table3_row(world):
 
 def test_table4_reproduced_rows_with_provenance(world):
     df = tables.build("table4", CONFIG, {"r12": world.records["r12"]})
-    ours = df[df["scale"] == "toy"].set_index("protocol")
+    assert list(df.loc[df["scale"] == "toy", "seed"]) == ["mean", 0, "mean", 0]
+    ours = df[(df["scale"] == "toy") & (df["seed"] == "mean")].set_index("protocol")
     assert list(ours.index) == ["paper", "lmms"]
     assert (ours["run"] == "r12").all() and (ours["row"] == "r12").all()
     for name, (p, l) in SCORES.items():
@@ -418,13 +421,13 @@ def test_table4_reproduced_rows_with_provenance(world):
     assert "results/mixtures/ccs+datacomp/manifest.json:" in ours.loc["paper", "input_hashes"]
     # The report section is presentation only: it does not change the config hash.
     other = tables.build("table4", {**CONFIG, "report": {"paper_device": "x"}}, {"r12": world.records["r12"]})
-    assert other.loc[other["scale"] == "toy", "config_hash"].tolist() == ours["config_hash"].tolist()
+    assert set(other.loc[other["scale"] == "toy", "config_hash"]) == set(ours["config_hash"])
 
 
 def test_preferred_metric_from_config(world):
     cfg = {**CONFIG, "report": {"metrics": {"POPE": "yes_ratio"}}}
     df = tables.build("table4", cfg, {"r12": world.records["r12"]})
-    ours = df[df["scale"] == "toy"].set_index("protocol")
+    ours = df[(df["scale"] == "toy") & (df["seed"] == "mean")].set_index("protocol")
     assert ours.loc["paper", "POPE"] == 51.5 and ours.loc["paper", "MMBench"] == 62.0
 
 
@@ -432,18 +435,48 @@ def test_missing_benchmark_is_empty_and_no_partial_average(world):
     (world.res / "runs" / "r12" / "eval" / "MathVista.json").write_text("[]")  # evaluated, no rows
     df = tables.build("table4", CONFIG, {"r12": world.records["r12"]})
     ours = df[df["scale"] == "toy"]
-    assert len(ours) == 2 and ours["MathVista"].isna().all() and ours["avg_5"].isna().all()
+    assert len(ours) == 4 and ours["MathVista"].isna().all() and ours["avg_5"].isna().all()
 
 
 def test_table3_rows_of_evaluated_runs_beside_the_paper(world):
     df = tables.build("table3", CONFIG, world.records)
-    assert list(df["row"]) == ["1+2", "1+2", "1+2", "1+3", "1+2+3", "1+4"]
-    assert list(df["scale"]) == ["paper", "toy", "toy", "paper", "paper", "paper"]
+    assert list(df["row"]) == ["1+2", "1+2", "1+2", "1+2", "1+2", "1+3", "1+2+3", "1+4"]
+    assert list(df["scale"]) == ["paper", "toy", "toy", "toy", "toy", "paper", "paper", "paper"]
     assert not (df["run"] == "r13").any()  # trained, never evaluated: absent, not filled in
     paper12 = df.iloc[0]
     assert paper12["avg_5"] == pytest.approx(np.mean([75.6, 68.9, 39.6, 28.6, 79.2]), abs=0.01)
     assert paper12["paper_avg_8"] == 55.3
     assert df.iloc[1][tables.PROVENANCE[:3]].notna().all()
+
+
+def test_seeds_give_a_mean_row_with_std_and_seeds_over_the_bar(world):
+    """Three seeds of r12: each seed's row, and the mean row with the std (n - 1) and k/n over the bar."""
+    record = dict(world.records["r12"])
+    record["seeds"] = [0, 1, 2]
+    base = world.res / "runs" / "r12"
+    evals = list(record["evals"])
+    for seed, shift, below in ((1, 4.0, ("MathVista", "MMBench")), (2, -1.0, ())):
+        for name, (p, l) in SCORES.items():
+            path = base / f"seed{seed}" / "eval" / f"{name}.json"
+            eval_file(path, "r12", name, {"paper": p + shift, "lmms": l + shift}, below=below, seed=seed)
+            evals.append(str(path))
+    record["evals"] = evals
+    record["pretrain_jobs"] = record["pretrain_jobs"] * 3  # the same job record stands for each seed
+    df = tables.build("table4", CONFIG, {"r12": record})
+    ours = df[(df["scale"] == "toy") & (df["protocol"] == "paper")]
+    assert list(ours["seed"]) == ["mean", 0, 1, 2]
+    mean = ours.iloc[0]
+    values = [SCORES["MMBench"][0] + d for d in (0.0, 4.0, -1.0)]
+    assert mean["MMBench"] == pytest.approx(np.mean(values), abs=0.01)
+    assert mean["MMBench_std"] == pytest.approx(np.std(values, ddof=1), abs=0.01)
+    assert list(ours["MMBench"].iloc[1:]) == pytest.approx(values)
+    # MathVista is below the bar in seeds 0 and 1, MMBench in seed 1 only.
+    assert mean["MathVista_over_bar"] == "1/3" and mean["MMBench_over_bar"] == "2/3"
+    assert mean["POPE_over_bar"] == "3/3"
+    assert mean["not_above_chance"] == "MMBench;MathVista"
+    assert ours.iloc[2]["not_above_chance"] == "MMBench;MathVista" and ours.iloc[3]["not_above_chance"] == ""
+    assert ours.iloc[1][tables.SEED_COLUMNS].isna().all()  # a seed's own row has no spread
+    assert mean["pretrain_gpu_hours"] == pytest.approx(2.0)  # per seed, the mean over the seeds
 
 
 def test_table_cli_and_html(world, tmp_path):
@@ -453,7 +486,7 @@ def test_table_cli_and_html(world, tmp_path):
     df = pd.read_csv(out)
     text = page.read_text()
     assert text.count('<tr class="paper">') == (df["scale"] == "paper").sum() == 5  # Table 4's, the 1+2 row
-    assert text.count('<tr class="repro">') == (df["scale"] == "toy").sum() == 2
+    assert text.count('<tr class="repro">') == (df["scale"] == "toy").sum() == 4  # mean and seed 0, 2 protocols
     assert "Provenance of reproduced rows" in text and "80.9" in text
 
 
@@ -560,9 +593,12 @@ def test_summary_from_the_declared_files(world, tmp_path):
     assert text.startswith("# Summary: `r12` at toy scale")
     assert "snakemake --cores all results/table4.csv" in text
     # The run's scores with chance and control; bold where above both; the paper's row beside them.
-    rows = {line.split("|")[1].strip(): line for line in text.splitlines() if line.startswith("| ")}
-    assert "**62.0** (25.0, 26.0)" in rows["paper"] and "30.0 (25.0, 26.0)" in rows["paper"]  # MathVista below
-    assert "80.9" in rows["paper's Open-Qwen2VL-2B"]
+    rows = {tuple(c.strip() for c in line.split("|")[1:3]): line for line in text.splitlines() if line.startswith("| ")}
+    seed0 = rows[("paper", "0")]
+    assert "**62.0** (25.0, 26.0)" in seed0 and "30.0 (25.0, 26.0)" in seed0  # MathVista below
+    # the mean over the seeds with the seeds over the bar (one seed: no spread)
+    assert "| 62.0 [1/1] |" in rows[("paper", "mean")] and "| 30.0 [0/1] |" in rows[("paper", "mean")]
+    assert "80.9" in rows[("paper's Open-Qwen2VL-2B", "")]
     # Every job with its wall time and work, from the benchmark files and manifests.
     assert "| pretrain[run=r12] | NVIDIA H100 80GB HBM3 | 3600 | 7200000 tokens |" in text
     assert f"{len(world.jobs)} jobs" in text and "code version: `abc123`" in text

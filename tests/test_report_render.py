@@ -145,13 +145,13 @@ def test_table_page_shows_paper_and_reproduced_rows(world, tmp_path, browser):  
     header = bands(img, html_page.HEADER_RGB)
     repro = bands(img, html_page.REPRO_RGB)
     assert header and header[0][1] - header[0][0] >= 15, header  # the header row, in view
-    assert len(repro) == 2, repro  # two tinted rows: r12 under both protocols
+    assert len(repro) == 4, repro  # four tinted rows: r12's mean and its one seed, under both protocols
     assert repro[0][0] > header[0][1]
     # The paper's rows (its Table 4, then its Table 3 row of r12's mixture) sit between the header
     # and the tinted rows, with text in them.
     rows = browser.eval("[...document.querySelectorAll('#results tr')].map(r => "
                         "[r.className, r.getBoundingClientRect().top, r.getBoundingClientRect().bottom, r.innerText])")
-    assert [r[0] for r in rows[1:]] == ["paper"] * 5 + ["repro"] * 2
+    assert [r[0] for r in rows[1:]] == ["paper"] * 5 + ["repro"] * 4
     for cls, top, bottom, text in rows[1:]:
         assert bottom < HEIGHT and dark_pixels(img, (16, top, 900, bottom)) > 100, text
     assert "Open-Qwen2VL-2B" in rows[4][3] and "80.9" in rows[4][3]
@@ -176,13 +176,15 @@ def report_fixture(work, config):
         (work / "results" / "packed" / m / "stats.json").write_text(json.dumps(
             {"sequences": 10, "documents_packed": 30, "text_tokens": 600, "visual_tokens": 16}))
     for run in config["runs"]:
-        for stage in ("pretrain", "sft"):
-            (work / "results" / "runs" / run / stage / "summary.json").write_text(json.dumps(
-                {"stage": stage, "run": run, "tokens": 40_000, "loss_tokens": 20_000, "tokens_per_s": 300.0,
-                 "device": "cpu", "gpus": 0, "threads": 2,
-                 "params": {"vision": 843_008, "projector": 33_024, "lm": 1_790_336, "total": 2_666_368}}))
-        for b in tables.BENCHMARKS:
-            eval_file(work / "results" / "runs" / run / "eval" / f"{b}.json", run, b, {"paper": 50.0, "lmms": 45.0})
+        for seed in plan.seeds(run):
+            for stage in ("pretrain", "sft"):
+                (work / "results" / "runs" / run / f"seed{seed}" / stage / "summary.json").write_text(json.dumps(
+                    {"stage": stage, "run": run, "tokens": 40_000, "loss_tokens": 20_000, "tokens_per_s": 300.0,
+                     "device": "cpu", "gpus": 0, "threads": 2,
+                     "params": {"vision": 843_008, "projector": 33_024, "lm": 1_790_336, "total": 2_666_368}}))
+            for b in tables.BENCHMARKS:
+                eval_file(work / "results" / "runs" / run / f"seed{seed}" / "eval" / f"{b}.json", run, b,
+                          {"paper": 50.0 + seed, "lmms": 45.0}, seed=seed)
 
 
 REPORT_RULES = ["compute", "table3", "table4", "plots"]
@@ -195,7 +197,8 @@ def test_snakemake_report_shows_table4(tmp_path, browser):
     ci = REPO / "config" / "ci.yaml"
     config = effective_config(ci)
     report_fixture(tmp_path, config)
-    ours = 2 if config.get("table4_run") else 0  # its two protocol rows, when a run is configured
+    seeds = config["train"]["seeds"]
+    ours = 2 * (1 + len(seeds))  # per protocol: the mean over the seeds, then each seed
     # Only the report rules run: everything upstream is the fixture above.
     snakemake(tmp_path, *TARGETS, "--allowed-rules", *REPORT_RULES, configfile=ci)
     snakemake(tmp_path, *TARGETS, "--report", "results/report.html", "--allowed-rules", *REPORT_RULES,
@@ -221,8 +224,9 @@ def test_snakemake_report_shows_table4(tmp_path, browser):
     assert len(rows) == 1 + 5 + ours
     assert "Open-Qwen2VL-2B" in rows[4][4] and "80.9" in rows[4][4]
     assert "Table 3" in rows[5][4]
-    for row, score in zip(rows[6:], ("50.0", "45.0")):  # paper protocol, then lmms
-        assert config["table4_run"] in row[4] and "\ttoy\t" in row[4] and score in row[4]
+    paper = [f"{50.0 + sum(seeds) / len(seeds):.1f}", *(f"{50.0 + s:.1f}" for s in seeds)]
+    for row, score in zip(rows[6:], paper + ["45.0"] * (1 + len(seeds))):  # paper protocol, then lmms
+        assert config["table4_run"] in row[4] and "\ttoy\t" in row[4] and f"\t{score}\t" in row[4]
     fx, fy = browser.eval("(() => { const b = document.querySelector('iframe').getBoundingClientRect();"
                           " return [b.left, b.top]; })()")
     img = browser.screenshot()
@@ -245,7 +249,7 @@ def test_a_missing_declared_input_fails_the_dag_not_the_table(tmp_path):
     ci = REPO / "config" / "ci.yaml"
     config = effective_config(ci)
     report_fixture(tmp_path, config)
-    gone = f"results/runs/{config['table4_run']}/eval/POPE.json"
+    gone = f"results/runs/{config['table4_run']}/seed0/eval/POPE.json"
     (tmp_path / gone).unlink()
     proc = snakemake(tmp_path, "results/table4.csv", "--allowed-rules", "table4", configfile=ci, check=False)
     out = proc.stdout + proc.stderr

@@ -471,11 +471,11 @@ def test_a_toy_run_pretrains_on_ingested_shards(tmp_path):
     path.write_text(yaml.safe_dump(cfg))
     work = tmp_path / "work"
     work.mkdir()
-    snakemake(work, "results/runs/released/pretrain/final/config.json", configfile=path)
+    snakemake(work, "results/runs/released/seed0/pretrain/final/config.json", configfile=path)
     results = work / "results"
     acc = json.loads((results / "raw/ccs_released/accounting.json").read_text())
     assert acc["pairs_in"] == acc["samples_in_shards"] == 57 and acc["failures"] == 0  # 3 never downloaded
     packed = json.loads((results / "packed/released/stats.json").read_text())
-    summary = json.loads((results / "runs/released/pretrain/summary.json").read_text())
+    summary = json.loads((results / "runs/released/seed0/pretrain/summary.json").read_text())
     assert packed["documents_packed"] == 57
     assert summary["steps"] == cfg["train"]["pretrain"]["steps"] and summary["tokens"] > 0

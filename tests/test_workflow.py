@@ -72,7 +72,7 @@ def test_paper_config_plans_the_same_dag(tmp_path):
     # The released model: converted, then evaluated like a run (no training), on every benchmark.
     assert "rule convert_released:" in out and "wildcards: name=Open-Qwen2VL-2B" in out
     for b in ("MMBench", "SEEDBench", "MMStar", "MathVista", "POPE"):
-        assert f"wildcards: run=Open-Qwen2VL-2B, benchmark={b}" in out, b
+        assert f"wildcards: name=Open-Qwen2VL-2B, benchmark={b}" in out, b
 
 
 def test_paper_config_plans_the_final_model_and_the_isolation_ablation(tmp_path):
@@ -82,13 +82,14 @@ def test_paper_config_plans_the_final_model_and_the_isolation_ablation(tmp_path)
     proc = snakemake(tmp_path, "-n", "-p", "results/table4.csv", "results/table3.csv", configfile=cfg)
     out = proc.stdout + proc.stderr
     sft = [line for line in out.splitlines() if "-m oqvl.train.launch " in line and " -- sft " in line]
-    mammoth = next(line for line in sft if "runs/ccs+datacomp_mlm+mammoth/sft" in line)
-    assert "--init-from results/runs/ccs+datacomp_mlm/pretrain/final" in mammoth
+    mammoth = next(line for line in sft if "runs/ccs+datacomp_mlm+mammoth/seed7/sft" in line)
+    assert "--init-from results/runs/ccs+datacomp_mlm/seed7/pretrain/final" in mammoth
+    assert "--seed 7" in mammoth  # one chain per run at the reference's seed
     assert "--sft-data data/MAmmoTH-VL-Instruct-12M/mammoth_si_10M_simple.jsonl" in mammoth
     assert "--image-root data/MAmmoTH-VL-Instruct-12M/single_image_data" in mammoth
     assert "--too-long truncate" in mammoth and "--document-tokens reference" in mammoth
     assert "--steps 150000" in mammoth and "--steps 150000" not in next(
-        line for line in sft if "runs/ccs+datacomp_mlm/sft" in line)
+        line for line in sft if "runs/ccs+datacomp_mlm/seed7/sft" in line)
     pretrain = [line for line in out.splitlines() if "-m oqvl.train.launch " in line and " -- pretrain " in line]
     assert not any("runs/ccs+datacomp_mlm+mammoth/" in line for line in pretrain)
     isolated = next(line for line in pretrain if "runs/ccs+datacomp_mlm+isolation/" in line)
@@ -113,7 +114,7 @@ def test_paper_config_trains_on_8_processes_from_the_released_models(tmp_path):
     (tmp_path / "results/packed/ccs+datacomp").mkdir(parents=True)
     (tmp_path / "results/packed/ccs+datacomp/sequences.parquet").write_text("")
     (tmp_path / "results/mixtures/ccs+datacomp/shards").mkdir(parents=True)
-    proc = snakemake(tmp_path, "-n", "-p", "results/runs/ccs+datacomp/sft/final/config.json",
+    proc = snakemake(tmp_path, "-n", "-p", "results/runs/ccs+datacomp/seed7/sft/final/config.json",
                      "--allowed-rules", "pretrain", "sft", configfile=cfg)
     out = proc.stdout + proc.stderr
     launches = [line for line in out.splitlines() if " -m oqvl.train.launch " in line]

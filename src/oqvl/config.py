@@ -160,7 +160,7 @@ def _check_semantics(config: dict) -> None:
     for name in config.get("released", {}):
         if name in config["runs"] or "/" in name:
             raise ConfigError(f"released.{name}: a released checkpoint's name is a directory name, "
-                              "no '/', and no run's name (its evaluation goes to results/runs/<name>)")
+                              "no '/', and no run's name")
     sd = config["sft_data"]
     if sd["caption_share"] + sd["lookup_share"] >= 1:
         raise ConfigError("sft_data: caption_share + lookup_share must be below 1 (no image questions left)")
@@ -171,6 +171,12 @@ def _check_semantics(config: dict) -> None:
         if opt["global_batch"] % (world * opt["micro_batch"]):
             raise ConfigError(f"train.{stage}.global_batch {opt['global_batch']} is not a multiple of "
                               f"train.nodes x train.nproc x micro_batch")
+
+
+def run_seeds(config: dict, run: str) -> list[int]:
+    """The seeds of a run's chains: its own `seeds`, else train.seeds."""
+    own = config["runs"][run].get("seeds")
+    return list(own if own is not None else config["train"]["seeds"])
 
 
 # What each filter method needs besides its method (the keep rule: one of threshold and fraction).

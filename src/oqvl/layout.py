@@ -152,33 +152,39 @@ def run_dir(run="{run}"):
     return f"{RESULTS}/runs/{run}"
 
 
-def train_dir(run="{run}", stage="{stage}"):
-    return f"{run_dir(run)}/{stage}"
+def seed_dir(run="{run}", seed="{seed}"):
+    """One seed of a run: its own pretrain -> SFT -> evaluate chain (its own init and data order)."""
+    return f"{run_dir(run)}/seed{seed}"
 
 
-def final_model(run="{run}", stage="{stage}"):
+def train_dir(run="{run}", stage="{stage}", seed="{seed}"):
+    return f"{seed_dir(run, seed)}/{stage}"
+
+
+def final_model(run="{run}", stage="{stage}", seed="{seed}"):
     """A training stage's final checkpoint (its config.json: written last, so it marks completion)."""
-    return f"{train_dir(run, stage)}/final/config.json"
+    return f"{train_dir(run, stage, seed)}/final/config.json"
 
 
-def train_summary(run="{run}", stage="{stage}"):
-    return f"{train_dir(run, stage)}/summary.json"
+def train_summary(run="{run}", stage="{stage}", seed="{seed}"):
+    return f"{train_dir(run, stage, seed)}/summary.json"
 
 
 def eval_data(benchmark="{benchmark}", shuffled=False):
     return f"{EVAL_DATA}/{benchmark}{'_shuffled' if shuffled else ''}.parquet"
 
 
-def eval_rows(run="{run}", benchmark="{benchmark}"):
-    """One run's tidy rows on one benchmark (both protocols, with the shuffled-image control)."""
-    return f"{run_dir(run)}/eval/{benchmark}.json"
+def eval_rows(run="{run}", benchmark="{benchmark}", seed="{seed}"):
+    """One seed's tidy rows on one benchmark (both protocols, with the shuffled-image control)."""
+    return f"{seed_dir(run, seed)}/eval/{benchmark}.json"
 
 
-def eval_details(run="{run}", benchmark="{benchmark}"):
-    return f"{run_dir(run)}/eval/{benchmark}"
+def eval_details(run="{run}", benchmark="{benchmark}", seed="{seed}"):
+    return f"{seed_dir(run, seed)}/eval/{benchmark}"
 
 
 def run_results(run="{run}"):
+    """Every seed's tidy rows of a run, as one CSV."""
     return f"{run_dir(run)}/eval/tidy.csv"
 
 
@@ -189,6 +195,15 @@ def released_dir(name="{name}"):
 
 def released_model(name="{name}"):
     return f"{released_dir(name)}/config.json"
+
+
+def released_eval_rows(name="{name}", benchmark="{benchmark}"):
+    """A released checkpoint's tidy rows on one benchmark (no seeds: nothing of it is trained here)."""
+    return f"{released_dir(name)}/eval/{benchmark}.json"
+
+
+def released_eval_details(name="{name}", benchmark="{benchmark}"):
+    return f"{released_dir(name)}/eval/{benchmark}"
 
 
 # --------------------------------------------------------------------------- stage 8: report
@@ -231,10 +246,11 @@ JOBS = {
     "tokenizer": JobFiles("model", "tokenizer", TOKENIZER),
     "pack": JobFiles("pack", "{mixture}", packed_dir()),
     "sft_data": JobFiles("train", "sft_data", TOY_SFT_DATA),
-    "pretrain": JobFiles("train", "{run}_pretrain", train_dir(stage="pretrain")),
-    "sft": JobFiles("train", "{run}_sft", train_dir(stage="sft")),
+    "pretrain": JobFiles("train", "{run}_seed{seed}_pretrain", train_dir(stage="pretrain")),
+    "sft": JobFiles("train", "{run}_seed{seed}_sft", train_dir(stage="sft")),
     "eval_data": JobFiles("evaluate", "eval_data", EVAL_DATA),
-    "evaluate": JobFiles("evaluate", "{run}_{benchmark}", eval_rows()),
+    "evaluate": JobFiles("evaluate", "{run}_seed{seed}_{benchmark}", eval_rows()),
+    "evaluate_released": JobFiles("evaluate", "released_{name}_{benchmark}", released_eval_rows()),
     "run_results": JobFiles("evaluate", "{run}_tidy", run_results()),
     "convert_released": JobFiles("model", "released_{name}", released_dir()),
 }

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import layout as L
+from .config import run_seeds
 from .scale import Scale
 
 Job = tuple[str, dict]  # (rule, wildcards)
@@ -154,6 +155,10 @@ class Plan:
     def pretraining_runs(self) -> list[str]:
         return [r for r in self.config["runs"] if self.pretrain_run(r) == r]
 
+    def seeds(self, run: str) -> list[int]:
+        """The seeds of a run: one pretrain -> SFT -> evaluate chain each."""
+        return run_seeds(self.config, run)
+
     def sft_data(self, run: str) -> dict:
         """{path, image_root, name} a run fine-tunes on: its own sft_data, else the config's."""
         own = self.config["runs"][run].get("sft_data")
@@ -256,27 +261,24 @@ class Plan:
             if self.scale.mlm == "release":
                 jobs.append(("convert_mlm_filter", {}))
         jobs += self.toy_jobs("train_clip", "tokenizer", "sft_data")
-        jobs += [("mixture", {"mixture": mixture}), ("pack", {"mixture": mixture}),
-                 ("pretrain", {"run": self.pretrain_run(run)}), ("sft", {"run": run}), ("eval_data", {})]
-        jobs += [("evaluate", {"run": run, "benchmark": b}) for b in self.benchmarks]
+        jobs += [("mixture", {"mixture": mixture}), ("pack", {"mixture": mixture}), ("eval_data", {})]
+        for seed in self.seeds(run):
+            jobs += [("pretrain", {"run": self.pretrain_run(run), "seed": seed}), ("sft", {"run": run, "seed": seed})]
+            jobs += [("evaluate", {"run": run, "seed": seed, "benchmark": b}) for b in self.benchmarks]
         return _unique(jobs)
 
     def released(self) -> dict:
         return self.config.get("released") or {}
 
-    def checkpoint(self, run: str) -> str:
-        """What `evaluate` scores for a run: a released checkpoint, converted, or the run's SFT model."""
-        return L.released_model(run) if run in self.released() else L.final_model(run, "sft")
-
     def released_jobs(self, name: str) -> list[Job]:
         return [("convert_released", {"name": name}), ("eval_data", {}),
-                *[("evaluate", {"run": name, "benchmark": b}) for b in self.benchmarks]]
+                *[("evaluate_released", {"name": name, "benchmark": b}) for b in self.benchmarks]]
 
     def released_record(self, name: str) -> dict:
         """What table4 reads of a released checkpoint: its evaluation rows and their manifests."""
-        return {"evals": [L.eval_rows(name, b) for b in self.benchmarks],
+        return {"evals": [L.released_eval_rows(name, b) for b in self.benchmarks],
                 "manifests": [L.manifest("convert_released", name=name),
-                              *[L.manifest("evaluate", run=name, benchmark=b) for b in self.benchmarks]],
+                              *[L.manifest("evaluate_released", name=name, benchmark=b) for b in self.benchmarks]],
                 **{k: self.released()[name].get(k) for k in ("sft_data", "paper_row", "revision")}}
 
     def all_jobs(self) -> list[Job]:
@@ -292,26 +294,29 @@ class Plan:
         return _unique(jobs + self.toy_jobs("filter_quality"))
 
     def run_record(self, run: str) -> dict:
-        """What a table reads of one run: its evaluation rows, its pretraining (summary and job), and
-        the manifests its rows' provenance lists."""
-        mixture, pretrained = self.run_mixture(run), self.pretrain_run(run)
+        """What a table reads of one run: every seed's evaluation rows, pretraining summaries and
+        jobs, and the manifests its rows' provenance lists."""
+        mixture, pretrained, seeds = self.run_mixture(run), self.pretrain_run(run), self.seeds(run)
+        chains = [(r, wc) for seed in seeds for r, wc in
+                  [("pretrain", {"run": pretrained, "seed": seed}), ("sft", {"run": run, "seed": seed}),
+                   *[("evaluate", {"run": run, "seed": seed, "benchmark": b}) for b in self.benchmarks]]]
         return {
             "mixture": mixture,
             "sft_data": self.sft_data_name(run),
-            "evals": [L.eval_rows(run, b) for b in self.benchmarks],
-            "pretrain_summary": L.train_summary(pretrained, "pretrain"),
-            "pretrain_job": job_files(("pretrain", {"run": pretrained})),
+            "seeds": seeds,
+            "evals": [L.eval_rows(run, b, seed) for seed in seeds for b in self.benchmarks],
+            "pretrain_summaries": [L.train_summary(pretrained, "pretrain", seed) for seed in seeds],
+            "pretrain_jobs": [job_files(("pretrain", {"run": pretrained, "seed": seed})) for seed in seeds],
             "manifests": [L.manifest(r, **wc) for r, wc in
-                          [("mixture", {"mixture": mixture}), ("pack", {"mixture": mixture}),
-                           ("pretrain", {"run": pretrained}), ("sft", {"run": run}),
-                           *[("evaluate", {"run": run, "benchmark": b}) for b in self.benchmarks]]],
+                          [("mixture", {"mixture": mixture}), ("pack", {"mixture": mixture}), *chains]],
         }
 
     def compute_inputs(self) -> dict:
         """What the accounting reads: every job's benchmark file and manifest; each run's pretraining
-        summary and its mixture's packed stats (the projection)."""
+        summary (its first seed's: the seeds train the same tokens) and its mixture's packed stats
+        (the projection)."""
         return {"jobs": [job_files(j) for j in self.all_jobs()],
-                "pretrain": {run: {"summary": L.train_summary(run, "pretrain"),
+                "pretrain": {run: {"summary": L.train_summary(run, "pretrain", self.seeds(run)[0]),
                                    "packed_stats": L.packed_stats(self.run_mixture(run))}
                              for run in self.pretraining_runs()}}
 
@@ -328,9 +333,10 @@ def job_files(job: Job) -> list[str]:
 
 def record_files(record: dict) -> list[str]:
     """Every file a run record (or a released checkpoint's) names: a table rule's inputs."""
-    if "pretrain_summary" not in record:
+    if "pretrain_summaries" not in record:
         return [*record["evals"], *record["manifests"]]
-    return [*record["evals"], record["pretrain_summary"], *record["pretrain_job"], *record["manifests"]]
+    return [*record["evals"], *record["pretrain_summaries"], *(f for job in record["pretrain_jobs"] for f in job),
+            *record["manifests"]]
 
 
 def compute_files(inputs: dict) -> list[str]:

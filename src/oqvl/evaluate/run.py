@@ -98,8 +98,9 @@ def run_protocol(lm, model_args: str, tasks: list[str], task_dir: Path, out_dir:
 
 def evaluate(checkpoint: Path, run: str, benchmark: str, data_dir: Path, protocols: list[str],
              control: bool, batch_size: int, max_new_tokens: int | None, device: str,
-             out: Path, verbosity: str = "WARNING", lm=None) -> list[dict]:
-    """lm: an lmms-eval model to use instead of loading the checkpoint (tests)."""
+             out: Path, verbosity: str = "WARNING", lm=None, seed: int | None = None) -> list[dict]:
+    """seed: the run's seed the checkpoint was trained with (None: a released checkpoint).
+    lm: an lmms-eval model to use instead of loading the checkpoint (tests)."""
     work = out.with_suffix("")
     work.mkdir(parents=True, exist_ok=True)
     _offline_env()
@@ -109,7 +110,7 @@ def evaluate(checkpoint: Path, run: str, benchmark: str, data_dir: Path, protoco
     os.environ["LMMS_EVAL_DATASETS_CACHE"] = str(cache)
     try:
         from .adapter import OQVL  # after _offline_env: it imports lmms_eval
-        from .schemas import check_schema, data_file
+        from .schemas import check_schema, data_file, read_image_groups
         from .tasks import protocol_tasks, write_task_dir
         from .tidy import read_answers, rows_for
 
@@ -127,6 +128,7 @@ def evaluate(checkpoint: Path, run: str, benchmark: str, data_dir: Path, protoco
         if max_new_tokens:
             model_args += f",max_new_tokens={max_new_tokens}"
         answers = read_answers(data_file(data_dir, benchmark), benchmark)
+        groups = read_image_groups(data_file(data_dir, benchmark), benchmark)
         rows = []
         for protocol in protocols:
             t0 = time.time()
@@ -136,7 +138,8 @@ def evaluate(checkpoint: Path, run: str, benchmark: str, data_dir: Path, protoco
                 got = results["n-samples"][task]["effective"]
                 if got != len(answers):
                     raise RuntimeError(f"{task}: lmms-eval scored {got} rows, the data has {len(answers)}")
-            protocol_rows = rows_for(run, benchmark, protocol, results, answers, control)
+            protocol_rows = rows_for(run, benchmark, protocol, results, answers, control, seed=seed,
+                                     samples_dir=work / protocol, groups=groups)
             if not protocol_rows:
                 raise RuntimeError(f"{tasks[0]}: lmms-eval reported none of its metrics")
             rows += protocol_rows
@@ -151,7 +154,7 @@ def evaluate(checkpoint: Path, run: str, benchmark: str, data_dir: Path, protoco
         else:
             os.environ["LMMS_EVAL_DATASETS_CACHE"] = previous_cache
     write_text(out, json.dumps(rows, indent=1) + "\n")
-    config = {"checkpoint": str(checkpoint), "run": run, "benchmark": benchmark, "data_dir": str(data_dir),
+    config = {"checkpoint": str(checkpoint), "run": run, "seed": seed, "benchmark": benchmark, "data_dir": str(data_dir),
               "protocols": protocols, "control": control, "batch_size": batch_size,
               "max_new_tokens": max_new_tokens, "device": device, "out": str(out)}
     write_manifest(manifest_path(out), "evaluate", work=(sum(r["n"] for r in rows), "samples"),
@@ -167,6 +170,7 @@ def main(argv=None):
     ap.add_argument("--checkpoint", type=Path, required=True,
                     help="checkpoint directory (config.json, weights, tokenizer)")
     ap.add_argument("--run", required=True, help="run name written into every row")
+    ap.add_argument("--seed", type=int, default=None, help="the run's seed the checkpoint was trained with")
     ap.add_argument("--benchmark", required=True, choices=BENCHMARKS)
     ap.add_argument("--data-dir", type=Path, default=Path("results/eval_data"))
     ap.add_argument("--protocols", default=",".join(PROTOCOLS))
@@ -193,7 +197,7 @@ def main(argv=None):
     try:
         rows = evaluate(args.checkpoint, args.run, args.benchmark, args.data_dir, protocols,
                         not args.no_control, args.batch_size, args.max_new_tokens, args.device, args.out,
-                        args.verbosity)
+                        args.verbosity, seed=args.seed)
     except (SchemaError, CheckpointError) as e:  # checked before any question is asked
         sys.exit(f"error: {e}")
     print(f"{len(rows)} rows -> {args.out} in {time.time() - t0:.1f}s")

@@ -67,13 +67,19 @@ IMAGE_COLUMN = {"MMBench": "image", "SEEDBench": "image", "MMStar": "image",
 CIRCULAR_OFFSET = 1_000_000  # MMBench: copy k of question i has index i + k * 1e6
 
 
+GROUP_COLUMN = {"MMBench": "index", "SEEDBench": "question_id", "MMStar": "index", "MathVista": "pid",
+                "POPE": "image_source"}
+
+
 def image_groups(benchmark: str, table: pa.Table) -> list:
     """Per row, the id of the picture it asks about (rows with equal ids share one image)."""
-    if benchmark == "MMBench":
-        return [i % CIRCULAR_OFFSET for i in table.column("index").to_pylist()]
-    column = {"SEEDBench": "question_id", "MMStar": "index", "MathVista": "pid",
-              "POPE": "image_source"}[benchmark]
-    return table.column(column).to_pylist()
+    ids = table.column(GROUP_COLUMN[benchmark]).to_pylist()
+    return [i % CIRCULAR_OFFSET for i in ids] if benchmark == "MMBench" else ids
+
+
+def read_image_groups(path, benchmark: str) -> list:
+    """image_groups of a benchmark file, reading only the column it needs."""
+    return image_groups(benchmark, pq.read_table(path, columns=[GROUP_COLUMN[benchmark]]))
 
 
 def data_file(data_dir, benchmark: str, shuffled: bool = False) -> Path:

@@ -5,18 +5,24 @@
 
 Values, chance levels and controls are percentages (0-100). The first row of a protocol is its
 headline metric. `chance` is the best score an answerer that never looks at the image can expect
-on this data: 1/options for lettered questions ((1/k)^k for MMBench's circular scoring, which
-needs all k copies right); for MathVista's free-form questions the share of the most common answer
-of their answer type (integer, float, ...); for POPE the majority answer's share (accuracy) and the
-F1 of always answering "yes"; 50 for AUC. What a model can learn from the question text alone
+on this data, counting only answers a model can produce under the protocol: 1/options for lettered
+questions ((1/k)^k for MMBench's circular scoring, which needs all k copies right); for MathVista's
+free-form questions the share of the most common reachable answer of their answer type (integer,
+float, ...): under the paper protocol generation stops at "." so only whole numbers are reachable
+("1" scores 1.0, nothing scores 0.25), under lmms-eval's no float or list answer ever scores
+(oqvl.evaluate.lmms); for POPE the majority answer's share (accuracy) and the F1 of always
+answering "yes"; 50 for AUC. What a model can learn from the question text alone
 (e.g. that "How many red objects are there?" is most often 0) is what the control measures.
 Metrics that describe rather than score (precision, recall, yes-ratio) have no chance level and
 `above_chance` null. `control` is the same metric with every
 image moved to another question (null when the control was not run).
 
 `above_chance` is true only if the value beats both the chance level and the control by more than
-two standard errors (binomial, n questions): a model that ignores the image, or an answer bias,
-cannot pass it.
+two standard errors: a model that ignores the image, or an answer bias, cannot pass it. For the
+headline metric the test is paired and clustered (oqvl.evaluate.paired: the same questions with
+and without their images, questions sharing an image as one cluster), and its row says so
+(`test`, `control_diff` and its `control_diff_se`, `clusters`); the other metrics (F1, per-split
+scores, AUC) keep the unpaired binomial test over n questions (`test`: binomial).
 """
 
 from __future__ import annotations
@@ -28,10 +34,9 @@ from typing import NamedTuple
 
 import pyarrow.parquet as pq
 
+from .paired import Z, headline_test
 from .schemas import CIRCULAR_OFFSET
 from .tasks import task_name
-
-Z = 2.0
 
 class Metric(NamedTuple):
     key: str  # lmms-eval's metric key
@@ -47,7 +52,7 @@ METRICS: dict[tuple[str, str], list[Metric]] = {
     ("MMBench", "paper"): [M("accuracy", "accuracy", 1, "options")],
     ("SEEDBench", "paper"): [M("accuracy", "accuracy", 1, "options")],
     ("MMStar", "paper"): [M("accuracy", "accuracy", 1, "options")],
-    ("MathVista", "paper"): [M("accuracy", "accuracy", 1, "mathvista")],
+    ("MathVista", "paper"): [M("accuracy", "accuracy", 1, "mathvista_paper")],
     ("POPE", "paper"): [
         M("accuracy", "accuracy", 1, "majority"), M("f1", "f1", 1, "yes_f1"),
         M("yes_ratio", "yes_ratio", 1, None),
@@ -59,7 +64,7 @@ METRICS: dict[tuple[str, str], list[Metric]] = {
     ("MMBench", "lmms"): [M("gpt_eval_score", "circular_accuracy", 1, "circular")],
     ("SEEDBench", "lmms"): [M("seed_image", "accuracy", 100, "options")],
     ("MMStar", "lmms"): [M("average", "accuracy", 100, "options")],
-    ("MathVista", "lmms"): [M("llm_as_judge_eval", "accuracy", 1, "mathvista"),
+    ("MathVista", "lmms"): [M("llm_as_judge_eval", "accuracy", 1, "mathvista_lmms"),
                             M("share_float_never_scored", "share_float_never_scored", 1, None),
                             M("share_choice_by_shortest", "share_choice_by_shortest", 1, None)],
     ("POPE", "lmms"): [
@@ -109,18 +114,20 @@ def chance_level(rule: str | None, benchmark: str, rows: list[dict]) -> float | 
         for r in rows:
             groups[r["index"] % CIRCULAR_OFFSET].append(n_options(benchmark, r))
         return 100 * sum((1 / ks[0]) ** len(ks) for ks in groups.values()) / len(groups)
-    if rule == "mathvista":
-        by_type = defaultdict(Counter)  # best constant answer per answer type
+    if rule in ("mathvista_paper", "mathvista_lmms"):
+        protocol = rule.split("_")[1]
+        by_type = defaultdict(Counter)  # the reachable answers per answer type
         for r in rows:
             if not r["choices"]:
-                by_type[r["answer_type"]][r["answer"]] += 1
+                by_type[r["answer_type"]][reachable_answer(r, protocol)] += 1
         total = 0.0
         for r in rows:
             if r["choices"]:
                 total += 1 / len(r["choices"])
-            else:
+            else:  # the best constant reachable answer of the row's type
                 answers = by_type[r["answer_type"]]
-                total += max(answers.values()) / sum(answers.values())
+                best = max((c for a, c in answers.items() if a is not None), default=0)
+                total += best / sum(answers.values())
         return 100 * total / len(rows)
     kind, _, category = rule.partition(":")  # POPE's rules, optionally for one split
     if kind in ("majority", "yes_f1"):
@@ -133,6 +140,20 @@ def chance_level(rule: str | None, benchmark: str, rows: list[dict]) -> float | 
     if rule == "auc":
         return 50.0
     raise ValueError(f"unknown chance rule {rule!r}")
+
+
+def reachable_answer(row: dict, protocol: str):
+    """A free-form MathVista answer as an output that scores it, or None if no output can: the paper
+    protocol stops generating at "." and "," (a whole number's digits still match its float, "1"
+    scores 1.0); lmms-eval scores no float (its round(x, 2.0) raises) and no list answer."""
+    answer = str(row["answer"]).strip()
+    if protocol == "lmms":
+        return None if row["answer_type"] in ("float", "list") else answer.lower()
+    try:
+        value = float(answer.replace(",", ""))
+    except ValueError:
+        return None if ("." in answer or "," in answer) else answer.lower()
+    return str(int(value)) if value.is_integer() else None
 
 
 def scored_items(rule: str | None, benchmark: str, rows: list[dict]) -> int:
@@ -164,9 +185,11 @@ def metric_value(results: dict, task: str, key: str, factor: float) -> float | N
 
 
 def rows_for(run: str, benchmark: str, protocol: str, results: dict, answers: list[dict],
-             control: bool) -> list[dict]:
+             control: bool, seed: int | None = None, samples_dir=None, groups: list | None = None) -> list[dict]:
+    """The tidy rows of one protocol's results; with the control's per-sample logs in samples_dir
+    and the image group of every row, the headline's test is paired and clustered."""
     out = []
-    for key, name, factor, rule, variant in METRICS[(benchmark, protocol)]:
+    for i, (key, name, factor, rule, variant) in enumerate(METRICS[(benchmark, protocol)]):
         task = task_name(benchmark, protocol, variant=variant)
         shuffled = task_name(benchmark, protocol, shuffled=True, variant=variant)
         value = metric_value(results, task, key, factor)
@@ -175,13 +198,20 @@ def rows_for(run: str, benchmark: str, protocol: str, results: dict, answers: li
         ctrl = metric_value(results, shuffled, key, factor) if control else None
         chance = chance_level(rule, benchmark, answers)
         n = scored_items(rule, benchmark, answers)
-        above = None
+        above, test = None, {}
         if chance is not None and ctrl is not None:
-            above = beats(value, chance, n, False) and beats(value, ctrl, n, True)
-        out.append({"run": run, "benchmark": benchmark, "protocol": protocol, "metric": name,
+            if i == 0 and samples_dir is not None and groups is not None:
+                test = headline_test(benchmark, protocol, samples_dir / f"samples_{task}.jsonl",
+                                     samples_dir / f"samples_{shuffled}.jsonl", groups, chance)
+                beats_chance, beats_control = test.pop("beats_chance"), test.pop("beats_control")
+                above = beats_chance and beats_control
+            else:
+                test = {"test": "binomial"}
+                above = beats(value, chance, n, False) and beats(value, ctrl, n, True)
+        out.append({"run": run, "seed": seed, "benchmark": benchmark, "protocol": protocol, "metric": name,
                     "value": round(value, 4), "n": n,
                     "chance": None if chance is None else round(chance, 4),
-                    "control": None if ctrl is None else round(ctrl, 4), "above_chance": above})
+                    "control": None if ctrl is None else round(ctrl, 4), "above_chance": above, **test})
     return out
 
 

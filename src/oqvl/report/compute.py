@@ -33,7 +33,7 @@ import pandas as pd
 from ..manifest import REPO_ROOT
 from ..model.flops import PARTS, ModelCost, flops_per_token
 
-COLUMNS = ["row_type", "stage", "rule", "job", "run", "device", "gpus", "threads", "wall_h", "gpu_h",
+COLUMNS = ["row_type", "stage", "rule", "job", "run", "seed", "device", "gpus", "threads", "wall_h", "gpu_h",
            "cpu_h", "peak_mem_mb", "work", "work_unit", "throughput", "throughput_unit", "benchmark",
            "slurm_job", "slurm_gpus", "slurm_elapsed_h", "slurm_gpu_h", "note"]
 GPU_KEYS = ("gpu", "gpus", "nvidia_gpu")  # Snakemake's standard name first, then common aliases
@@ -247,7 +247,8 @@ def job_row(job: Job, manifest: dict | None) -> dict:
         "stage": work.get("stage") or job.stage,
         "rule": job.rule,
         "job": job.name,
-        "run": job.wildcards.get("run", ""),
+        "run": job.wildcards.get("run") or job.wildcards.get("name", ""),  # name: a released checkpoint
+        "seed": job.wildcards.get("seed", ""),
         "device": device,
         "gpus": gpus,
         "threads": job.threads,

@@ -32,13 +32,17 @@ def _empty(ax, text):
 
 
 def plot_scores(table3: pd.DataFrame, out: Path) -> None:
-    """Per benchmark (and the 5-benchmark average): bars per mixture id, the paper's beside ours."""
+    """Per benchmark (and the 5-benchmark average): bars per mixture id, the paper's beside ours (the
+    mean over the seeds, each seed's score as a dot on it)."""
     names = [*BENCHMARKS, "avg_5"]
     fig, axes = plt.subplots(1, len(names), figsize=(3.0 * len(names), 3.6), sharey=True)
     paper = table3[table3["scale"] == "paper"].set_index("row")
     # Ours: the paper protocol when a run has it, so both bars are scored alike.
     ours = table3[(table3["scale"] != "paper")]
-    ours = ours.sort_values("protocol", key=lambda s: s != "paper").drop_duplicates("run")
+    protocol = "paper" if (ours["protocol"] == "paper").any() else next(iter(ours["protocol"]), None)
+    ours = ours[ours["protocol"] == protocol]
+    seeds = ours[ours["seed"].astype(str) != "mean"]
+    ours = ours[ours["seed"].astype(str) == "mean"]
     ids = [i for i in TABLE3_IDS if i in set(paper.index) | set(ours["row"])]
     width = 0.38
     for ax, name in zip(axes, names):
@@ -47,7 +51,11 @@ def plot_scores(table3: pd.DataFrame, out: Path) -> None:
         ax.bar([x - width / 2 for x in xs], p, width, label="paper (paper scale)", color="#9bb7d4")
         o = [pd.to_numeric(ours.loc[ours["row"] == i, name], errors="coerce").mean() for i in ids]
         scale = ",".join(sorted(set(ours["scale"]))) or "none evaluated"
-        ax.bar([x + width / 2 for x in xs], o, width, label=f"reproduced ({scale} scale)", color="#e3a13b")
+        ax.bar([x + width / 2 for x in xs], o, width, label=f"reproduced ({scale} scale, seed mean)", color="#e3a13b")
+        for x, i in zip(xs, ids):
+            dots = pd.to_numeric(seeds.loc[seeds["row"] == i, name], errors="coerce").dropna()
+            ax.plot([x + width / 2] * len(dots), dots, "o", ms=3, color="#333",
+                    label="one seed" if x == 0 and name == names[0] else None)
         ax.set_xticks(list(xs), ids)
         ax.set_title(name)
         ax.set_ylim(0, 100)
@@ -77,8 +85,8 @@ def train_log_of(manifest: Path) -> Path | None:
 
 
 def plot_losses(train_manifests: dict, out: Path) -> None:
-    """Training loss against tokens seen, per run (train_manifests: run -> stage -> its training
-    job's manifest), for pretraining and SFT."""
+    """Training loss against tokens seen, per run and seed (train_manifests: "run seed k" -> stage
+    -> its training job's manifest), for pretraining and SFT."""
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
     for ax, stage in zip(axes, ("pretrain", "sft")):
         drawn = 0
@@ -155,7 +163,7 @@ def main(argv=None):
     ap.add_argument("--out-dir", type=Path, required=True)
     args = ap.parse_args(argv)
     args.out_dir.mkdir(parents=True, exist_ok=True)
-    plot_scores(pd.read_csv(args.table3, dtype={"row": str}), args.out_dir / PLOTS["scores"])
+    plot_scores(pd.read_csv(args.table3, dtype={"row": str, "seed": str}), args.out_dir / PLOTS["scores"])
     plot_losses(json.loads(args.train_manifests_json), args.out_dir / PLOTS["loss"])
     plot_compute(pd.read_csv(args.compute), args.out_dir / PLOTS["compute"])
     print(f"{args.out_dir}: {', '.join(PLOTS.values())}")

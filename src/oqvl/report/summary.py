@@ -33,7 +33,8 @@ def _fmt(v, digits=1) -> str:
 
 
 def scores_section(table4: pd.DataFrame, records: dict) -> list[str]:
-    """Per run and protocol, each benchmark's headline score, its chance level and its control."""
+    """Per run and protocol, each seed's headline score with its chance level and control, then
+    the mean over the seeds, its standard deviation and how many seeds cleared the bar."""
     lines = []
     paper = table4[table4["row"] == "Open-Qwen2VL-2B"]
     for run, record in records.items():
@@ -42,24 +43,36 @@ def scores_section(table4: pd.DataFrame, records: dict) -> list[str]:
             lines += [f"Run `{run}` has no evaluation rows.", ""]
             continue
         lines += [f"### Run `{run}`", "",
-                  "Score (chance, shuffled-image control); **bold**: above both by more than 2 standard "
-                  "errors. The headline metric of each benchmark and protocol is its first row.", "",
-                  "| protocol | " + " | ".join(BENCHMARKS) + " |", "|---|" + "---|" * len(BENCHMARKS)]
+                  "Per seed: score (chance, shuffled-image control); **bold**: above both by more than 2 "
+                  "standard errors (against the control: paired, clustered by image). Per protocol: the "
+                  "mean over the seeds ± their standard deviation, [seeds over the bar]. The headline "
+                  "metric of each benchmark and protocol is its first row.", "",
+                  "| protocol | seed | " + " | ".join(BENCHMARKS) + " |", "|---|---|" + "---|" * len(BENCHMARKS)]
+        ours = table4[(table4["run"] == run) & (table4["scale"] != "paper")]
         for protocol in sorted(set(ev["protocol"]), key=lambda p: (p != "paper", p)):
-            cells = []
-            for b in BENCHMARKS:
-                rows = ev[(ev["protocol"] == protocol) & (ev["benchmark"] == b)]
-                if rows.empty:
-                    cells.append("")
-                    continue
-                r = rows.iloc[0]
-                value = _fmt(float(r["value"]))
-                cell = f"**{value}**" if r.get("above_chance") is True else value
-                extra = ", ".join(x for x in (_fmt(r.get("chance")), _fmt(r.get("control"))) if x)
-                cells.append(f"{cell} ({extra})" if extra else cell)
-            lines.append(f"| {protocol} | " + " | ".join(cells) + " |")
+            seeds = sorted({int(x) for x in ev["seed"].dropna()}) or [None]
+            for seed in seeds:
+                cells = []
+                for b in BENCHMARKS:
+                    rows = ev[(ev["protocol"] == protocol) & (ev["benchmark"] == b)
+                              & ((ev["seed"] == seed) if seed is not None else True)]
+                    if rows.empty:
+                        cells.append("")
+                        continue
+                    r = rows.iloc[0]
+                    value = _fmt(float(r["value"]))
+                    cell = f"**{value}**" if r.get("above_chance") is True else value
+                    extra = ", ".join(x for x in (_fmt(r.get("chance")), _fmt(r.get("control"))) if x)
+                    cells.append(f"{cell} ({extra})" if extra else cell)
+                lines.append(f"| {protocol} | {'' if seed is None else seed} | " + " | ".join(cells) + " |")
+            mean = ours[(ours["protocol"] == protocol) & (ours["seed"].astype(str) == "mean")]
+            if len(mean):
+                m = mean.iloc[0]
+                cells = [" ".join(x for x in (_fmt(m.get(b)), std and f"± {std}", f"[{m.get(f'{b}_over_bar')}]") if x)
+                         for b in BENCHMARKS for std in [_fmt(m.get(f"{b}_std"))]]
+                lines.append(f"| {protocol} | mean | " + " | ".join(cells) + " |")
         if len(paper):
-            lines.append("| paper's Open-Qwen2VL-2B | " + " | ".join(_fmt(paper.iloc[0].get(b)) for b in BENCHMARKS) + " |")
+            lines.append("| paper's Open-Qwen2VL-2B | | " + " | ".join(_fmt(paper.iloc[0].get(b)) for b in BENCHMARKS) + " |")
         lines.append("")
     return lines
 
@@ -109,7 +122,7 @@ def main(argv=None):
     ap.add_argument("--config-json", default="{}")
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args(argv)
-    table4 = pd.read_csv(args.table4, dtype={"row": str})
+    table4 = pd.read_csv(args.table4, dtype={"row": str, "seed": str})
     text = build(table4, json.loads(args.runs_json), json.loads(args.jobs_json), json.loads(args.config_json))
     write_text(args.out, text)
     print(f"{args.out}: {len(text.splitlines())} lines")

@@ -8,9 +8,13 @@ The runs' files are named by the workflow (rules/report.smk, from oqvl.layout) a
 rule's inputs; the table reads nothing else of results/.
 
 Rows carry their scale and protocol explicitly: the paper's rows are `scale=paper,
-protocol=paper`; reproduced rows say which scale and protocol produced them (one row per protocol
-an evaluation wrote). Rows of runs that the workflow has not evaluated are absent, never filled in;
-a benchmark a run has no score for stays empty and its average with it.
+protocol=paper`; reproduced rows say which scale and protocol produced them. A run has one row per
+protocol and seed (`seed` 0, 1, ...: its own pretrain -> SFT -> evaluate chain) and, first, the
+row `seed=mean`: each benchmark's mean over the seeds, its standard deviation (`<B>_std`, n - 1 in
+the denominator; empty for one seed) and how many seeds cleared the bar (`<B>_over_bar`, "k/n":
+above chance and the shuffled-image control, oqvl.evaluate.tidy); its `not_above_chance` lists the
+benchmarks that not every seed cleared. Rows of runs that the workflow has not evaluated are
+absent, never filled in; a benchmark a run has no score for stays empty and its average with it.
 
 table4: the final model (config `table4_run`) beside the paper's Table 4, and beside the paper's
 Table 3 row of the same data mixture: the paper's Table 4 model is fine-tuned on MAmmoTH-VL 10M,
@@ -45,9 +49,11 @@ LOCK_FILE = REPO_ROOT / "requirements.lock"
 
 TABLE3_IDS = ["1+2", "1+3", "1+2+3", "1+4"]
 PROVENANCE = ["code_version", "config_hash", "lock_hash", "container_image", "input_hashes"]
-COLUMNS = ["table", "row", "run", "scale", "protocol", "pretrain_data", "pretrain_tokens", "sft_data", *BENCHMARKS,
-           "avg_5", "paper_avg_8", "pretrain_gpu_hours", "pretrain_wall_hours", "pretrain_device",
-           "not_above_chance", "source", *PROVENANCE]
+MEAN = "mean"  # the seed column of a run's row over its seeds
+SEED_COLUMNS = [f"{b}_{k}" for k in ("std", "over_bar") for b in BENCHMARKS]
+COLUMNS = ["table", "row", "run", "scale", "protocol", "seed", "pretrain_data", "pretrain_tokens", "sft_data",
+           *BENCHMARKS, "avg_5", "paper_avg_8", *SEED_COLUMNS, "pretrain_gpu_hours", "pretrain_wall_hours",
+           "pretrain_device", "not_above_chance", "source", *PROVENANCE]
 SOURCE = "Wang et al. 2025, Open-Qwen2VL"
 # The SFT data of the paper's rows (prismatic-vlms/fine_tune_mammoth.sh for Table 4's model; Table
 # 3's mixtures are all fine-tuned on LLaVA-665k); the baselines are others' finished models.
@@ -121,9 +127,11 @@ def load_eval(files: list) -> pd.DataFrame:
         df["file"] = str(path)
         frames.append(df)
     if not frames:
-        return pd.DataFrame(columns=["run", "benchmark", "protocol", "metric", "value", "n", "chance",
+        return pd.DataFrame(columns=["run", "seed", "benchmark", "protocol", "metric", "value", "n", "chance",
                                      "control", "above_chance", "file"])
     df = pd.concat(frames, ignore_index=True)
+    if "seed" not in df:  # rows of a released checkpoint, or written before seeds
+        df["seed"] = None
     df["benchmark"] = df["benchmark"].map(canonical_benchmark)
     return df[df["benchmark"].notna()]
 
@@ -136,28 +144,58 @@ def pick_metric(rows: pd.DataFrame, preferred: str | None) -> pd.Series:
     return rows.iloc[0]
 
 
-def score_rows(run: str, ev: pd.DataFrame, metrics: dict) -> list[dict]:
-    """One dict per protocol: benchmark -> score, and the benchmarks not above chance. Scores are
-    percentages (0-100), as the evaluation stage writes them and the paper prints them."""
+def _seed_key(seed):
+    return -1 if seed is None or (isinstance(seed, float) and math.isnan(seed)) else int(seed)
+
+
+def score_rows(ev: pd.DataFrame, metrics: dict) -> list[dict]:
+    """One dict per protocol and seed: benchmark -> score, and the benchmarks not above chance
+    (`below`, a list). Scores are percentages (0-100), as the evaluation stage writes them and the
+    paper prints them."""
     if ev.empty:
         return []
     out = []
     protocols = [p for p in PROTOCOLS if p in set(ev["protocol"])] + sorted(set(ev["protocol"]) - set(PROTOCOLS))
+    seeds = sorted({_seed_key(s) for s in ev["seed"]})
     for protocol in protocols:
-        sub = ev[ev["protocol"] == protocol]
-        row = {"protocol": protocol, "files": sorted(set(sub["file"]))}
-        below = []
-        for bench in BENCHMARKS:
-            rows = sub[sub["benchmark"] == bench]
-            if rows.empty:
-                continue
-            chosen = pick_metric(rows, metrics.get(bench))
-            row[bench] = round(float(chosen["value"]), 2)
-            # False is a verdict; None (a metric with no chance level) is none.
-            if chosen.get("above_chance") is False or chosen.get("above_chance") is np.False_:
-                below.append(bench)
-        row["not_above_chance"] = ";".join(below)
-        out.append(row)
+        for seed in seeds:
+            sub = ev[(ev["protocol"] == protocol) & (ev["seed"].map(_seed_key) == seed)]
+            row = {"protocol": protocol, "seed": None if seed < 0 else seed, "below": []}
+            for bench in BENCHMARKS:
+                rows = sub[sub["benchmark"] == bench]
+                if rows.empty:
+                    continue
+                chosen = pick_metric(rows, metrics.get(bench))
+                row[bench] = round(float(chosen["value"]), 2)
+                # False is a verdict; None (a metric with no chance level) is none.
+                if chosen.get("above_chance") is False or chosen.get("above_chance") is np.False_:
+                    row["below"].append(bench)
+            out.append(row)
+    return out
+
+
+def over_seeds(rows: list[dict]) -> dict:
+    """The `seed=mean` row of one protocol's seed rows: mean, std and k/n over the bar per benchmark."""
+    out = {"seed": MEAN, "below": []}
+    for bench in BENCHMARKS:
+        values = [r[bench] for r in rows if bench in r]
+        if not values:
+            continue
+        out[bench] = round(float(np.mean(values)), 2)
+        out[f"{bench}_std"] = round(float(np.std(values, ddof=1)), 2) if len(values) > 1 else None
+        k = sum(bench not in r["below"] for r in rows if bench in r)
+        out[f"{bench}_over_bar"] = f"{k}/{len(values)}"
+        if k < len(values):
+            out["below"].append(bench)
+    return out
+
+
+def seed_rows(scores: list[dict]) -> list[dict]:
+    """Per protocol, the mean row over the seeds, then each seed's row."""
+    out = []
+    for protocol in dict.fromkeys(s["protocol"] for s in scores):
+        rows = [s for s in scores if s["protocol"] == protocol]
+        out += [{"protocol": protocol, **over_seeds(rows)}, *rows]
     return out
 
 
@@ -177,7 +215,7 @@ def _json(path: Path):
 def provenance(record: dict, config: dict) -> dict:
     """Code version, config hash, lock hash, container image and input hashes of one run's rows:
     its evaluation files, its pretraining summary and every manifest the record names."""
-    summary = [record["pretrain_summary"]] if record.get("pretrain_summary") else []  # none: a release
+    summary = record.get("pretrain_summaries") or []  # none: a release
     files = sorted(map(Path, [*record["evals"], *summary, *record["manifests"]]))
     manifests = [m for p in map(Path, record["manifests"]) if (m := _json(p)) and isinstance(m, dict)]
     summaries = [s for s in [_json(Path(p)) for p in summary] if s]
@@ -198,13 +236,16 @@ def provenance(record: dict, config: dict) -> dict:
     }
 
 
-def pretrain_compute(record: dict) -> dict:
-    """GPU-hours, wall hours and device of a run's pretraining job (its benchmark and manifest)."""
-    jobs = job_rows([record["pretrain_job"]])
+def pretrain_compute(record: dict, seed=MEAN) -> dict:
+    """GPU-hours, wall hours and device of a run's pretraining job of one seed (its benchmark and
+    manifest), or their mean over the seeds."""
+    pairs = dict(zip(record["seeds"], record["pretrain_jobs"]))
+    jobs = job_rows(list(pairs.values()) if seed == MEAN else [pairs[seed]] if seed in pairs else [])
     if jobs.empty:
         return {}
-    return {"pretrain_gpu_hours": round(float(jobs["gpu_h"].sum()), 6),
-            "pretrain_wall_hours": round(float(jobs["wall_h"].sum()), 6),
+    n = len(jobs)
+    return {"pretrain_gpu_hours": round(float(jobs["gpu_h"].sum()) / n, 6),
+            "pretrain_wall_hours": round(float(jobs["wall_h"].sum()) / n, 6),
             "pretrain_device": ";".join(sorted(set(jobs["device"].dropna().astype(str)) - {""}))}
 
 
@@ -217,13 +258,12 @@ def reproduced_rows(table: str, runs: dict, config: dict, label=None) -> pd.Data
     mixtures = config.get("mixtures") or {}
     out = []
     for run, record in runs.items():
-        ev = load_eval(record["evals"])
-        scores = score_rows(run, ev, metrics)
+        scores = score_rows(load_eval(record["evals"]), metrics)
         if not scores:
             continue
         mixture = record.get("mixture") or (all_runs.get(run) or {}).get("mixture")
         mix_cfg = mixtures.get(mixture) or {}
-        summary = _json(Path(record["pretrain_summary"])) or {}
+        summary = _json(Path(record["pretrain_summaries"][0])) or {}  # every seed trains the same tokens
         mixture_manifest = next((m for p in record["manifests"] if (m := _json(Path(p))) and m.get("stage") == "mixture"), {})
         pairs = mixture_manifest.get("counts", {}).get("total")
         data = f"{mixture} ({mix_cfg.get('paper_id', '?')})" if mixture else ""
@@ -235,13 +275,16 @@ def reproduced_rows(table: str, runs: dict, config: dict, label=None) -> pd.Data
             "pretrain_data": data, "pretrain_tokens": human_count(summary.get("tokens")),
             "sft_data": record.get("sft_data") or sft_data_name(config),
             "source": f"this workflow, {config.get('scale', 'toy')} scale",
-            **pretrain_compute(record),
             **provenance(record, config),
         }
-        for s in scores:
-            row = {**base, **{k: v for k, v in s.items() if k != "files"}}
-            out.append(row)
+        for s in seed_rows(scores):
+            out.append({**base, **pretrain_compute(record, s["seed"]), **_cells(s)})
     return pd.DataFrame(out).reindex(columns=COLUMNS)
+
+
+def _cells(score: dict) -> dict:
+    """A score dict's table cells: `below` as the not_above_chance column."""
+    return {**{k: v for k, v in score.items() if k != "below"}, "not_above_chance": ";".join(score["below"])}
 
 
 def released_rows(released: dict, config: dict) -> pd.DataFrame:
@@ -250,14 +293,14 @@ def released_rows(released: dict, config: dict) -> pd.DataFrame:
     metrics = report_settings(config).get("metrics") or {}
     out = []
     for name, record in released.items():
-        scores = score_rows(name, load_eval(record["evals"]), metrics)
+        scores = score_rows(load_eval(record["evals"]), metrics)
         base = {"table": "table4", "run": name, "scale": "paper",
                 "row": f"{record.get('paper_row') or name} (released checkpoint, measured)",
                 "sft_data": record.get("sft_data") or "",
                 "source": "this workflow: the released checkpoint, evaluated"
                           + (f" (revision {record['revision']})" if record.get("revision") else ""),
                 **provenance(record, config)}
-        out += [{**base, **{k: v for k, v in s.items() if k != "files"}} for s in scores]
+        out += [{**base, **_cells(s)} for s in scores]
     return pd.DataFrame(out).reindex(columns=COLUMNS)
 
 

@@ -1,0 +1,129 @@
+"""The test of a headline score against chance and against the shuffled-image control.
+
+The control asks the same questions as the benchmark with every image moved to another question
+(oqvl.evaluate.schemas.shuffle_images), so the two scores are paired: question u has a score x_u
+with its own image and y_u with another. Questions come in clusters that share an image (MMBench's
+circular copies, POPE's questions per image; one question each elsewhere, `image_groups`), and a
+cluster's questions are not independent draws. So the control test is on the paired differences
+d_u = x_u - y_u with a cluster-robust standard error,
+
+    mean d = sum_u d_u / N,    se = sqrt(G / (G - 1) * sum_g (D_g - n_g * mean d)^2) / N,
+
+(D_g the sum of d over cluster g's n_g questions, G clusters, N questions), and the score beats
+the control if mean d > Z * se. Against chance (a fixed level c, not a measurement) the same
+cluster-robust standard error of mean x is used, never below the binomial one at c:
+mean x - c > Z * max(se_x, sqrt(c (1 - c) / N)).
+
+Per-question scores are read back from lmms-eval's per-sample logs (`samples_<task>.jsonl`), as
+each protocol's headline metric counts a question right: the paper protocol's `correct` flags
+(oqvl.evaluate.paper), lmms-eval's own item scores, and for MMBench under lmms-eval (circular
+scoring: a question is right only if all its copies are) lmms-eval's own `eval_sub_data` on each
+question's copies, so a question is the unit and the cluster.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import defaultdict
+from pathlib import Path
+
+from .schemas import CIRCULAR_OFFSET
+
+Z = 2.0
+
+
+def _paper_correct(key: str):
+    return lambda s: float(bool(s[key]["correct"]))
+
+
+ROW_SCORE = {  # (benchmark, protocol) -> a sample's score under the headline metric
+    ("MMBench", "paper"): _paper_correct("accuracy"),
+    ("SEEDBench", "paper"): _paper_correct("accuracy"),
+    ("MMStar", "paper"): _paper_correct("accuracy"),
+    ("MathVista", "paper"): _paper_correct("accuracy"),
+    ("POPE", "paper"): lambda s: float(s["accuracy"]["pred"] == s["accuracy"]["answer"]),
+    # lmms-eval's seed_aggregation_result, item by item
+    ("SEEDBench", "lmms"): lambda s: float(s["seed_image"]["pred"].lower().strip()
+                                           == s["seed_image"]["answer"].lower().strip()),
+    ("MMStar", "lmms"): lambda s: float(s["average"]["score"]),
+    ("MathVista", "lmms"): lambda s: float(bool(s["llm_as_judge_eval"]["true_false"])),
+    ("POPE", "lmms"): lambda s: float(s["pope_accuracy"]["score"]),
+}
+
+
+def read_samples(path: Path) -> list[dict]:
+    with open(path) as f:
+        return sorted((json.loads(line) for line in f if line.strip()), key=lambda s: s["doc_id"])
+
+
+def mmbench_circular_scores(samples: list[dict]) -> dict[int, float]:
+    """Per MMBench question (index mod 1e6), 1.0 if lmms-eval's static circular scoring counts it
+    right: its own `eval_sub_data` over the question's copies."""
+    import pandas as pd
+    from lmms_eval.tasks.mmbench.en_utils import mmbench_evaluator
+
+    items = pd.DataFrame([s["gpt_eval_score"] for s in samples])
+    items["prediction"] = [str(x) for x in items["prediction"]]
+    answer_map = dict(zip(items["index"], items["answer"]))
+    out = {}
+    for question, copies in items.groupby(items["index"] % CIRCULAR_OFFSET, sort=True):
+        out[int(question)] = float(mmbench_evaluator.eval_sub_data(copies.sort_values("index"), answer_map,
+                                                                   static_only=True))
+    return out
+
+
+def unit_scores(benchmark: str, protocol: str, samples: list[dict], groups: list) -> tuple[dict, dict]:
+    """(unit -> score, unit -> cluster) of the headline metric: a unit is a row (its doc_id) and its
+    cluster the image it asks about (`groups`, per row); under MMBench's circular scoring a unit is
+    a question, its own cluster."""
+    if (benchmark, protocol) == ("MMBench", "lmms"):
+        scores = mmbench_circular_scores(samples)
+        return scores, {u: u for u in scores}
+    score = ROW_SCORE[(benchmark, protocol)]
+    scores = {s["doc_id"]: score(s) for s in samples}
+    return scores, {u: groups[u] for u in scores}
+
+
+def clustered_se(values: dict, clusters: dict) -> float:
+    """The cluster-robust standard error of the mean of `values` (unit -> value)."""
+    n = len(values)
+    if n == 0:
+        return float("nan")
+    mean = sum(values.values()) / n
+    sums, sizes = defaultdict(float), defaultdict(int)
+    for u, v in values.items():
+        sums[clusters[u]] += v
+        sizes[clusters[u]] += 1
+    g = len(sums)
+    if g < 2:
+        return float("inf")
+    return math.sqrt(g / (g - 1) * sum((sums[c] - sizes[c] * mean) ** 2 for c in sums)) / n
+
+
+def paired_test(true: dict, shuffled: dict, clusters: dict, chance: float | None) -> dict:
+    """The headline's tests: scores in [0, 1] per unit with the true and the shuffled images (the
+    same units), clusters per unit, the chance level in percent. Percent in, percent out."""
+    if set(true) != set(shuffled):
+        raise ValueError(f"the control scored other questions than the benchmark "
+                         f"({len(set(true) ^ set(shuffled))} differ)")
+    n = len(true)
+    diff = {u: true[u] - shuffled[u] for u in true}
+    mean_x, mean_d = sum(true.values()) / n, sum(diff.values()) / n
+    se_d = clustered_se(diff, clusters)
+    out = {"test": "paired_clustered", "units": n, "clusters": len(set(clusters[u] for u in true)),
+           "control_diff": round(100 * mean_d, 4), "control_diff_se": round(100 * se_d, 4),
+           "beats_control": bool(mean_d > Z * se_d)}
+    if chance is not None:
+        c = chance / 100
+        se_x = max(clustered_se(true, clusters), math.sqrt(c * (1 - c) / n))
+        out["beats_chance"] = bool(mean_x - c > Z * se_x)
+    return out
+
+
+def headline_test(benchmark: str, protocol: str, true_samples: Path, shuffled_samples: Path, groups: list,
+                  chance: float | None) -> dict:
+    """paired_test on a task's and its control's per-sample logs."""
+    true, clusters = unit_scores(benchmark, protocol, read_samples(true_samples), groups)
+    shuffled, _ = unit_scores(benchmark, protocol, read_samples(shuffled_samples), groups)
+    return paired_test(true, shuffled, clusters, chance)
