@@ -69,3 +69,9 @@ def model_folder(input_name):
         path = input[input_name]
         return path if path in SCALE.user_inputs() else os.path.dirname(path)
     return folder
+
+
+def benchmark_files(wildcards):
+    """A benchmark split's file and its shuffled-image twin (the control), as evaluate reads them."""
+    control = config["evaluate"]["shuffled_control"]
+    return [L.eval_data(wildcards.benchmark, wildcards.split, shuffled=s) for s in ((False, True) if control else (False,))]

@@ -1,5 +1,6 @@
-# Stage 7, evaluate: the benchmark files (toy world or real releases), then each run's checkpoint
-# on each benchmark through lmms-eval, under both protocols, with the shuffled-image control.
+# Stage 7, evaluate: the benchmark files (toy world or real releases), then each seed's checkpoint
+# of each run on each benchmark through lmms-eval, under both protocols, with the shuffled-image
+# control; per split: test (and at toy scale heldout, the test items reworded; dev on request).
 
 EVAL = config["evaluate"]
 
@@ -29,12 +30,6 @@ rule eval_data:
 
 
 RELEASED = P.released()
-
-
-def benchmark_files(wildcards):
-    """A benchmark's file and its shuffled-image twin (the control), as evaluate reads them."""
-    return [L.eval_data(wildcards.benchmark)] + (
-        [L.eval_data(wildcards.benchmark, shuffled=True)] if EVAL["shuffled_control"] else [])
 
 if RELEASED:
 
@@ -67,9 +62,9 @@ if RELEASED:
 
 
 rule evaluate:
-    """One seed of a run: its SFT checkpoint on one benchmark, lmms-eval under each protocol
-    (results JSON and samples JSONL in eval/<benchmark>/<protocol>/) and the tidy rows in
-    eval/<benchmark>.json."""
+    """One seed of a run: its SFT checkpoint on one benchmark split, lmms-eval under each protocol
+    (results JSON and samples JSONL in eval/<split>/<benchmark>/<protocol>/) and the tidy rows in
+    eval/<split>/<benchmark>.json."""
     input:
         checkpoint=lambda w: L.final_model(w.run, "sft", w.seed),
         data=benchmark_files,
@@ -80,10 +75,11 @@ rule evaluate:
     wildcard_constraints:
         benchmark=alternatives(BENCHMARKS),
         seed=r"\d+",
+        split=alternatives(P.data_splits()),
     params:
         checkpoint=lambda w, input: os.path.dirname(input.checkpoint),
         data_dir=lambda w, input: os.path.dirname(input.data[0]),
-        label=lambda w: f"--run {shlex.quote(w.run)} --seed {w.seed}",
+        label=lambda w: f"--run {shlex.quote(w.run)} --seed {w.seed} --split {w.split}",
         protocols=",".join(EVAL["protocols"]),
         control="" if EVAL["shuffled_control"] else "--no-control",
         batch_size=EVAL["batch_size"],
@@ -117,8 +113,9 @@ if RELEASED:
         wildcard_constraints:
             benchmark=alternatives(BENCHMARKS),
             name=alternatives(RELEASED),
+            split="test",
         params:  # merged into evaluate's: only the label differs
-            label=lambda w: f"--run {shlex.quote(w.name)}",
+            label=lambda w: f"--run {shlex.quote(w.name)} --split {w.split}",
         log:
             L.log("evaluate_released"),
         benchmark:
@@ -126,10 +123,10 @@ if RELEASED:
 
 
 rule run_results:
-    """Every seed's tidy rows of one run on every benchmark, as one CSV (the target that reproduces
-    one run)."""
+    """Every seed's tidy rows of one run on every benchmark and reported split, as one CSV (the
+    target that reproduces one run)."""
     input:
-        lambda w: [L.eval_rows(w.run, b, seed) for seed in P.seeds(w.run) for b in BENCHMARKS],
+        lambda w: [L.eval_rows(**wc) for seed in P.seeds(w.run) for wc in P.eval_wildcards(w.run, seed)],
     output:
         csv=L.run_results(),
         manifest=L.manifest("run_results"),

@@ -111,7 +111,7 @@ def test_a_truncated_weights_file_is_one_line(good, tmp_path):
 def bench(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("eval_data")
     toy.main(["--out", str(out), "--sizes", json.dumps(SIZES)])
-    return out
+    return out / "test"
 
 
 def test_a_missing_benchmark_file_is_one_line(tmp_path):

@@ -14,7 +14,7 @@ import pytest
 from datasets import Dataset, Features, Image, List, Value, load_dataset
 from PIL import Image as PILImage
 
-from oqvl.evaluate import BENCHMARKS, toy
+from oqvl.evaluate import BENCHMARKS, SPLITS, toy
 from oqvl.evaluate.convert import convert
 from oqvl.evaluate.schemas import (
     FEATURES,
@@ -34,7 +34,7 @@ SIZES = {"MMBench": 20, "SEEDBench": 40, "MMStar": 40, "MathVista": 56, "POPE": 
 def toy_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("eval_data")
     toy.main(["--out", str(out), "--sizes", json.dumps(SIZES), "--exclude", "ccs:200"])
-    return out
+    return out / "test"
 
 
 def table(path) -> pd.DataFrame:
@@ -106,16 +106,18 @@ def test_mmbench_circular_copies_rotate_the_options(toy_dir):
 
 
 def test_manifest_counts_the_questions_written(toy_dir):
-    manifest = json.loads((toy_dir / "manifest.json").read_text())
-    questions = sum(pq.read_metadata(data_file(toy_dir, b)).num_rows for b in BENCHMARKS)  # not the twins
+    manifest = json.loads((toy_dir.parent / "manifest.json").read_text())
+    questions = sum(pq.read_metadata(data_file(toy_dir.parent / split, b)).num_rows
+                    for split in SPLITS for b in BENCHMARKS)  # not the twins
     assert manifest["stage"] == "eval_data" and manifest["work"] == {"amount": questions, "unit": "questions"}
     assert manifest["config"]["sizes"] == SIZES and manifest["config"]["exclude"] == {"ccs": 200}
-    assert set(manifest["files"]) == {data_file(toy_dir, b, s).name for b in BENCHMARKS for s in (False, True)}
+    assert set(manifest["files"]) == {f"{split}/{data_file(toy_dir, b, s).name}" for split in SPLITS
+                                      for b in BENCHMARKS for s in (False, True)}
 
 
 def test_generation_is_deterministic(toy_dir, tmp_path):
     toy.main(["--out", str(tmp_path), "--sizes", json.dumps({"MMStar": SIZES["MMStar"]}), "--exclude", "ccs:200"])
-    assert data_file(tmp_path, "MMStar").read_bytes() == data_file(toy_dir, "MMStar").read_bytes()
+    assert data_file(tmp_path / "test", "MMStar").read_bytes() == data_file(toy_dir, "MMStar").read_bytes()
 
 
 # -------------------------------------------------------------------------------------- POPE
@@ -166,7 +168,7 @@ def test_no_benchmark_image_equals_a_training_image(tmp_path):
     train = {png_bytes(render(sample_scene(stream_rng(0, "sft", i), 1, 0.0), 64)) for i in range(4000)}
 
     def images(out):
-        seed = table(data_file(out, "SEEDBench"))
+        seed = table(data_file(out / "test", "SEEDBench"))
         return {im[0]["bytes"] for im in seed["image"]}
 
     toy.main(["--out", str(tmp_path / "open"), "--sizes", sizes, "--no-control", *world])
@@ -301,6 +303,7 @@ def test_convert_real_releases(tmp_path):
     convert_cli.main(["--out", str(tmp_path / "cli"), *(f"--source={b}={s}" for b, s in sources.items())])
     manifest = json.loads((tmp_path / "cli" / "manifest.json").read_text())
     assert manifest["work"] == {"amount": sum(expected_rows.values()), "unit": "questions"}
+    assert all(f.startswith("test/") for f in manifest["files"])  # a release is the test split
     assert manifest["stage"] == "eval_data" and len(manifest["files"]) == 2 * len(BENCHMARKS)
 
 
@@ -332,3 +335,51 @@ def test_task_dir_binds_the_data_and_adds_controls(tmp_path, toy_dir):
     assert len(write_task_dir(tmp_path / "tasks", toy_dir, ["POPE"], ["paper"], control=False)) == 2
     assert sorted(p.name for p in (tmp_path / "tasks").glob("*.yaml")) == [
         "oqvl_pope_paper.yaml", "oqvl_pope_paper_likelihood.yaml"]
+
+
+# ------------------------------------------------------------------------ splits and phrasing
+
+def test_heldout_split_rewords_the_test_items_and_nothing_else(toy_dir):
+    for benchmark in BENCHMARKS:
+        test, held = table(data_file(toy_dir, benchmark)), table(data_file(toy_dir.parent / "heldout", benchmark))
+        assert list(test.columns) == list(held.columns) and len(test) == len(held), benchmark
+        question = "query" if benchmark == "MathVista" else "question"
+        same = [c for c in test.columns if c not in (question, "question")]
+        assert test[same].astype(str).equals(held[same].astype(str)), benchmark  # images, answers, options
+        assert not set(test["question"]) & set(held["question"]), benchmark
+
+
+def test_no_training_data_uses_the_heldout_wording(tmp_path):
+    """Every held-out template's fixed words (its text between slots) are absent from the toy SFT
+    data and every training template; the test split's wording is the training one."""
+    import re
+
+    from oqvl.train.sft_data import generate
+    from oqvl.world.questions import TEMPLATES
+
+    generate(tmp_path / "sft.parquet", 400, 0, WorldConfig(64, 3, 0.25), turns=4)
+    sft = " ".join(pd.read_parquet(tmp_path / "sft.parquet", columns=["conversations"])["conversations"])
+    train = " ".join(t for t, _ in TEMPLATES.values())
+    for kind, (trained, heldout) in TEMPLATES.items():
+        for piece in (p.strip() for p in re.split(r"\{\w+\}", heldout) if len(p.strip()) > 3):
+            assert piece not in sft and piece not in train, (kind, piece)
+    assert "What colour is the" in sft  # the training wording is there
+
+
+def test_dev_split_draws_its_own_images_never_a_test_one(toy_dir):
+    for benchmark in BENCHMARKS:
+        col = schema_image_column(benchmark)
+        test, dev = table(data_file(toy_dir, benchmark)), table(data_file(toy_dir.parent / "dev", benchmark))
+        assert len(dev) == len(test)
+        test_images = {im["bytes"] for im in _images(test[col])}
+        assert not {im["bytes"] for im in _images(dev[col])} & test_images, benchmark
+
+
+def schema_image_column(benchmark):
+    from oqvl.evaluate.schemas import IMAGE_COLUMN
+    return IMAGE_COLUMN[benchmark]
+
+
+def _images(column):
+    return [im for cell in column for im in (cell if isinstance(cell, (list, tuple)) or hasattr(cell, "tolist")
+                                             and not isinstance(cell, dict) else [cell])]

@@ -51,7 +51,7 @@ def ckpt(tmp_path_factory):
 def data_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("eval_data")
     toy.main(["--out", str(out), "--sizes", json.dumps(SIZES)])
-    return out
+    return out / "test"
 
 
 # ------------------------------------------------------------------------------- the adapter
@@ -381,8 +381,13 @@ def test_every_task_runs_in_lmms_eval_and_writes_its_files(seeing_rows):
         assert manifest["stage"] == "evaluate" and manifest["device"] == {"type": "cpu", "gpus": 0}
         assert manifest["work"] == {"amount": sum(r["n"] for r in rows[b]), "unit": "samples"}
         assert {f"{b}.json", f"{b}/paper/results.json", f"{b}/lmms/results.json"} <= set(manifest["files"])
-        assert all(set(r) == {"run", "benchmark", "protocol", "metric", "value", "n", "chance",
-                              "control", "above_chance"} for r in rows[b])
+        base = {"run", "seed", "split", "benchmark", "protocol", "metric", "value", "n", "chance", "control",
+                "above_chance"}
+        paired = {"test", "units", "clusters", "control_diff", "control_diff_se"}
+        for protocol in ("paper", "lmms"):
+            head, *rest = [r for r in rows[b] if r["protocol"] == protocol]
+            assert set(head) == base | paired and head["test"] == "paired_clustered", (b, protocol)
+            assert all(set(r) in (base, base | {"test"}) for r in rest)
 
 
 def test_a_model_that_sees_the_image_beats_chance_and_control(seeing_rows):
@@ -397,6 +402,10 @@ def test_a_model_that_sees_the_image_beats_chance_and_control(seeing_rows):
                 assert head["value"] == 100.0, (b, protocol)
             assert head["above_chance"] is True, (b, protocol, head)
             assert head["control"] < head["value"]
+            # the paired test read every question back from the sample logs: its mean difference
+            # is the value minus the control
+            assert head["control_diff"] == pytest.approx(head["value"] - head["control"], abs=0.02), (b, protocol)
+            assert head["control_diff"] > 2 * head["control_diff_se"] >= 0
     pope = {r["metric"]: r for r in rows["POPE"] if r["protocol"] == "paper"}
     assert pope["f1"]["value"] == 100.0 and pope["f1"]["chance"] == pytest.approx(200 / 3, abs=1e-3)
     assert pope["yes_ratio"]["value"] == 50.0 and pope["yes_ratio"]["above_chance"] is None

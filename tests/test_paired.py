@@ -73,18 +73,19 @@ def test_mmbench_circular_units_use_lmms_evals_own_matcher(tmp_path):
     """Two questions x 2 circular copies: question 0 right in both copies, question 1 in one."""
     rows = [(0, "A", "A"), (1, "B", "B"), (1_000_000, "C", "C"), (1_000_001, "D", "A")]
     samples = [{"doc_id": i, **mmbench_item(*r)} for i, r in enumerate(rows)]
-    scores, clusters = unit_scores("MMBench", "lmms", samples, groups=[0, 1, 0, 1])
-    assert scores == {0: 1.0, 1: 0.0} and clusters == {0: 0, 1: 1}
-    scores, clusters = unit_scores("MMBench", "paper", [
+    scores, clusters, weights = unit_scores("MMBench", "lmms", samples, groups=[0, 1, 0, 1])
+    assert scores == {0: 1.0, 1: 0.0} and clusters == {0: 0, 1: 1} and weights is None
+    scores, clusters, _ = unit_scores("MMBench", "paper", [
         {"doc_id": i, "accuracy": {"correct": r[1] == r[2]}} for i, r in enumerate(rows)], groups=[0, 1, 0, 1])
     assert scores == {0: 1.0, 1: 1.0, 2: 1.0, 3: 0.0} and clusters == {0: 0, 1: 1, 2: 0, 3: 1}
 
 
 @pytest.mark.parametrize("benchmark, protocol, right, wrong", [
-    ("POPE", "paper", {"accuracy": {"pred": "yes", "answer": "yes"}}, {"accuracy": {"pred": "", "answer": "yes"}}),
+    ("POPE", "paper", {"accuracy": {"pred": "yes", "answer": "yes", "category": "random"}},
+     {"accuracy": {"pred": "", "answer": "yes", "category": "random"}}),
     ("POPE", "lmms", {"pope_accuracy": {"score": 1.0}}, {"pope_accuracy": {"score": 0.0}}),
     ("SEEDBench", "lmms", {"seed_image": {"pred": "b", "answer": "B"}}, {"seed_image": {"pred": "T", "answer": "B"}}),
-    ("MMStar", "lmms", {"average": {"score": 1.0}}, {"average": {"score": 0.0}}),
+    ("MMStar", "lmms", {"average": {"score": 1.0, "l2_category": "x"}}, {"average": {"score": 0.0, "l2_category": "x"}}),
     ("MathVista", "lmms", {"llm_as_judge_eval": {"true_false": True}}, {"llm_as_judge_eval": {"true_false": False}}),
     ("MathVista", "paper", {"accuracy": {"correct": True}}, {"accuracy": {"correct": False}}),
 ])
@@ -95,3 +96,16 @@ def test_row_scores_from_each_protocols_sample_log(tmp_path, benchmark, protocol
     test = headline_test(benchmark, protocol, true, ctrl, groups=["img0", "img0", "img1"], chance=None)
     assert test["units"] == 3 and test["clusters"] == 2
     assert test["control_diff"] == pytest.approx(100 / 3, abs=1e-4)
+
+
+def test_a_mean_of_category_means_weighs_each_question_by_its_category():
+    """lmms-eval's MMStar: the mean of the L2 categories' accuracies. Category a has 1 question,
+    right only with its image; category b has 3, right either way: the metric gains 50 points."""
+    from oqvl.evaluate.paired import category_weights
+
+    cats = {0: "a", 1: "b", 2: "b", 3: "b"}
+    weights = category_weights(cats)
+    assert weights == {0: 0.5, 1: 1 / 6, 2: 1 / 6, 3: 1 / 6}
+    test = paired_test({0: 1.0, 1: 1.0, 2: 1.0, 3: 1.0}, {0: 0.0, 1: 1.0, 2: 1.0, 3: 1.0}, {u: u for u in cats},
+                       chance=None, weights=weights)
+    assert test["control_diff"] == pytest.approx(50.0)

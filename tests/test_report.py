@@ -593,12 +593,13 @@ def test_summary_from_the_declared_files(world, tmp_path):
     assert text.startswith("# Summary: `r12` at toy scale")
     assert "snakemake --cores all results/table4.csv" in text
     # The run's scores with chance and control; bold where above both; the paper's row beside them.
-    rows = {tuple(c.strip() for c in line.split("|")[1:3]): line for line in text.splitlines() if line.startswith("| ")}
-    seed0 = rows[("paper", "0")]
+    rows = {tuple(c.strip() for c in line.split("|")[1:4]): line for line in text.splitlines() if line.startswith("| ")}
+    seed0 = rows[("paper", "test", "0")]
     assert "**62.0** (25.0, 26.0)" in seed0 and "30.0 (25.0, 26.0)" in seed0  # MathVista below
     # the mean over the seeds with the seeds over the bar (one seed: no spread)
-    assert "| 62.0 [1/1] |" in rows[("paper", "mean")] and "| 30.0 [0/1] |" in rows[("paper", "mean")]
-    assert "80.9" in rows[("paper's Open-Qwen2VL-2B", "")]
+    mean = rows[("paper", "test", "mean")]
+    assert "| 62.0 [1/1] |" in mean and "| 30.0 [0/1] |" in mean
+    assert "80.9" in rows[("paper's Open-Qwen2VL-2B", "", "")]
     # Every job with its wall time and work, from the benchmark files and manifests.
     assert "| pretrain[run=r12] | NVIDIA H100 80GB HBM3 | 3600 | 7200000 tokens |" in text
     assert f"{len(world.jobs)} jobs" in text and "code version: `abc123`" in text

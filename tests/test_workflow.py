@@ -72,7 +72,7 @@ def test_paper_config_plans_the_same_dag(tmp_path):
     # The released model: converted, then evaluated like a run (no training), on every benchmark.
     assert "rule convert_released:" in out and "wildcards: name=Open-Qwen2VL-2B" in out
     for b in ("MMBench", "SEEDBench", "MMStar", "MathVista", "POPE"):
-        assert f"wildcards: name=Open-Qwen2VL-2B, benchmark={b}" in out, b
+        assert f"wildcards: name=Open-Qwen2VL-2B, split=test, benchmark={b}" in out, b
 
 
 def test_paper_config_plans_the_final_model_and_the_isolation_ablation(tmp_path):

@@ -170,17 +170,18 @@ def train_summary(run="{run}", stage="{stage}", seed="{seed}"):
     return f"{train_dir(run, stage, seed)}/summary.json"
 
 
-def eval_data(benchmark="{benchmark}", shuffled=False):
-    return f"{EVAL_DATA}/{benchmark}{'_shuffled' if shuffled else ''}.parquet"
+def eval_data(benchmark="{benchmark}", split="{split}", shuffled=False):
+    """A benchmark file of one split (oqvl.evaluate.toy.SPLITS: test, heldout, dev)."""
+    return f"{EVAL_DATA}/{split}/{benchmark}{'_shuffled' if shuffled else ''}.parquet"
 
 
-def eval_rows(run="{run}", benchmark="{benchmark}", seed="{seed}"):
-    """One seed's tidy rows on one benchmark (both protocols, with the shuffled-image control)."""
-    return f"{seed_dir(run, seed)}/eval/{benchmark}.json"
+def eval_rows(run="{run}", benchmark="{benchmark}", seed="{seed}", split="{split}"):
+    """One seed's tidy rows on one benchmark split (both protocols, with the shuffled-image control)."""
+    return f"{seed_dir(run, seed)}/eval/{split}/{benchmark}.json"
 
 
-def eval_details(run="{run}", benchmark="{benchmark}", seed="{seed}"):
-    return f"{seed_dir(run, seed)}/eval/{benchmark}"
+def eval_details(run="{run}", benchmark="{benchmark}", seed="{seed}", split="{split}"):
+    return f"{seed_dir(run, seed)}/eval/{split}/{benchmark}"
 
 
 def run_results(run="{run}"):
@@ -197,13 +198,13 @@ def released_model(name="{name}"):
     return f"{released_dir(name)}/config.json"
 
 
-def released_eval_rows(name="{name}", benchmark="{benchmark}"):
+def released_eval_rows(name="{name}", benchmark="{benchmark}", split="{split}"):
     """A released checkpoint's tidy rows on one benchmark (no seeds: nothing of it is trained here)."""
-    return f"{released_dir(name)}/eval/{benchmark}.json"
+    return f"{released_dir(name)}/eval/{split}/{benchmark}.json"
 
 
-def released_eval_details(name="{name}", benchmark="{benchmark}"):
-    return f"{released_dir(name)}/eval/{benchmark}"
+def released_eval_details(name="{name}", benchmark="{benchmark}", split="{split}"):
+    return f"{released_dir(name)}/eval/{split}/{benchmark}"
 
 
 # --------------------------------------------------------------------------- stage 8: report
@@ -249,8 +250,8 @@ JOBS = {
     "pretrain": JobFiles("train", "{run}_seed{seed}_pretrain", train_dir(stage="pretrain")),
     "sft": JobFiles("train", "{run}_seed{seed}_sft", train_dir(stage="sft")),
     "eval_data": JobFiles("evaluate", "eval_data", EVAL_DATA),
-    "evaluate": JobFiles("evaluate", "{run}_seed{seed}_{benchmark}", eval_rows()),
-    "evaluate_released": JobFiles("evaluate", "released_{name}_{benchmark}", released_eval_rows()),
+    "evaluate": JobFiles("evaluate", "{run}_seed{seed}_{split}_{benchmark}", eval_rows()),
+    "evaluate_released": JobFiles("evaluate", "released_{name}_{split}_{benchmark}", released_eval_rows()),
     "run_results": JobFiles("evaluate", "{run}_tidy", run_results()),
     "convert_released": JobFiles("model", "released_{name}", released_dir()),
 }

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from . import layout as L
 from .config import run_seeds
+from .evaluate import SPLITS
 from .scale import Scale
 
 Job = tuple[str, dict]  # (rule, wildcards)
@@ -197,11 +198,18 @@ class Plan:
         return " ".join([*flags, f"--document-tokens {self.config['pack']['document_tokens']}"])
 
     # ---------------------------------------------------------------------------- evaluate
+    def data_splits(self) -> list[str]:
+        """The benchmark splits the eval_data rule writes: a release's test split, or the toy
+        benchmarks' test, heldout (test reworded) and dev (tuning) splits."""
+        return ["test"] if self.scale.real_benchmarks is not None else list(SPLITS)
+
+    def report_splits(self) -> list[str]:
+        """The splits every run is evaluated on and the tables report (dev is for tuning only)."""
+        return [s for s in self.data_splits() if s != "dev"]
+
     def eval_data_files(self) -> list[str]:
-        files = [L.eval_data(b) for b in self.benchmarks]
-        if self.config["evaluate"]["shuffled_control"]:
-            files += [L.eval_data(b, shuffled=True) for b in self.benchmarks]
-        return files
+        shuffled = (False, True) if self.config["evaluate"]["shuffled_control"] else (False,)
+        return [L.eval_data(b, split, s) for s in shuffled for split in self.data_splits() for b in self.benchmarks]
 
     def training_streams(self) -> dict[str, int]:
         """Toy-world streams a model trains on (name -> images): no benchmark image may equal one."""
@@ -264,21 +272,27 @@ class Plan:
         jobs += [("mixture", {"mixture": mixture}), ("pack", {"mixture": mixture}), ("eval_data", {})]
         for seed in self.seeds(run):
             jobs += [("pretrain", {"run": self.pretrain_run(run), "seed": seed}), ("sft", {"run": run, "seed": seed})]
-            jobs += [("evaluate", {"run": run, "seed": seed, "benchmark": b}) for b in self.benchmarks]
+            jobs += [("evaluate", wc) for wc in self.eval_wildcards(run, seed)]
         return _unique(jobs)
+
+    def eval_wildcards(self, run: str, seed: int) -> list[dict]:
+        """The evaluate jobs of one seed of a run: every reported split and benchmark."""
+        return [{"run": run, "seed": seed, "split": split, "benchmark": b}
+                for split in self.report_splits() for b in self.benchmarks]
 
     def released(self) -> dict:
         return self.config.get("released") or {}
 
     def released_jobs(self, name: str) -> list[Job]:
         return [("convert_released", {"name": name}), ("eval_data", {}),
-                *[("evaluate_released", {"name": name, "benchmark": b}) for b in self.benchmarks]]
+                *[("evaluate_released", {"name": name, "split": "test", "benchmark": b}) for b in self.benchmarks]]
 
     def released_record(self, name: str) -> dict:
         """What table4 reads of a released checkpoint: its evaluation rows and their manifests."""
-        return {"evals": [L.released_eval_rows(name, b) for b in self.benchmarks],
+        return {"evals": [L.released_eval_rows(name, b, "test") for b in self.benchmarks],
                 "manifests": [L.manifest("convert_released", name=name),
-                              *[L.manifest("evaluate_released", name=name, benchmark=b) for b in self.benchmarks]],
+                              *[L.manifest("evaluate_released", name=name, split="test", benchmark=b)
+                                for b in self.benchmarks]],
                 **{k: self.released()[name].get(k) for k in ("sft_data", "paper_row", "revision")}}
 
     def all_jobs(self) -> list[Job]:
@@ -299,12 +313,12 @@ class Plan:
         mixture, pretrained, seeds = self.run_mixture(run), self.pretrain_run(run), self.seeds(run)
         chains = [(r, wc) for seed in seeds for r, wc in
                   [("pretrain", {"run": pretrained, "seed": seed}), ("sft", {"run": run, "seed": seed}),
-                   *[("evaluate", {"run": run, "seed": seed, "benchmark": b}) for b in self.benchmarks]]]
+                   *[("evaluate", wc) for wc in self.eval_wildcards(run, seed)]]]
         return {
             "mixture": mixture,
             "sft_data": self.sft_data_name(run),
             "seeds": seeds,
-            "evals": [L.eval_rows(run, b, seed) for seed in seeds for b in self.benchmarks],
+            "evals": [L.eval_rows(**wc) for seed in seeds for wc in self.eval_wildcards(run, seed)],
             "pretrain_summaries": [L.train_summary(pretrained, "pretrain", seed) for seed in seeds],
             "pretrain_jobs": [job_files(("pretrain", {"run": pretrained, "seed": seed})) for seed in seeds],
             "manifests": [L.manifest(r, **wc) for r, wc in

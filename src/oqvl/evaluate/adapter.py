@@ -1,6 +1,6 @@
 """The lmms-eval model for the project's checkpoints (registered as `oqvl`, see plugin.py).
 
-    lmms-eval --model oqvl --model_args pretrained=results/runs/RUN/sft/final,max_new_tokens=32 \
+    lmms-eval --model oqvl --model_args pretrained=results/runs/RUN/seed0/sft/final,max_new_tokens=32 \
         --include_path results/eval_tasks --tasks oqvl_mmbench_paper --batch_size 32
 
 model_args: pretrained (a checkpoint directory: config.json, model.safetensors and the tokenizer

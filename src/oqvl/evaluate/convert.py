@@ -5,9 +5,10 @@
         --source MMStar=data/benchmarks/MMStar --source MathVista=data/benchmarks/MathVista/data \
         --source POPE=data/benchmarks/POPE/data
 
-A source is a parquet file, a directory of parquet files, or a glob, as the releases come on the
-Hugging Face hub (fetch them once, e.g. `huggingface-cli download lmms-lab/MMBench --repo-type
-dataset --revision <sha> --local-dir data/benchmarks/MMBench`):
+The files go to OUT/test/ (a release is the test split). A source is a parquet file, a directory
+of parquet files, or a glob, as the releases come on the Hugging Face hub (fetch them once, e.g.
+`huggingface-cli download lmms-lab/MMBench --repo-type dataset --revision <sha> --local-dir
+data/benchmarks/MMBench`):
 
     MMBench    lmms-lab/MMBench, en/dev-*.parquet (or the official MMBench_DEV_EN.tsv, images in
                base64); rows of split "dev" are kept
@@ -136,16 +137,17 @@ def main(argv=None):
         if name not in BENCHMARKS or not path:
             raise SystemExit(f"--source wants BENCHMARK=PATH with BENCHMARK in {BENCHMARKS}, got {item!r}")
         sources[name] = path
-    args.out.mkdir(parents=True, exist_ok=True)
+    test = args.out / "test"  # a release is the test split (no held-out phrasing, no dev split)
+    test.mkdir(parents=True, exist_ok=True)
     files, counts = [], {}
     for benchmark in BENCHMARKS:
         if benchmark not in sources:
             continue
         t0 = time.time()
-        counts[benchmark] = convert(benchmark, sources[benchmark], args.out, not args.no_control, args.seed)
-        files.append(data_file(args.out, benchmark))
+        counts[benchmark] = convert(benchmark, sources[benchmark], test, not args.no_control, args.seed)
+        files.append(data_file(test, benchmark))
         if not args.no_control:
-            files.append(data_file(args.out, benchmark, True))
+            files.append(data_file(test, benchmark, True))
         print(f"{benchmark}: {counts[benchmark]} in {time.time() - t0:.1f}s")
     config = {"converter": "real", "sources": sources, "seed": args.seed, "control": not args.no_control}
     write_manifest(manifest_path(args.out), "eval_data", work=(questions_written(counts), "questions"),

@@ -10,7 +10,10 @@ d_u = x_u - y_u with a cluster-robust standard error,
     mean d = sum_u d_u / N,    se = sqrt(G / (G - 1) * sum_g (D_g - n_g * mean d)^2) / N,
 
 (D_g the sum of d over cluster g's n_g questions, G clusters, N questions), and the score beats
-the control if mean d > Z * se. Against chance (a fixed level c, not a measurement) the same
+the control if mean d > Z * se. A metric that averages per category first (lmms-eval's MMStar:
+the mean of its L2 categories' accuracies; the paper protocol's POPE: the mean of its three
+splits') weighs each question by 1 / (categories x its
+category's questions), and the means and sums above are weighted alike. Against chance (a fixed level c, not a measurement) the same
 cluster-robust standard error of mean x is used, never below the binomial one at c:
 mean x - c > Z * max(se_x, sqrt(c (1 - c) / N)).
 
@@ -73,50 +76,67 @@ def mmbench_circular_scores(samples: list[dict]) -> dict[int, float]:
     return out
 
 
-def unit_scores(benchmark: str, protocol: str, samples: list[dict], groups: list) -> tuple[dict, dict]:
-    """(unit -> score, unit -> cluster) of the headline metric: a unit is a row (its doc_id) and its
-    cluster the image it asks about (`groups`, per row); under MMBench's circular scoring a unit is
-    a question, its own cluster."""
+def category_weights(categories: dict) -> dict:
+    """unit -> weight of a mean of per-category means (unit -> its category)."""
+    sizes = defaultdict(int)
+    for c in categories.values():
+        sizes[c] += 1
+    return {u: 1 / (len(sizes) * sizes[c]) for u, c in categories.items()}
+
+
+def unit_scores(benchmark: str, protocol: str, samples: list[dict], groups: list) -> tuple[dict, dict, dict | None]:
+    """(unit -> score, unit -> cluster, unit -> weight or None for equal weights) of the headline
+    metric: a unit is a row (its doc_id) and its cluster the image it asks about (`groups`, per
+    row); under MMBench's circular scoring a unit is a question, its own cluster."""
     if (benchmark, protocol) == ("MMBench", "lmms"):
         scores = mmbench_circular_scores(samples)
-        return scores, {u: u for u in scores}
+        return scores, {u: u for u in scores}, None
     score = ROW_SCORE[(benchmark, protocol)]
     scores = {s["doc_id"]: score(s) for s in samples}
-    return scores, {u: groups[u] for u in scores}
+    weights = None
+    if (benchmark, protocol) == ("MMStar", "lmms"):  # mmstar_aggregate_results: mean over L2 categories
+        weights = category_weights({s["doc_id"]: s["average"]["l2_category"] for s in samples})
+    if (benchmark, protocol) == ("POPE", "paper"):  # paper.pope_accuracy: mean over the splits
+        weights = category_weights({s["doc_id"]: s["accuracy"]["category"] for s in samples})
+    return scores, {u: groups[u] for u in scores}, weights
 
 
-def clustered_se(values: dict, clusters: dict) -> float:
-    """The cluster-robust standard error of the mean of `values` (unit -> value)."""
-    n = len(values)
-    if n == 0:
+def clustered_se(values: dict, clusters: dict, weights: dict | None = None) -> float:
+    """The cluster-robust standard error of the (weighted) mean of `values` (unit -> value)."""
+    if not values:
         return float("nan")
-    mean = sum(values.values()) / n
-    sums, sizes = defaultdict(float), defaultdict(int)
+    w = weights or {u: 1.0 for u in values}
+    total = sum(w[u] for u in values)
+    mean = sum(w[u] * v for u, v in values.items()) / total
+    sums = defaultdict(float)
     for u, v in values.items():
-        sums[clusters[u]] += v
-        sizes[clusters[u]] += 1
+        sums[clusters[u]] += w[u] * (v - mean)
     g = len(sums)
     if g < 2:
         return float("inf")
-    return math.sqrt(g / (g - 1) * sum((sums[c] - sizes[c] * mean) ** 2 for c in sums)) / n
+    return math.sqrt(g / (g - 1) * sum(x * x for x in sums.values())) / total
 
 
-def paired_test(true: dict, shuffled: dict, clusters: dict, chance: float | None) -> dict:
+def paired_test(true: dict, shuffled: dict, clusters: dict, chance: float | None, weights: dict | None = None) -> dict:
     """The headline's tests: scores in [0, 1] per unit with the true and the shuffled images (the
-    same units), clusters per unit, the chance level in percent. Percent in, percent out."""
+    same units), clusters per unit, the chance level in percent, optional weights per unit (a mean
+    of category means). Percent in, percent out."""
     if set(true) != set(shuffled):
         raise ValueError(f"the control scored other questions than the benchmark "
                          f"({len(set(true) ^ set(shuffled))} differ)")
     n = len(true)
+    w = weights or {u: 1.0 for u in true}
+    total = sum(w[u] for u in true)
     diff = {u: true[u] - shuffled[u] for u in true}
-    mean_x, mean_d = sum(true.values()) / n, sum(diff.values()) / n
-    se_d = clustered_se(diff, clusters)
+    mean_x = sum(w[u] * true[u] for u in true) / total
+    mean_d = sum(w[u] * diff[u] for u in true) / total
+    se_d = clustered_se(diff, clusters, w)
     out = {"test": "paired_clustered", "units": n, "clusters": len(set(clusters[u] for u in true)),
            "control_diff": round(100 * mean_d, 4), "control_diff_se": round(100 * se_d, 4),
            "beats_control": bool(mean_d > Z * se_d)}
     if chance is not None:
         c = chance / 100
-        se_x = max(clustered_se(true, clusters), math.sqrt(c * (1 - c) / n))
+        se_x = max(clustered_se(true, clusters, w), math.sqrt(c * (1 - c) / n))
         out["beats_chance"] = bool(mean_x - c > Z * se_x)
     return out
 
@@ -124,6 +144,6 @@ def paired_test(true: dict, shuffled: dict, clusters: dict, chance: float | None
 def headline_test(benchmark: str, protocol: str, true_samples: Path, shuffled_samples: Path, groups: list,
                   chance: float | None) -> dict:
     """paired_test on a task's and its control's per-sample logs."""
-    true, clusters = unit_scores(benchmark, protocol, read_samples(true_samples), groups)
-    shuffled, _ = unit_scores(benchmark, protocol, read_samples(shuffled_samples), groups)
-    return paired_test(true, shuffled, clusters, chance)
+    true, clusters, weights = unit_scores(benchmark, protocol, read_samples(true_samples), groups)
+    shuffled, _, _ = unit_scores(benchmark, protocol, read_samples(shuffled_samples), groups)
+    return paired_test(true, shuffled, clusters, chance, weights)

@@ -1,6 +1,6 @@
 """What a toy model has learned, per question kind and answer format, against shuffled images.
 
-    python -m oqvl.evaluate.probe --model results/runs/ccs+datacomp/sft/final --n 400
+    python -m oqvl.evaluate.probe --model results/runs/ccs+datacomp/seed0/sft/final --n 400
 
 Draws n fresh scenes (their own stream, never trained on), asks each a question of every kind it
 can answer in three formats (a short direct answer, lettered options answered with the letter, and

@@ -1,10 +1,10 @@
 """Evaluate one checkpoint on one benchmark: both protocols, the shuffled-image control, tidy rows.
 
-    python -m oqvl.evaluate --checkpoint results/runs/RUN/sft/final --run RUN --benchmark POPE \
-        --data-dir results/eval_data --protocols paper,lmms --batch-size 32 --max-new-tokens 32 \
-        --out results/runs/RUN/eval/POPE.json
+    python -m oqvl.evaluate --checkpoint results/runs/RUN/seed0/sft/final --run RUN --seed 0 \
+        --benchmark POPE --split test --data-dir results/eval_data/test --protocols paper,lmms \
+        --batch-size 32 --max-new-tokens 32 --out results/runs/RUN/seed0/eval/test/POPE.json
 
-Writes, beside OUT (here results/runs/RUN/eval/POPE/):
+Writes, beside OUT (here results/runs/RUN/seed0/eval/test/POPE/):
     tasks/                      the lmms-eval task YAMLs used, bound to DATA_DIR
     <protocol>/results.json     lmms-eval's results JSON (the task and its _shuffled control)
     <protocol>/samples_<task>.jsonl   lmms-eval's per-sample log of each task
@@ -29,7 +29,7 @@ from pathlib import Path
 
 from ..io import sha256_file, weights_identity, write_text
 from ..manifest import manifest_path, write_manifest
-from . import BENCHMARKS, PROTOCOLS
+from . import BENCHMARKS, PROTOCOLS, SPLITS
 
 
 def _offline_env() -> None:
@@ -98,8 +98,10 @@ def run_protocol(lm, model_args: str, tasks: list[str], task_dir: Path, out_dir:
 
 def evaluate(checkpoint: Path, run: str, benchmark: str, data_dir: Path, protocols: list[str],
              control: bool, batch_size: int, max_new_tokens: int | None, device: str,
-             out: Path, verbosity: str = "WARNING", lm=None, seed: int | None = None) -> list[dict]:
-    """seed: the run's seed the checkpoint was trained with (None: a released checkpoint).
+             out: Path, verbosity: str = "WARNING", lm=None, seed: int | None = None,
+             split: str = "test") -> list[dict]:
+    """seed: the run's seed the checkpoint was trained with (None: a released checkpoint); split:
+    the benchmark split data_dir holds (oqvl.evaluate.SPLITS), written into every row.
     lm: an lmms-eval model to use instead of loading the checkpoint (tests)."""
     work = out.with_suffix("")
     work.mkdir(parents=True, exist_ok=True)
@@ -139,7 +141,7 @@ def evaluate(checkpoint: Path, run: str, benchmark: str, data_dir: Path, protoco
                 if got != len(answers):
                     raise RuntimeError(f"{task}: lmms-eval scored {got} rows, the data has {len(answers)}")
             protocol_rows = rows_for(run, benchmark, protocol, results, answers, control, seed=seed,
-                                     samples_dir=work / protocol, groups=groups)
+                                     split=split, samples_dir=work / protocol, groups=groups)
             if not protocol_rows:
                 raise RuntimeError(f"{tasks[0]}: lmms-eval reported none of its metrics")
             rows += protocol_rows
@@ -154,7 +156,7 @@ def evaluate(checkpoint: Path, run: str, benchmark: str, data_dir: Path, protoco
         else:
             os.environ["LMMS_EVAL_DATASETS_CACHE"] = previous_cache
     write_text(out, json.dumps(rows, indent=1) + "\n")
-    config = {"checkpoint": str(checkpoint), "run": run, "seed": seed, "benchmark": benchmark, "data_dir": str(data_dir),
+    config = {"checkpoint": str(checkpoint), "run": run, "seed": seed, "split": split, "benchmark": benchmark, "data_dir": str(data_dir),
               "protocols": protocols, "control": control, "batch_size": batch_size,
               "max_new_tokens": max_new_tokens, "device": device, "out": str(out)}
     write_manifest(manifest_path(out), "evaluate", work=(sum(r["n"] for r in rows), "samples"),
@@ -171,8 +173,9 @@ def main(argv=None):
                     help="checkpoint directory (config.json, weights, tokenizer)")
     ap.add_argument("--run", required=True, help="run name written into every row")
     ap.add_argument("--seed", type=int, default=None, help="the run's seed the checkpoint was trained with")
+    ap.add_argument("--split", default="test", choices=SPLITS, help="the benchmark split --data-dir holds")
     ap.add_argument("--benchmark", required=True, choices=BENCHMARKS)
-    ap.add_argument("--data-dir", type=Path, default=Path("results/eval_data"))
+    ap.add_argument("--data-dir", type=Path, default=Path("results/eval_data/test"), help="one split's benchmark files")
     ap.add_argument("--protocols", default=",".join(PROTOCOLS))
     ap.add_argument("--no-control", action="store_true", help="skip the shuffled-image control")
     ap.add_argument("--batch-size", type=int, default=32)
@@ -197,7 +200,7 @@ def main(argv=None):
     try:
         rows = evaluate(args.checkpoint, args.run, args.benchmark, args.data_dir, protocols,
                         not args.no_control, args.batch_size, args.max_new_tokens, args.device, args.out,
-                        args.verbosity, seed=args.seed)
+                        args.verbosity, seed=args.seed, split=args.split)
     except (SchemaError, CheckpointError) as e:  # checked before any question is asked
         sys.exit(f"error: {e}")
     print(f"{len(rows)} rows -> {args.out} in {time.time() - t0:.1f}s")

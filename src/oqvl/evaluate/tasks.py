@@ -1,10 +1,10 @@
 """lmms-eval task directories: the package's task YAMLs bound to a data directory.
 
-    python -m oqvl.evaluate.tasks --data-dir results/eval_data --out results/eval_tasks
-    lmms-eval --model oqvl --model_args pretrained=results/runs/RUN/sft/final \
+    python -m oqvl.evaluate.tasks --data-dir results/eval_data/test --out results/eval_tasks
+    lmms-eval --model oqvl --model_args pretrained=results/runs/RUN/seed0/sft/final \
         --include_path results/eval_tasks --tasks oqvl_pope_paper,oqvl_pope_lmms ...
 
-The YAMLs in oqvl/evaluate/tasks/ read results/eval_data/<Benchmark>.parquet, a path relative to
+The YAMLs in oqvl/evaluate/tasks/ read results/eval_data/test/<Benchmark>.parquet, a path relative to
 where lmms-eval runs (the repository root); `--include_path src/oqvl/evaluate/tasks` works from
 there as they are. `write_task_dir` writes copies that read an absolute data directory, plus a
 `<task>_shuffled` twin of each reading the shuffled-image control file.
@@ -23,7 +23,7 @@ from . import BENCHMARKS, PROTOCOLS
 from .schemas import data_file
 
 TEMPLATE_DIR = Path(__file__).parent / "tasks"
-DEFAULT_DATA = "results/eval_data"
+DEFAULT_DATA = "results/eval_data/test"
 
 
 VARIANTS = {("POPE", "paper"): ("likelihood",)}

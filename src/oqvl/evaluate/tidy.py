@@ -1,6 +1,6 @@
 """Tidy result rows: one per (benchmark, protocol, metric), with chance level and control.
 
-    {"run": "ccs+laion", "benchmark": "POPE", "protocol": "paper", "metric": "accuracy",
+    {"run": "ccs+laion", "seed": 0, "split": "test", "benchmark": "POPE", "protocol": "paper", "metric": "accuracy",
      "value": 71.2, "n": 1800, "chance": 50.0, "control": 50.4, "above_chance": true}
 
 Values, chance levels and controls are percentages (0-100). The first row of a protocol is its
@@ -185,7 +185,8 @@ def metric_value(results: dict, task: str, key: str, factor: float) -> float | N
 
 
 def rows_for(run: str, benchmark: str, protocol: str, results: dict, answers: list[dict],
-             control: bool, seed: int | None = None, samples_dir=None, groups: list | None = None) -> list[dict]:
+             control: bool, seed: int | None = None, samples_dir=None, groups: list | None = None,
+             split: str = "test") -> list[dict]:
     """The tidy rows of one protocol's results; with the control's per-sample logs in samples_dir
     and the image group of every row, the headline's test is paired and clustered."""
     out = []
@@ -208,7 +209,7 @@ def rows_for(run: str, benchmark: str, protocol: str, results: dict, answers: li
             else:
                 test = {"test": "binomial"}
                 above = beats(value, chance, n, False) and beats(value, ctrl, n, True)
-        out.append({"run": run, "seed": seed, "benchmark": benchmark, "protocol": protocol, "metric": name,
+        out.append({"run": run, "seed": seed, "split": split, "benchmark": benchmark, "protocol": protocol, "metric": name,
                     "value": round(value, 4), "n": n,
                     "chance": None if chance is None else round(chance, 4),
                     "control": None if ctrl is None else round(ctrl, 4), "above_chance": above, **test})

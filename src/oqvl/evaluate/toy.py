@@ -5,6 +5,13 @@
         --exclude ccs:3000 --exclude datacomp:8000 --exclude laion:5000 --exclude clip_seed:12000 \
         --exclude sft:8000
 
+Three splits, each a folder of the five files (and their shuffled-image twins):
+    test/     the reported benchmark, asked in the training phrasing
+    heldout/  the same images, questions and answers, asked in the held-out phrasing
+              (oqvl.world.questions.TEMPLATES: wording no training data uses), also reported
+    dev/      instances for tuning: images from their own streams ("bench_mmbench_dev", ...), none
+              equal to a test image, in the training phrasing; never reported
+
 Every benchmark draws its images from its own stream ("bench_mmbench", ...). A stream name alone
 does not keep images apart in a world this small (about one scene in five of one stream also
 occurs, jitter included, among the 36k training images of the default config), so each image
@@ -44,10 +51,10 @@ import numpy as np
 
 from ..io import sha256_file
 from ..manifest import manifest_path, write_manifest
-from ..world.questions import FLOAT_KINDS, Question, ask, letters
+from ..world.questions import FLOAT_KINDS, Question, ask, letters, phrase
 from ..world.scene import COLOURS, SHAPES, Scene, png_bytes, render, sample_scene
 from ..world.source import WorldConfig, stream_rng
-from . import BENCHMARKS
+from . import BENCHMARKS, SPLITS
 from .schemas import CIRCULAR_OFFSET, data_file, questions_written, shuffle_images, write_rows
 
 DEFAULT_SIZES = {"MMBench": 100, "SEEDBench": 300, "MMStar": 300, "MathVista": 350, "POPE": 60}
@@ -98,9 +105,11 @@ class Draw:
     """Scenes of one benchmark stream, skipping excluded (training) scenes and scenes a question
     cannot be asked about. Item i is a pure function of (seed, stream, i, excluded set)."""
 
-    def __init__(self, seed: int, stream: str, world: WorldConfig, excluded: set[str]):
+    def __init__(self, seed: int, stream: str, world: WorldConfig, excluded: set[str], phrasing: str = "train"):
         self.seed, self.stream, self.world, self.excluded = seed, stream, world, excluded
+        self.phrasing = phrasing  # the wording of every question (oqvl.world.questions.PHRASINGS)
         self.redrawn_training = 0
+        self.drawn: set[str] = set()  # keys of the scenes this benchmark shows
 
     def __call__(self, i: int, accept: Callable[[Scene, np.random.Generator], object]):
         for attempt in range(10_000):
@@ -111,6 +120,7 @@ class Draw:
                 continue
             got = accept(scene, rng)
             if got is not None:
+                self.drawn.add(scene_key(scene))
                 return scene, rng, got
         raise RuntimeError(f"{self.stream} item {i}: no acceptable scene in 10000 draws")
 
@@ -129,7 +139,7 @@ def mc_kinds(world: WorldConfig) -> tuple[str, ...]:
 
 
 def mc_question(draw: Draw, i: int, kind: str, answer_index: int) -> tuple[Scene, Question, list[str]]:
-    scene, rng, q = draw(i, lambda s, r: ask(s, kind, r))
+    scene, rng, q = draw(i, lambda s, r: ask(s, kind, r, phrasing=draw.phrasing))
     options, _ = q.options(rng, 4, answer_index=answer_index)
     return scene, q, options
 
@@ -201,9 +211,9 @@ MV_SKILLS = {"count": ["numeric commonsense"], "count_colour": ["numeric commons
              "fraction": ["arithmetic reasoning", "numeric commonsense"]}
 
 
-def _mathvista_item(kind: str, scene: Scene, rng: np.random.Generator):
+def _mathvista_item(kind: str, scene: Scene, rng: np.random.Generator, phrasing: str):
     """(question, answer, answer_type, skills) for one free-form MathVista item."""
-    q = ask(scene, kind, rng)
+    q = ask(scene, kind, rng, phrasing=phrasing)
     return q.question, q.answer, "float" if kind in FLOAT_KINDS else "integer", MV_SKILLS[kind]
 
 
@@ -223,7 +233,7 @@ def build_mathvista(n: int, draw: Draw, rng: np.random.Generator) -> list[dict]:
             query = f"{MV_HINT['text']}\nQuestion: {question}\nChoices:\n{lettered}"
             precision = None
         else:
-            scene, _, item = draw(i, lambda s, r, k=kind: _mathvista_item(k, s, r))
+            scene, _, item = draw(i, lambda s, r, k=kind: _mathvista_item(k, s, r, draw.phrasing))
             question, answer, answer_type, skills = item
             choices = None
             query = f"{MV_HINT[answer_type]}\nQuestion: {question}"
@@ -287,7 +297,7 @@ def build_pope(n_images: int, draw: Draw, rng: np.random.Generator) -> list[dict
                 qid += 1
                 rows.append({
                     "id": str(len(rows)), "question_id": str(qid),
-                    "question": f"Is there a {colour} {shape} in the image?", "answer": answer,
+                    "question": phrase("exists", draw.phrasing, colour=colour, shape=shape), "answer": answer,
                     "image_source": f"{draw.stream}_{i:06d}", "image": image, "category": setting,
                 })
     return rows
@@ -297,14 +307,18 @@ BUILDERS = {"MMBench": build_mmbench, "SEEDBench": build_seedbench, "MMStar": bu
             "MathVista": build_mathvista, "POPE": build_pope}
 
 
-def stream_name(benchmark: str) -> str:
-    return f"bench_{benchmark.lower()}"
+def stream_name(benchmark: str, split: str = "test") -> str:
+    """The image stream of a benchmark's split: dev draws its own; heldout rewords test's."""
+    return f"bench_{benchmark.lower()}" + ("_dev" if split == "dev" else "")
 
 
 def generate(benchmark: str, n: int, seed: int, world: WorldConfig,
-             excluded: set[str]) -> tuple[list[dict], Draw]:
-    draw = Draw(seed, stream_name(benchmark), world, excluded)
-    rng = stream_rng(seed, stream_name(benchmark) + "_answers")
+             excluded: set[str], split: str = "test") -> tuple[list[dict], Draw]:
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; known: {SPLITS}")
+    stream = stream_name(benchmark, split)
+    draw = Draw(seed, stream, world, excluded, phrasing="heldout" if split == "heldout" else "train")
+    rng = stream_rng(seed, stream + "_answers")
     return BUILDERS[benchmark](n, draw, rng), draw
 
 
@@ -338,23 +352,30 @@ def main(argv=None):
     excluded = training_keys(args.seed, streams, world)
     print(f"excluded {len(excluded)} training scenes of {json.dumps(streams)} in {time.time() - t0:.1f}s")
     files, counts = [], {}
-    for benchmark in BENCHMARKS:
-        if benchmark not in sizes:
-            continue
-        t0 = time.time()
-        rows, draw = generate(benchmark, sizes[benchmark], args.seed, world, excluded)
-        path = write_rows(rows, benchmark, data_file(args.out, benchmark))
-        files.append(path)
-        counts[benchmark] = {"rows": len(rows), "redrawn_training_scenes": draw.redrawn_training}
-        if not args.no_control:
-            shuffled = data_file(args.out, benchmark, shuffled=True)
-            counts[benchmark]["control"] = shuffle_images(path, shuffled, benchmark, args.seed)
-            files.append(shuffled)
-        print(f"{benchmark}: {len(rows)} rows, {draw.redrawn_training} training scenes redrawn, "
-              f"{time.time() - t0:.1f}s -> {path} ({sha256_file(path)[:12]})")
+    test_scenes: set[str] = set()  # dev never shows a test image
+    for split in SPLITS:
+        counts[split] = {}
+        for benchmark in BENCHMARKS:
+            if benchmark not in sizes:
+                continue
+            t0 = time.time()
+            avoid = excluded | test_scenes if split == "dev" else excluded
+            rows, draw = generate(benchmark, sizes[benchmark], args.seed, world, avoid, split)
+            if split == "test":
+                test_scenes |= draw.drawn
+            path = write_rows(rows, benchmark, data_file(args.out / split, benchmark))
+            files.append(path)
+            counts[split][benchmark] = {"rows": len(rows), "redrawn_training_scenes": draw.redrawn_training}
+            if not args.no_control:
+                shuffled = data_file(args.out / split, benchmark, shuffled=True)
+                counts[split][benchmark]["control"] = shuffle_images(path, shuffled, benchmark, args.seed)
+                files.append(shuffled)
+            print(f"{split} {benchmark}: {len(rows)} rows, {draw.redrawn_training} training scenes redrawn, "
+                  f"{time.time() - t0:.1f}s -> {path} ({sha256_file(path)[:12]})")
     config = {"generator": "toy", "sizes": sizes, "seed": args.seed, "world": vars(world),
               "exclude": streams, "control": not args.no_control}
-    write_manifest(manifest_path(args.out), "eval_data", work=(questions_written(counts), "questions"),
+    write_manifest(manifest_path(args.out), "eval_data",
+                   work=(sum(questions_written(c) for c in counts.values()), "questions"),
                    config=config, files=files, counts=counts)
 
 

@@ -8,9 +8,10 @@ The runs' files are named by the workflow (rules/report.smk, from oqvl.layout) a
 rule's inputs; the table reads nothing else of results/.
 
 Rows carry their scale and protocol explicitly: the paper's rows are `scale=paper,
-protocol=paper`; reproduced rows say which scale and protocol produced them. A run has one row per
-protocol and seed (`seed` 0, 1, ...: its own pretrain -> SFT -> evaluate chain) and, first, the
-row `seed=mean`: each benchmark's mean over the seeds, its standard deviation (`<B>_std`, n - 1 in
+protocol=paper`; reproduced rows say which scale and protocol produced them, and on which benchmark
+split (`split`: test, or at toy scale heldout, the test items in a wording no training data uses).
+A run has one row per protocol, split and seed (`seed` 0, 1, ...: its own pretrain -> SFT ->
+evaluate chain) and, first, the row `seed=mean`: each benchmark's mean over the seeds, its standard deviation (`<B>_std`, n - 1 in
 the denominator; empty for one seed) and how many seeds cleared the bar (`<B>_over_bar`, "k/n":
 above chance and the shuffled-image control, oqvl.evaluate.tidy); its `not_above_chance` lists the
 benchmarks that not every seed cleared. Rows of runs that the workflow has not evaluated are
@@ -37,7 +38,7 @@ import numpy as np
 import pandas as pd
 
 from ..config import config_hash
-from ..evaluate import BENCHMARKS, PROTOCOLS
+from ..evaluate import BENCHMARKS, PROTOCOLS, SPLITS
 from ..io import sha256_file
 from ..layout import PAPER_TABLES as PAPER_TABLES_PATH
 from ..manifest import REPO_ROOT, code_version
@@ -51,7 +52,7 @@ TABLE3_IDS = ["1+2", "1+3", "1+2+3", "1+4"]
 PROVENANCE = ["code_version", "config_hash", "lock_hash", "container_image", "input_hashes"]
 MEAN = "mean"  # the seed column of a run's row over its seeds
 SEED_COLUMNS = [f"{b}_{k}" for k in ("std", "over_bar") for b in BENCHMARKS]
-COLUMNS = ["table", "row", "run", "scale", "protocol", "seed", "pretrain_data", "pretrain_tokens", "sft_data",
+COLUMNS = ["table", "row", "run", "scale", "protocol", "split", "seed", "pretrain_data", "pretrain_tokens", "sft_data",
            *BENCHMARKS, "avg_5", "paper_avg_8", *SEED_COLUMNS, "pretrain_gpu_hours", "pretrain_wall_hours",
            "pretrain_device", "not_above_chance", "source", *PROVENANCE]
 SOURCE = "Wang et al. 2025, Open-Qwen2VL"
@@ -127,11 +128,12 @@ def load_eval(files: list) -> pd.DataFrame:
         df["file"] = str(path)
         frames.append(df)
     if not frames:
-        return pd.DataFrame(columns=["run", "seed", "benchmark", "protocol", "metric", "value", "n", "chance",
-                                     "control", "above_chance", "file"])
+        return pd.DataFrame(columns=["run", "seed", "split", "benchmark", "protocol", "metric", "value", "n",
+                                     "chance", "control", "above_chance", "file"])
     df = pd.concat(frames, ignore_index=True)
     if "seed" not in df:  # rows of a released checkpoint, or written before seeds
         df["seed"] = None
+    df["split"] = df["split"].fillna("test") if "split" in df else "test"  # written before splits
     df["benchmark"] = df["benchmark"].map(canonical_benchmark)
     return df[df["benchmark"].notna()]
 
@@ -149,28 +151,30 @@ def _seed_key(seed):
 
 
 def score_rows(ev: pd.DataFrame, metrics: dict) -> list[dict]:
-    """One dict per protocol and seed: benchmark -> score, and the benchmarks not above chance
-    (`below`, a list). Scores are percentages (0-100), as the evaluation stage writes them and the
-    paper prints them."""
+    """One dict per protocol, split and seed: benchmark -> score, and the benchmarks not above
+    chance (`below`, a list). Scores are percentages (0-100), as the evaluation stage writes them
+    and the paper prints them."""
     if ev.empty:
         return []
     out = []
     protocols = [p for p in PROTOCOLS if p in set(ev["protocol"])] + sorted(set(ev["protocol"]) - set(PROTOCOLS))
+    splits = [s for s in SPLITS if s in set(ev["split"])]
     seeds = sorted({_seed_key(s) for s in ev["seed"]})
-    for protocol in protocols:
-        for seed in seeds:
-            sub = ev[(ev["protocol"] == protocol) & (ev["seed"].map(_seed_key) == seed)]
-            row = {"protocol": protocol, "seed": None if seed < 0 else seed, "below": []}
-            for bench in BENCHMARKS:
-                rows = sub[sub["benchmark"] == bench]
-                if rows.empty:
-                    continue
-                chosen = pick_metric(rows, metrics.get(bench))
-                row[bench] = round(float(chosen["value"]), 2)
-                # False is a verdict; None (a metric with no chance level) is none.
-                if chosen.get("above_chance") is False or chosen.get("above_chance") is np.False_:
-                    row["below"].append(bench)
-            out.append(row)
+    for protocol, split, seed in ((p, sp, se) for p in protocols for sp in splits for se in seeds):
+        sub = ev[(ev["protocol"] == protocol) & (ev["split"] == split) & (ev["seed"].map(_seed_key) == seed)]
+        if sub.empty:
+            continue
+        row = {"protocol": protocol, "split": split, "seed": None if seed < 0 else seed, "below": []}
+        for bench in BENCHMARKS:
+            rows = sub[sub["benchmark"] == bench]
+            if rows.empty:
+                continue
+            chosen = pick_metric(rows, metrics.get(bench))
+            row[bench] = round(float(chosen["value"]), 2)
+            # False is a verdict; None (a metric with no chance level) is none.
+            if chosen.get("above_chance") is False or chosen.get("above_chance") is np.False_:
+                row["below"].append(bench)
+        out.append(row)
     return out
 
 
@@ -191,11 +195,11 @@ def over_seeds(rows: list[dict]) -> dict:
 
 
 def seed_rows(scores: list[dict]) -> list[dict]:
-    """Per protocol, the mean row over the seeds, then each seed's row."""
+    """Per protocol and split, the mean row over the seeds, then each seed's row."""
     out = []
-    for protocol in dict.fromkeys(s["protocol"] for s in scores):
-        rows = [s for s in scores if s["protocol"] == protocol]
-        out += [{"protocol": protocol, **over_seeds(rows)}, *rows]
+    for protocol, split in dict.fromkeys((s["protocol"], s["split"]) for s in scores):
+        rows = [s for s in scores if (s["protocol"], s["split"]) == (protocol, split)]
+        out += [{"protocol": protocol, "split": split, **over_seeds(rows)}, *rows]
     return out
 
 

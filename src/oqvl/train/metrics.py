@@ -2,8 +2,8 @@
 summary and the report), TensorBoard event files beside it, and optionally Weights & Biases in
 offline mode; plus the step-phase clock and peak memory.
 
-    tensorboard --logdir results/runs/RUN/pretrain/tensorboard
-    wandb sync results/runs/RUN/pretrain/wandb/offline-run-*   # when trained with --wandb
+    tensorboard --logdir results/runs/RUN/seed0/pretrain/tensorboard
+    wandb sync results/runs/RUN/seed0/pretrain/wandb/offline-run-*   # when trained with --wandb
 """
 
 from __future__ import annotations
