@@ -95,3 +95,15 @@ def test_snakemake_stops_before_any_job(tmp_path):
     lines = [l for l in (proc.stdout + proc.stderr).splitlines() if "config error" in l]
     assert lines == [f"config error: {bad}: sources.laion.n_pairs: 0 is less than the minimum of 1"]
     assert not (tmp_path / "results").exists()
+
+
+def test_a_release_has_no_heldout_split():
+    import yaml
+
+    from oqvl.config import ConfigError, validate
+
+    cfg = yaml.safe_load((REPO / "config" / "full.yaml").read_text())
+    assert validate(dict(cfg))["evaluate"]["splits"] is None  # every split the scale has: test
+    cfg["evaluate"]["splits"] = ["test", "heldout"]
+    with pytest.raises(ConfigError, match="evaluate.splits: heldout is a toy split"):
+        validate(cfg)

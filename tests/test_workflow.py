@@ -17,6 +17,22 @@ def test_dry_run_plans_every_stage(tmp_path):
         assert rule in out
 
 
+def test_default_config_plans_every_seed_on_both_reported_splits(tmp_path):
+    """The default trains three seeds of the table-4 run and evaluates each on test and heldout
+    (the CI subset evaluates test only); dev is written but evaluated on request only."""
+    proc = snakemake(tmp_path, "-n", "results/table4.csv", configfile=REPO / "config" / "default.yaml")
+    out = proc.stdout + proc.stderr
+    for seed in (0, 1, 2):
+        assert f"wildcards: run=ccs+datacomp, seed={seed}\n" in out  # pretrain and sft
+        for split in ("test", "heldout"):
+            for b in ("MMBench", "SEEDBench", "MMStar", "MathVista", "POPE"):
+                assert f"wildcards: run=ccs+datacomp, seed={seed}, split={split}, benchmark={b}" in out
+    assert "split=dev" not in out and "results/eval_data/dev/POPE.parquet" in out
+    dev = snakemake(tmp_path, "-n", "results/runs/ccs+datacomp/seed1/eval/dev/POPE.json",
+                    configfile=REPO / "config" / "default.yaml")
+    assert "split=dev, benchmark=POPE" in dev.stdout + dev.stderr
+
+
 def paper_downloads(root, mlm_import: bool = False):
     """Placeholders at every path config/full.yaml names (the releases a user downloads first):
     pair lists in the release columns, weight files, model folders, benchmark folders.
@@ -172,28 +188,40 @@ def test_ci_config_end_to_end(ci_run):
                    for s in mix["sources"])
         assert stats["documents_in"] == kept and stats["documents_packed"] == kept
         assert 0.5 < stats["fill_ratio"] <= 1
-    # The table4 run was pretrained and fine-tuned on 2 processes, and evaluated everywhere.
+    # Each seed of the table4 run was pretrained and fine-tuned on 2 processes, and evaluated
+    # everywhere; the seeds' weights differ (their own init and data order).
     run = results / "runs" / cfg["table4_run"]
-    for stage in ("pretrain", "sft"):
-        summary = json.loads((run / stage / "summary.json").read_text())
-        assert summary["world_size"] == cfg["train"]["nproc"] == 2
-        assert summary["steps"] == cfg["train"][stage]["steps"] and summary["tokens"] > 0
-        log = (run / stage / "train_log.jsonl").read_text().splitlines()
-        assert len(log) == summary["steps"]
-        assert (run / stage / "final" / "model.safetensors").is_file() and (run / stage / "loss.png").is_file()
-    for bench in ("MMBench", "SEEDBench", "MMStar", "MathVista", "POPE"):
-        rows = json.loads((run / "eval" / f"{bench}.json").read_text())
-        assert {r["protocol"] for r in rows} == {"paper", "lmms"}
-        assert all(r["run"] == cfg["table4_run"] and r["n"] > 0 for r in rows)
-    table = pd.read_csv(results / "table4.csv")
-    assert {"scale", "protocol", "MMBench", "POPE"} <= set(table.columns)
+    seeds = cfg["train"]["seeds"]
+    assert len(seeds) == 2
+    for seed in seeds:
+        for stage in ("pretrain", "sft"):
+            summary = json.loads((run / f"seed{seed}" / stage / "summary.json").read_text())
+            assert summary["world_size"] == cfg["train"]["nproc"] == 2
+            assert summary["steps"] == cfg["train"][stage]["steps"] and summary["tokens"] > 0
+            log = (run / f"seed{seed}" / stage / "train_log.jsonl").read_text().splitlines()
+            assert len(log) == summary["steps"]
+            assert (run / f"seed{seed}" / stage / "final" / "model.safetensors").is_file()
+            assert (run / f"seed{seed}" / stage / "loss.png").is_file()
+        for bench in ("MMBench", "SEEDBench", "MMStar", "MathVista", "POPE"):
+            rows = json.loads((run / f"seed{seed}" / "eval" / "test" / f"{bench}.json").read_text())
+            assert {r["protocol"] for r in rows} == {"paper", "lmms"}
+            assert all(r["run"] == cfg["table4_run"] and r["seed"] == seed and r["split"] == "test" and r["n"] > 0
+                       for r in rows)
+    weights = [(run / f"seed{s}" / "sft" / "final" / "model.safetensors").read_bytes() for s in seeds]
+    assert weights[0] != weights[1]
+    table = pd.read_csv(results / "table4.csv", dtype={"seed": str})
+    assert {"scale", "protocol", "split", "seed", "MMBench", "POPE", "MMBench_std", "POPE_over_bar"} <= set(table.columns)
     assert (table.loc[table["row"] == "Open-Qwen2VL-2B", "MMBench"] == 80.9).all()
     toy = table[table["scale"] == "toy"]
     assert set(toy["protocol"]) == {"paper", "lmms"} and toy["MMBench"].notna().all()
-    # The summary of the run: its scores, every job of its chain, provenance.
+    assert list(toy["seed"]) == ["mean", "0", "1"] * 2 and set(toy["split"]) == {"test"}
+    mean = toy[toy["seed"] == "mean"]
+    assert mean["MMBench_over_bar"].str.fullmatch(r"[0-2]/2").all() and mean["MMBench_std"].notna().all()
+    # The summary of the run: its scores per seed and over the seeds, every job of its chain, provenance.
     summary = (results / "summary.md").read_text()
     assert summary.startswith(f"# Summary: `{cfg['table4_run']}` at toy scale")
-    assert "| paper |" in summary and "| lmms |" in summary and "pretrain[run=ccs+datacomp]" in summary
+    assert "| paper | test | 0 |" in summary and "| lmms | test | mean |" in summary
+    assert "pretrain[run=ccs+datacomp,seed=1]" in summary
     # Every job's manifest says what it did; the accounting reads it.
     pack = json.loads((results / "packed" / "ccs+datacomp" / "manifest.json").read_text())
     packed = json.loads((results / "packed" / "ccs+datacomp" / "stats.json").read_text())

@@ -161,6 +161,10 @@ def _check_semantics(config: dict) -> None:
         if name in config["runs"] or "/" in name:
             raise ConfigError(f"released.{name}: a released checkpoint's name is a directory name, "
                               "no '/', and no run's name")
+    ev = config["evaluate"]
+    if ev["real"] is not None and "heldout" in (ev["splits"] or []):
+        raise ConfigError("evaluate.splits: heldout is a toy split (the test items reworded); "
+                          "a real release has its test split only")
     sd = config["sft_data"]
     if sd["caption_share"] + sd["lookup_share"] >= 1:
         raise ConfigError("sft_data: caption_share + lookup_share must be below 1 (no image questions left)")

@@ -204,8 +204,9 @@ class Plan:
         return ["test"] if self.scale.real_benchmarks is not None else list(SPLITS)
 
     def report_splits(self) -> list[str]:
-        """The splits every run is evaluated on and the tables report (dev is for tuning only)."""
-        return [s for s in self.data_splits() if s != "dev"]
+        """The splits every run is evaluated on and the tables report (evaluate.splits; null: every
+        one the scale has but dev, which is for tuning only)."""
+        return self.config["evaluate"]["splits"] or [s for s in self.data_splits() if s != "dev"]
 
     def eval_data_files(self) -> list[str]:
         shuffled = (False, True) if self.config["evaluate"]["shuffled_control"] else (False,)
