@@ -77,6 +77,9 @@ def main(argv=None):
             s = json.loads(line)
             answers[s["doc_id"]] = pope_label(s["filtered_resps"] if isinstance(s["filtered_resps"], str)
                                               else s["filtered_resps"][0])
+        if len(answers) != len(rows) or max(answers) >= len(rows):
+            raise SystemExit(f"{path}: {len(answers)} samples, but {args.pope} has {len(rows)} questions "
+                             f"(a sample log of another POPE file?)")
         read = [i for i, a in answers.items() if a in ("yes", "no")]
         agree = {k: sum(answers[i] == truth[i][k] for i in read) for k in ("truth", "colour", "shape")}
         print(f"{path}: {len(read)} of {len(answers)} answers read yes/no; agreement with "
