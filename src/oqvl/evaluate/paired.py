@@ -131,7 +131,7 @@ def paired_test(true: dict, shuffled: dict, clusters: dict, chance: float | None
     mean_x = sum(w[u] * true[u] for u in true) / total
     mean_d = sum(w[u] * diff[u] for u in true) / total
     se_d = clustered_se(diff, clusters, w)
-    out = {"test": "paired_clustered", "units": n, "clusters": len(set(clusters[u] for u in true)),
+    out = {"test": "paired_clustered", "units": n, "clusters": len({clusters[u] for u in true}),
            "control_diff": round(100 * mean_d, 4), "control_diff_se": round(100 * se_d, 4),
            "beats_control": bool(mean_d > Z * se_d)}
     if chance is not None:
