@@ -162,6 +162,7 @@ def test_table_page_shows_paper_and_reproduced_rows(world, tmp_path, browser):  
 def report_fixture(work, config):
     """Every file the report rules declare (oqvl.plan names them): each job's benchmark record and
     manifest, each run's training summaries and evaluation files (both protocols), packed stats."""
+    from oqvl import layout as L
     from oqvl.plan import Plan
     from oqvl.scale import resolve
 
@@ -182,9 +183,9 @@ def report_fixture(work, config):
                     {"stage": stage, "run": run, "tokens": 40_000, "loss_tokens": 20_000, "tokens_per_s": 300.0,
                      "device": "cpu", "gpus": 0, "threads": 2,
                      "params": {"vision": 843_008, "projector": 33_024, "lm": 1_790_336, "total": 2_666_368}}))
-            for b in tables.BENCHMARKS:
-                eval_file(work / "results" / "runs" / run / f"seed{seed}" / "eval" / f"{b}.json", run, b,
-                          {"paper": 50.0 + seed, "lmms": 45.0}, seed=seed)
+            for wc in plan.eval_wildcards(run, seed):
+                eval_file(work / L.eval_rows(**wc), run, wc["benchmark"], {"paper": 50.0 + seed, "lmms": 45.0},
+                          seed=seed)
 
 
 REPORT_RULES = ["compute", "table3", "table4", "plots"]
@@ -249,7 +250,7 @@ def test_a_missing_declared_input_fails_the_dag_not_the_table(tmp_path):
     ci = REPO / "config" / "ci.yaml"
     config = effective_config(ci)
     report_fixture(tmp_path, config)
-    gone = f"results/runs/{config['table4_run']}/seed0/eval/POPE.json"
+    gone = f"results/runs/{config['table4_run']}/seed0/eval/test/POPE.json"
     (tmp_path / gone).unlink()
     proc = snakemake(tmp_path, "results/table4.csv", "--allowed-rules", "table4", configfile=ci, check=False)
     out = proc.stdout + proc.stderr
