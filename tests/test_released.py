@@ -47,7 +47,7 @@ def test_released_checkpoint_through_the_lmms_eval_cli_under_both_protocols(rele
     data = tmp_path / "eval_data"
     toy.main(["--out", str(data), "--sizes", json.dumps({"MMBench": 4, "SEEDBench": 4, "MMStar": 8,
                                                           "MathVista": 8, "POPE": 2})])
-    write_task_dir(tmp_path / "tasks", data, ["POPE", "MMStar"], ["paper", "lmms"], control=False)
+    write_task_dir(tmp_path / "tasks", data / "test", ["POPE", "MMStar"], ["paper", "lmms"], control=False)
     # lmms-eval's own command-line entry point; first the tiny tower's open_clip config is
     # registered, which the real SigLIP tower does not need.
     run = ("import sys, open_clip; open_clip.add_model_config(sys.argv.pop(1)); "
