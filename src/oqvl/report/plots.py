@@ -20,7 +20,7 @@ matplotlib.use("Agg")  # headless: no display on workers or CI
 import matplotlib.pyplot as plt
 import pandas as pd
 
-from .tables import BENCHMARKS, TABLE3_IDS
+from .tables import BENCHMARKS, MEAN, TABLE3_IDS
 
 PLOTS = {"scores": "scores_by_mixture.png", "loss": "loss_curves.png", "compute": "compute_by_stage.png"}
 
@@ -41,8 +41,8 @@ def plot_scores(table3: pd.DataFrame, out: Path) -> None:
     ours = table3[(table3["scale"] != "paper")]
     protocol = "paper" if (ours["protocol"] == "paper").any() else next(iter(ours["protocol"]), None)
     ours = ours[ours["protocol"] == protocol]
-    seeds = ours[ours["seed"].astype(str) != "mean"]
-    ours = ours[ours["seed"].astype(str) == "mean"]
+    seeds = ours[ours["seed"].astype(str) != MEAN]
+    ours = ours[ours["seed"].astype(str) == MEAN]
     ids = [i for i in TABLE3_IDS if i in set(paper.index) | set(ours["row"])]
     width = 0.38
     for ax, name in zip(axes, names):

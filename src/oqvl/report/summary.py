@@ -21,7 +21,7 @@ import pandas as pd
 from ..evaluate import BENCHMARKS, SPLITS
 from ..io import write_text
 from .compute import job_rows
-from .tables import load_eval
+from .tables import MEAN, load_eval
 
 COMMAND = "snakemake --cores all results/table4.csv"
 
@@ -56,7 +56,7 @@ def scores_section(table4: pd.DataFrame, records: dict) -> list[str]:
             for split in [s for s in SPLITS if s in set(ev["split"])]:
                 lines += _seed_lines(ev[(ev["protocol"] == protocol) & (ev["split"] == split)], protocol, split)
                 mean = ours[(ours["protocol"] == protocol) & (ours["split"] == split)
-                            & (ours["seed"].astype(str) == "mean")]
+                            & (ours["seed"].astype(str) == MEAN)]
                 if len(mean):
                     m = mean.iloc[0]
                     cells = [" ".join(x for x in (_fmt(m.get(b)), std and f"± {std}", f"[{m.get(f'{b}_over_bar')}]") if x)
