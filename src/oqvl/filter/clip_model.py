@@ -20,15 +20,32 @@ would then pick the SigLIP sentencepiece tokenizer, which needs the hub.
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
-import open_clip
 import torch
 from PIL import Image
 from safetensors.torch import save_file
 
 from ..io import write_text
+
+
+def _import_open_clip():
+    """open_clip, imported with wandb hidden: timm (under open_clip) imports wandb eagerly for a
+    logger this project never uses, 4-6 s of every process's start-up. A later `import wandb` works."""
+    if "wandb" in sys.modules:  # already imported (or hidden) by someone else: nothing to save
+        import open_clip
+        return open_clip
+    sys.modules["wandb"] = None  # `import wandb` raises ImportError, and timm goes on without it
+    try:
+        import open_clip
+    finally:
+        del sys.modules["wandb"]
+    return open_clip
+
+
+open_clip = _import_open_clip()
 
 TOY_MODEL = "toy-vit-p8-sigmoid"
 MODEL_CONFIG_DIR = Path(__file__).parent / "model_configs"

@@ -27,7 +27,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import open_clip
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
@@ -37,7 +36,7 @@ from ..world.captions import describe
 from ..world.corrupt import corrupt_scene
 from ..world.scene import render
 from ..world.source import WorldConfig, stream_rng, true_pair
-from .clip_model import CONFIG_FILE, TOY_MODEL, WEIGHTS_FILE, model_config, save_checkpoint
+from .clip_model import CONFIG_FILE, TOY_MODEL, WEIGHTS_FILE, model_config, open_clip, save_checkpoint
 
 STREAM = "clip_seed"
 HARD_KINDS = ("wrong_attribute", "wrong_object", "wrong_count")

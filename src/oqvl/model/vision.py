@@ -18,14 +18,13 @@ import os
 import re
 from pathlib import Path
 
-import open_clip
 import torch
 from safetensors import safe_open
 from torch import nn
 
 from ..filter.clip_model import CONFIG_FILE as CLIP_CONFIG_FILE
 from ..filter.clip_model import WEIGHTS_FILE as CLIP_WEIGHTS_FILE
-from ..filter.clip_model import register_model_configs
+from ..filter.clip_model import open_clip, register_model_configs
 from .config import VisionConfig
 
 register_model_configs()  # the toy open_clip config must be known before any tower is built
