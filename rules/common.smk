@@ -72,6 +72,7 @@ def model_folder(input_name):
 
 
 def benchmark_files(wildcards):
-    """A benchmark split's file and its shuffled-image twin (the control), as evaluate reads them."""
+    """A split's benchmark files and their shuffled-image twins (the control), as evaluate reads them."""
     control = config["evaluate"]["shuffled_control"]
-    return [L.eval_data(wildcards.benchmark, wildcards.split, shuffled=s) for s in ((False, True) if control else (False,))]
+    return [L.eval_data(b, wildcards.split, shuffled=s) for b in BENCHMARKS
+            for s in ((False, True) if control else (False,))]

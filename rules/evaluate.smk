@@ -62,29 +62,30 @@ if RELEASED:
 
 
 rule evaluate:
-    """One seed of a run: its SFT checkpoint on one benchmark split, lmms-eval under each protocol
-    (results JSON and samples JSONL in eval/<split>/<benchmark>/<protocol>/) and the tidy rows in
-    eval/<split>/<benchmark>.json."""
+    """One seed of a run on one benchmark split: its SFT checkpoint, loaded once, on every benchmark
+    through lmms-eval under each protocol (results JSON and samples JSONL in
+    eval/<split>/<benchmark>/<protocol>/), the tidy rows in eval/<split>/<benchmark>.json."""
     input:
         checkpoint=lambda w: L.final_model(w.run, "sft", w.seed),
         data=benchmark_files,
     output:
-        rows=L.eval_rows(),
-        details=directory(L.eval_details()),
+        rows=[L.eval_rows(benchmark=b) for b in BENCHMARKS],
+        details=[directory(L.eval_details(benchmark=b)) for b in BENCHMARKS],
         manifest=L.manifest("evaluate"),
     wildcard_constraints:
-        benchmark=alternatives(BENCHMARKS),
         seed=r"\d+",
         split=alternatives(P.data_splits()),
     params:
         checkpoint=lambda w, input: os.path.dirname(input.checkpoint),
         data_dir=lambda w, input: os.path.dirname(input.data[0]),
         label=lambda w: f"--run {shlex.quote(w.run)} --seed {w.seed} --split {w.split}",
+        benchmarks=",".join(BENCHMARKS),
         protocols=",".join(EVAL["protocols"]),
         control="" if EVAL["shuffled_control"] else "--no-control",
         batch_size=EVAL["batch_size"],
         max_new_tokens=f"--max-new-tokens {EVAL['max_new_tokens']}" if EVAL["max_new_tokens"] else "",
         device=EVAL["device"],
+        out=folder_of("manifest"),
     resources:
         **asks("evaluate", gpus=SCALE.gpus["evaluate"]),
     threads: 1
@@ -95,9 +96,9 @@ rule evaluate:
         L.benchmark("evaluate")
     shell:
         "$PY -m oqvl.evaluate --checkpoint {params.checkpoint:q} {params.label}"
-        " --benchmark {wildcards.benchmark} --data-dir {params.data_dir} --protocols {params.protocols}"
+        " --benchmarks {params.benchmarks} --data-dir {params.data_dir} --protocols {params.protocols}"
         " {params.control} --batch-size {params.batch_size} {params.max_new_tokens}"
-        " --device {params.device} --threads {threads} --out {output.rows:q} > {log} 2>&1"
+        " --device {params.device} --threads {threads} --out {params.out:q} > {log} 2>&1"
 
 
 if RELEASED:
@@ -107,11 +108,10 @@ if RELEASED:
             checkpoint=lambda w: L.released_model(w.name),
             data=benchmark_files,
         output:
-            rows=L.released_eval_rows(),
-            details=directory(L.released_eval_details()),
+            rows=[L.released_eval_rows(benchmark=b) for b in BENCHMARKS],
+            details=[directory(L.released_eval_details(benchmark=b)) for b in BENCHMARKS],
             manifest=L.manifest("evaluate_released"),
         wildcard_constraints:
-            benchmark=alternatives(BENCHMARKS),
             name=alternatives(RELEASED),
             split="test",
         params:  # merged into evaluate's: only the label differs
@@ -126,7 +126,7 @@ rule run_results:
     """Every seed's tidy rows of one run on every benchmark and reported split, as one CSV (the
     target that reproduces one run)."""
     input:
-        lambda w: [L.eval_rows(**wc) for seed in P.seeds(w.run) for wc in P.eval_wildcards(w.run, seed)],
+        lambda w: P.eval_rows(w.run),
     output:
         csv=L.run_results(),
         manifest=L.manifest("run_results"),

@@ -140,18 +140,18 @@ def test_a_benchmark_file_that_is_no_parquet_is_one_line(tmp_path):
 
 def evaluate_cli(checkpoint: Path, data_dir: Path, out: Path) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "oqvl.evaluate", "--checkpoint", str(checkpoint), "--run", "r",
-                           "--benchmark", "POPE", "--data-dir", str(data_dir), "--out", str(out)],
+                           "--benchmarks", "POPE", "--data-dir", str(data_dir), "--out", str(out)],
                           capture_output=True, text=True, timeout=600, check=False)
 
 
 def test_evaluation_stops_with_one_line_on_a_bad_checkpoint_or_benchmark_file(good, bench, tmp_path):
     bad = copy_of(good, tmp_path / "bad")
     (bad / WEIGHTS_FILE).unlink()
-    proc = evaluate_cli(bad, bench, tmp_path / "rows.json")
+    proc = evaluate_cli(bad, bench, tmp_path / "eval")
     assert proc.returncode != 0
     assert proc.stderr.strip().splitlines()[-1] == f"error: {bad / WEIGHTS_FILE}: no weights file (an incomplete checkpoint)"
     assert "Traceback" not in proc.stderr
-    proc = evaluate_cli(good, tmp_path / "no_data", tmp_path / "rows.json")
+    proc = evaluate_cli(good, tmp_path / "no_data", tmp_path / "eval")
     assert proc.returncode != 0 and "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines()[-1].startswith(f"error: {tmp_path / 'no_data' / 'POPE.parquet'}: POPE file not found")
-    assert not (tmp_path / "rows.json").exists()
+    assert not (tmp_path / "eval" / "POPE.json").exists()

@@ -352,11 +352,9 @@ def truth(data_dir, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def seeing_rows(data_dir, truth, tmp_path_factory):
-    out = tmp_path_factory.mktemp("runs")
-    rows = {}
-    for b in BENCHMARKS:
-        rows[b] = evaluate(Path("scripted"), "seeing", b, data_dir, ["paper", "lmms"], True, 8, None,
-                           "cpu", out / f"{b}.json", lm=Scripted("seeing", truth))
+    out = tmp_path_factory.mktemp("runs") / "test"
+    rows = evaluate(Path("scripted"), "seeing", list(BENCHMARKS), data_dir, ["paper", "lmms"], True, 8, None,
+                    "cpu", out, lm=Scripted("seeing", truth))
     return out, rows
 
 
@@ -377,10 +375,13 @@ def test_every_task_runs_in_lmms_eval_and_writes_its_files(seeing_rows):
                 samples = (base / f"samples_{t}.jsonl").read_text().splitlines()
                 assert len(samples) == results["n-samples"][t]["effective"] > 0
         assert {r["benchmark"] for r in rows[b]} == {b}
-        manifest = json.loads((out / f"{b}.manifest.json").read_text())
-        assert manifest["stage"] == "evaluate" and manifest["device"] == {"type": "cpu", "gpus": 0}
-        assert manifest["work"] == {"amount": sum(r["n"] for r in rows[b]), "unit": "samples"}
+    # One job, one manifest: every benchmark's rows and lmms-eval files, and all the work.
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["stage"] == "evaluate" and manifest["device"] == {"type": "cpu", "gpus": 0}
+    assert manifest["work"] == {"amount": sum(r["n"] for b in BENCHMARKS for r in rows[b]), "unit": "samples"}
+    for b in BENCHMARKS:
         assert {f"{b}.json", f"{b}/paper/results.json", f"{b}/lmms/results.json"} <= set(manifest["files"])
+    for b in BENCHMARKS:
         base = {"run", "seed", "split", "benchmark", "protocol", "metric", "value", "n", "chance", "control",
                 "above_chance"}
         paired = {"test", "units", "clusters", "control_diff", "control_diff_se"}
@@ -423,9 +424,9 @@ def test_a_model_that_sees_the_image_beats_chance_and_control(seeing_rows):
 
 @pytest.mark.parametrize("mode", ["blind", "cheat"])
 def test_no_answer_bias_passes_the_control(mode, data_dir, truth, tmp_path):
-    for b in ("MMStar", "POPE"):
-        rows = evaluate(Path("scripted"), mode, b, data_dir, ["paper", "lmms"], True, 8, None, "cpu",
-                        tmp_path / f"{b}.json", lm=Scripted(mode, truth))
+    by_benchmark = evaluate(Path("scripted"), mode, ["MMStar", "POPE"], data_dir, ["paper", "lmms"], True, 8,
+                            None, "cpu", tmp_path / "test", lm=Scripted(mode, truth))
+    for rows in by_benchmark.values():
         for r in rows:
             assert r["above_chance"] in (False, None), r
         if mode == "cheat":  # right everywhere, images or not: the control catches it

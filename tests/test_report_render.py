@@ -184,8 +184,9 @@ def report_fixture(work, config):
                      "device": "cpu", "gpus": 0, "threads": 2,
                      "params": {"vision": 843_008, "projector": 33_024, "lm": 1_790_336, "total": 2_666_368}}))
             for wc in plan.eval_wildcards(run, seed):
-                eval_file(work / L.eval_rows(**wc), run, wc["benchmark"], {"paper": 50.0 + seed, "lmms": 45.0},
-                          seed=seed)
+                for b in plan.benchmarks:
+                    eval_file(work / L.eval_rows(benchmark=b, **wc), run, b, {"paper": 50.0 + seed, "lmms": 45.0},
+                              seed=seed)
 
 
 REPORT_RULES = ["compute", "table3", "table4", "plots"]

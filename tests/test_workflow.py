@@ -24,13 +24,14 @@ def test_default_config_plans_every_seed_on_both_reported_splits(tmp_path):
     out = proc.stdout + proc.stderr
     for seed in (0, 1, 2):
         assert f"wildcards: run=ccs+datacomp, seed={seed}\n" in out  # pretrain and sft
-        for split in ("test", "heldout"):
-            for b in ("MMBench", "SEEDBench", "MMStar", "MathVista", "POPE"):
-                assert f"wildcards: run=ccs+datacomp, seed={seed}, split={split}, benchmark={b}" in out
+        for split in ("test", "heldout"):  # one job per split: every benchmark
+            assert f"wildcards: run=ccs+datacomp, seed={seed}, split={split}\n" in out
+            assert f"--benchmarks MMBench,SEEDBench,MMStar,MathVista,POPE --data-dir results/eval_data/{split} " in out
+    assert out.count("\nrule evaluate:") == 6
     assert "split=dev" not in out and "results/eval_data/dev/POPE.parquet" in out
     dev = snakemake(tmp_path, "-n", "results/runs/ccs+datacomp/seed1/eval/dev/POPE.json",
                     configfile=REPO / "config" / "default.yaml")
-    assert "split=dev, benchmark=POPE" in dev.stdout + dev.stderr
+    assert "seed=1, split=dev\n" in dev.stdout + dev.stderr
 
 
 def paper_downloads(root, mlm_import: bool = False):
@@ -87,8 +88,9 @@ def test_paper_config_plans_the_same_dag(tmp_path):
         assert f"rule {toy_rule}:" not in out
     # The released model: converted, then evaluated like a run (no training), on every benchmark.
     assert "rule convert_released:" in out and "wildcards: name=Open-Qwen2VL-2B" in out
+    assert "rule evaluate_released:" in out and "wildcards: name=Open-Qwen2VL-2B, split=test\n" in out
     for b in ("MMBench", "SEEDBench", "MMStar", "MathVista", "POPE"):
-        assert f"wildcards: name=Open-Qwen2VL-2B, split=test, benchmark={b}" in out, b
+        assert f"results/released/Open-Qwen2VL-2B/eval/test/{b}.json" in out, b
 
 
 def test_paper_config_plans_the_final_model_and_the_isolation_ablation(tmp_path):

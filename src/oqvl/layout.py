@@ -175,13 +175,19 @@ def eval_data(benchmark="{benchmark}", split="{split}", shuffled=False):
     return f"{EVAL_DATA}/{split}/{benchmark}{'_shuffled' if shuffled else ''}.parquet"
 
 
+def eval_dir(run="{run}", seed="{seed}", split="{split}"):
+    """One seed's evaluation on one benchmark split: one job, every benchmark (its manifest here)."""
+    return f"{seed_dir(run, seed)}/eval/{split}"
+
+
 def eval_rows(run="{run}", benchmark="{benchmark}", seed="{seed}", split="{split}"):
-    """One seed's tidy rows on one benchmark split (both protocols, with the shuffled-image control)."""
-    return f"{seed_dir(run, seed)}/eval/{split}/{benchmark}.json"
+    """One seed's tidy rows on one benchmark of a split (both protocols, with the shuffled-image control)."""
+    return f"{eval_dir(run, seed, split)}/{benchmark}.json"
 
 
 def eval_details(run="{run}", benchmark="{benchmark}", seed="{seed}", split="{split}"):
-    return f"{seed_dir(run, seed)}/eval/{split}/{benchmark}"
+    """lmms-eval's files behind those rows (task YAMLs, results JSON, sample logs)."""
+    return f"{eval_dir(run, seed, split)}/{benchmark}"
 
 
 def run_results(run="{run}"):
@@ -198,13 +204,17 @@ def released_model(name="{name}"):
     return f"{released_dir(name)}/config.json"
 
 
+def released_eval_dir(name="{name}", split="{split}"):
+    """A released checkpoint's evaluation on one split (no seeds: nothing of it is trained here)."""
+    return f"{released_dir(name)}/eval/{split}"
+
+
 def released_eval_rows(name="{name}", benchmark="{benchmark}", split="{split}"):
-    """A released checkpoint's tidy rows on one benchmark (no seeds: nothing of it is trained here)."""
-    return f"{released_dir(name)}/eval/{split}/{benchmark}.json"
+    return f"{released_eval_dir(name, split)}/{benchmark}.json"
 
 
 def released_eval_details(name="{name}", benchmark="{benchmark}", split="{split}"):
-    return f"{released_dir(name)}/eval/{split}/{benchmark}"
+    return f"{released_eval_dir(name, split)}/{benchmark}"
 
 
 # --------------------------------------------------------------------------- stage 8: report
@@ -250,8 +260,8 @@ JOBS = {
     "pretrain": JobFiles("train", "{run}_seed{seed}_pretrain", train_dir(stage="pretrain")),
     "sft": JobFiles("train", "{run}_seed{seed}_sft", train_dir(stage="sft")),
     "eval_data": JobFiles("evaluate", "eval_data", EVAL_DATA),
-    "evaluate": JobFiles("evaluate", "{run}_seed{seed}_{split}_{benchmark}", eval_rows()),
-    "evaluate_released": JobFiles("evaluate", "released_{name}_{split}_{benchmark}", released_eval_rows()),
+    "evaluate": JobFiles("evaluate", "{run}_seed{seed}_{split}", eval_dir()),
+    "evaluate_released": JobFiles("evaluate", "released_{name}_{split}", released_eval_dir()),
     "run_results": JobFiles("evaluate", "{run}_tidy", run_results()),
     "convert_released": JobFiles("model", "released_{name}", released_dir()),
 }

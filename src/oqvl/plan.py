@@ -277,23 +277,26 @@ class Plan:
         return _unique(jobs)
 
     def eval_wildcards(self, run: str, seed: int) -> list[dict]:
-        """The evaluate jobs of one seed of a run: every reported split and benchmark."""
-        return [{"run": run, "seed": seed, "split": split, "benchmark": b}
-                for split in self.report_splits() for b in self.benchmarks]
+        """The evaluate jobs of one seed of a run: one per reported split (every benchmark)."""
+        return [{"run": run, "seed": seed, "split": split} for split in self.report_splits()]
+
+    def eval_rows(self, run: str) -> list[str]:
+        """Every seed's tidy rows of a run: each reported split and benchmark."""
+        return [L.eval_rows(benchmark=b, **wc) for seed in self.seeds(run)
+                for wc in self.eval_wildcards(run, seed) for b in self.benchmarks]
 
     def released(self) -> dict:
         return self.config.get("released") or {}
 
     def released_jobs(self, name: str) -> list[Job]:
         return [("convert_released", {"name": name}), ("eval_data", {}),
-                *[("evaluate_released", {"name": name, "split": "test", "benchmark": b}) for b in self.benchmarks]]
+                ("evaluate_released", {"name": name, "split": "test"})]
 
     def released_record(self, name: str) -> dict:
         """What table4 reads of a released checkpoint: its evaluation rows and their manifests."""
         return {"evals": [L.released_eval_rows(name, b, "test") for b in self.benchmarks],
                 "manifests": [L.manifest("convert_released", name=name),
-                              *[L.manifest("evaluate_released", name=name, split="test", benchmark=b)
-                                for b in self.benchmarks]],
+                              L.manifest("evaluate_released", name=name, split="test")],
                 **{k: self.released()[name].get(k) for k in ("sft_data", "paper_row", "revision")}}
 
     def all_jobs(self) -> list[Job]:
@@ -319,7 +322,7 @@ class Plan:
             "mixture": mixture,
             "sft_data": self.sft_data_name(run),
             "seeds": seeds,
-            "evals": [L.eval_rows(**wc) for seed in seeds for wc in self.eval_wildcards(run, seed)],
+            "evals": self.eval_rows(run),
             "pretrain_summaries": [L.train_summary(pretrained, "pretrain", seed) for seed in seeds],
             "pretrain_jobs": [job_files(("pretrain", {"run": pretrained, "seed": seed})) for seed in seeds],
             "manifests": [L.manifest(r, **wc) for r, wc in

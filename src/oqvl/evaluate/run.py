@@ -1,19 +1,22 @@
-"""Evaluate one checkpoint on one benchmark: both protocols, the shuffled-image control, tidy rows.
+"""Evaluate one checkpoint on one benchmark split: every benchmark, both protocols, the
+shuffled-image control, tidy rows.
 
     python -m oqvl.evaluate --checkpoint results/runs/RUN/seed0/sft/final --run RUN --seed 0 \
-        --benchmark POPE --split test --data-dir results/eval_data/test --protocols paper,lmms \
-        --batch-size 32 --max-new-tokens 32 --out results/runs/RUN/seed0/eval/test/POPE.json
+        --benchmarks MMBench,POPE --split test --data-dir results/eval_data/test \
+        --protocols paper,lmms --batch-size 32 --max-new-tokens 32 --out results/runs/RUN/seed0/eval/test
 
-Writes, beside OUT (here results/runs/RUN/seed0/eval/test/POPE/):
-    tasks/                      the lmms-eval task YAMLs used, bound to DATA_DIR
-    <protocol>/results.json     lmms-eval's results JSON (the task and its _shuffled control)
-    <protocol>/samples_<task>.jsonl   lmms-eval's per-sample log of each task
-then OUT: a JSON list of tidy rows (oqvl.evaluate.tidy), and last its manifest (POPE.manifest.json).
+Writes, in OUT (here results/runs/RUN/seed0/eval/test/), for each benchmark B:
+    B/tasks/                      the lmms-eval task YAMLs used, bound to DATA_DIR
+    B/<protocol>/results.json     lmms-eval's results JSON (the task and its _shuffled control)
+    B/<protocol>/samples_<task>.jsonl   lmms-eval's per-sample log of each task
+    B.json                        a JSON list of tidy rows (oqvl.evaluate.tidy)
+and last the job's manifest, OUT/manifest.json.
 
 lmms-eval runs in this process through its Python API (`simple_evaluate` with an
-`EvaluationTracker`, the calls its CLI makes), offline, with the model loaded once for both
-protocols. Its task index holds only our tasks: indexing its ~2,000 built-in tasks costs more than
-a toy evaluation. The `lmms-eval` command itself works too (see adapter.py).
+`EvaluationTracker`, the calls its CLI makes), offline, with the model loaded once for every
+benchmark and protocol: at toy size, start-up (imports, the model) costs more than a benchmark.
+Its task index holds only our tasks: indexing its ~2,000 built-in tasks costs more than a toy
+evaluation. The `lmms-eval` command itself works too (see adapter.py).
 """
 
 from __future__ import annotations
@@ -96,72 +99,96 @@ def run_protocol(lm, model_args: str, tasks: list[str], task_dir: Path, out_dir:
         return json.load(f)
 
 
-def evaluate(checkpoint: Path, run: str, benchmark: str, data_dir: Path, protocols: list[str],
-             control: bool, batch_size: int, max_new_tokens: int | None, device: str,
-             out: Path, verbosity: str = "WARNING", lm=None, seed: int | None = None,
-             split: str = "test") -> list[dict]:
-    """seed: the run's seed the checkpoint was trained with (None: a released checkpoint); split:
-    the benchmark split data_dir holds (oqvl.evaluate.SPLITS), written into every row.
-    lm: an lmms-eval model to use instead of loading the checkpoint (tests)."""
+def evaluate_benchmark(lm, checkpoint: Path, run: str, benchmark: str, data_dir: Path,
+                       protocols: list[str], control: bool, batch_size: int,
+                       max_new_tokens: int | None, out: Path, verbosity: str = "WARNING",
+                       seed: int | None = None, split: str = "test") -> list[dict]:
+    """One benchmark under each protocol with a loaded lmms-eval model: its tidy rows, written to
+    OUT, and lmms-eval's files in OUT without its suffix."""
+    from .schemas import data_file, read_image_groups
+    from .tasks import protocol_tasks, write_task_dir
+    from .tidy import read_answers, rows_for
+
     work = out.with_suffix("")
     work.mkdir(parents=True, exist_ok=True)
+    task_dir = work / "tasks"
+    write_task_dir(task_dir, data_dir, [benchmark], protocols, control)
+    model_args = f"pretrained={checkpoint}"
+    if max_new_tokens:
+        model_args += f",max_new_tokens={max_new_tokens}"
+    answers = read_answers(data_file(data_dir, benchmark), benchmark)
+    groups = read_image_groups(data_file(data_dir, benchmark), benchmark)
+    rows = []
+    for protocol in protocols:
+        t0 = time.time()
+        tasks = protocol_tasks(benchmark, protocol, control)
+        results = run_protocol(lm, model_args, tasks, task_dir, work / protocol, batch_size, verbosity)
+        for task in tasks:
+            got = results["n-samples"][task]["effective"]
+            if got != len(answers):
+                raise RuntimeError(f"{task}: lmms-eval scored {got} rows, the data has {len(answers)}")
+        protocol_rows = rows_for(run, benchmark, protocol, results, answers, control, seed=seed,
+                                 split=split, samples_dir=work / protocol, groups=groups)
+        if not protocol_rows:
+            raise RuntimeError(f"{tasks[0]}: lmms-eval reported none of its metrics")
+        rows += protocol_rows
+        head = protocol_rows[0]
+        print(f"{benchmark} {protocol}: {head['metric']} {head['value']:.2f} (chance "
+              f"{head['chance']}, control {head['control']}, above chance {head['above_chance']}) "
+              f"in {time.time() - t0:.1f}s", flush=True)
+    write_text(out, json.dumps(rows, indent=1) + "\n")
+    return rows
+
+
+def evaluate(checkpoint: Path, run: str, benchmarks: list[str], data_dir: Path, protocols: list[str],
+             control: bool, batch_size: int, max_new_tokens: int | None, device: str,
+             out: Path, verbosity: str = "WARNING", lm=None, seed: int | None = None,
+             split: str = "test") -> dict[str, list[dict]]:
+    """Each benchmark's tidy rows (OUT/<benchmark>.json, lmms-eval's files in OUT/<benchmark>/),
+    then the manifest of them all. seed: the run's seed the checkpoint was trained with (None: a
+    released checkpoint); split: the benchmark split data_dir holds (oqvl.evaluate.SPLITS),
+    written into every row. lm: an lmms-eval model to use instead of loading the checkpoint (tests)."""
+    out.mkdir(parents=True, exist_ok=True)
     _offline_env()
+    from .schemas import check_schema, data_file
+
+    # Every file is checked before the model loads: a bad one stops the job at once.
+    files = [(b, data_file(data_dir, b, shuffled)) for b in benchmarks
+             for shuffled in ((False, True) if control else (False,))]
+    for b, path in files:
+        check_schema(path, b)
+    data = [path for _, path in files]
     # lmms-eval's datasets cache (arrow copies of the parquet files) lives and dies with this call.
-    cache = Path(tempfile.mkdtemp(prefix=".hf_datasets_", dir=work))
+    cache = Path(tempfile.mkdtemp(prefix=".hf_datasets_", dir=out))
     previous_cache = os.environ.get("LMMS_EVAL_DATASETS_CACHE")
     os.environ["LMMS_EVAL_DATASETS_CACHE"] = str(cache)
     try:
         from .adapter import OQVL  # after _offline_env: it imports lmms_eval
-        from .schemas import check_schema, data_file, read_image_groups
-        from .tasks import protocol_tasks, write_task_dir
-        from .tidy import read_answers, rows_for
 
-        data = [data_file(data_dir, benchmark, shuffled) for shuffled in ((False, True) if control else (False,))]
-        for path in data:
-            check_schema(path, benchmark)
-        task_dir = work / "tasks"
-        write_task_dir(task_dir, data_dir, [benchmark], protocols, control)
         if lm is None:
             t0 = time.time()
             lm = OQVL(pretrained=str(checkpoint), device=device, batch_size=batch_size,
                       max_new_tokens=max_new_tokens)
             print(f"model {checkpoint} loaded in {time.time() - t0:.1f}s", flush=True)
-        model_args = f"pretrained={checkpoint}"
-        if max_new_tokens:
-            model_args += f",max_new_tokens={max_new_tokens}"
-        answers = read_answers(data_file(data_dir, benchmark), benchmark)
-        groups = read_image_groups(data_file(data_dir, benchmark), benchmark)
-        rows = []
-        for protocol in protocols:
-            t0 = time.time()
-            tasks = protocol_tasks(benchmark, protocol, control)
-            results = run_protocol(lm, model_args, tasks, task_dir, work / protocol, batch_size, verbosity)
-            for task in tasks:
-                got = results["n-samples"][task]["effective"]
-                if got != len(answers):
-                    raise RuntimeError(f"{task}: lmms-eval scored {got} rows, the data has {len(answers)}")
-            protocol_rows = rows_for(run, benchmark, protocol, results, answers, control, seed=seed,
-                                     split=split, samples_dir=work / protocol, groups=groups)
-            if not protocol_rows:
-                raise RuntimeError(f"{tasks[0]}: lmms-eval reported none of its metrics")
-            rows += protocol_rows
-            head = protocol_rows[0]
-            print(f"{benchmark} {protocol}: {head['metric']} {head['value']:.2f} (chance "
-                  f"{head['chance']}, control {head['control']}, above chance {head['above_chance']}) "
-                  f"in {time.time() - t0:.1f}s", flush=True)
+        rows = {b: evaluate_benchmark(lm, checkpoint, run, b, data_dir, protocols, control, batch_size,
+                                      max_new_tokens, out / f"{b}.json", verbosity, seed, split)
+                for b in benchmarks}
     finally:
         shutil.rmtree(cache, ignore_errors=True)
         if previous_cache is None:
             os.environ.pop("LMMS_EVAL_DATASETS_CACHE", None)
         else:
             os.environ["LMMS_EVAL_DATASETS_CACHE"] = previous_cache
-    write_text(out, json.dumps(rows, indent=1) + "\n")
-    config = {"checkpoint": str(checkpoint), "run": run, "seed": seed, "split": split, "benchmark": benchmark, "data_dir": str(data_dir),
-              "protocols": protocols, "control": control, "batch_size": batch_size,
-              "max_new_tokens": max_new_tokens, "device": device, "out": str(out)}
-    write_manifest(manifest_path(out), "evaluate", work=(sum(r["n"] for r in rows), "samples"),
-                   config=config, files=[out, *sorted(p for p in work.rglob("*") if p.is_file())],
-                   counts={"rows": len(rows), "protocols": len(protocols)},
+    config = {"checkpoint": str(checkpoint), "run": run, "seed": seed, "split": split,
+              "benchmarks": benchmarks, "data_dir": str(data_dir), "protocols": protocols,
+              "control": control, "batch_size": batch_size, "max_new_tokens": max_new_tokens,
+              "device": device, "out": str(out)}
+    files = [out / f"{b}.json" for b in benchmarks]
+    files += sorted(p for b in benchmarks for p in (out / b).rglob("*") if p.is_file())
+    write_manifest(manifest_path(out), "evaluate", work=(sum(r["n"] for b in rows for r in rows[b]), "samples"),
+                   config=config, files=files,
+                   counts={"rows": sum(map(len, rows.values())), "benchmarks": len(benchmarks),
+                           "protocols": len(protocols)},
                    inputs={str(checkpoint): weights_identity(checkpoint), **{str(f): sha256_file(f) for f in data}},
                    device=device, gpus=int(str(device).startswith("cuda")))
     return rows
@@ -174,7 +201,7 @@ def main(argv=None):
     ap.add_argument("--run", required=True, help="run name written into every row")
     ap.add_argument("--seed", type=int, default=None, help="the run's seed the checkpoint was trained with")
     ap.add_argument("--split", default="test", choices=SPLITS, help="the benchmark split --data-dir holds")
-    ap.add_argument("--benchmark", required=True, choices=BENCHMARKS)
+    ap.add_argument("--benchmarks", default=",".join(BENCHMARKS), help=f"comma-separated, of {BENCHMARKS}")
     ap.add_argument("--data-dir", type=Path, default=Path("results/eval_data/test"), help="one split's benchmark files")
     ap.add_argument("--protocols", default=",".join(PROTOCOLS))
     ap.add_argument("--no-control", action="store_true", help="skip the shuffled-image control")
@@ -184,12 +211,16 @@ def main(argv=None):
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     ap.add_argument("--verbosity", default="WARNING")
-    ap.add_argument("--out", type=Path, required=True, help="tidy rows (JSON list)")
+    ap.add_argument("--out", type=Path, required=True, help="folder: <benchmark>.json tidy rows, their files, the manifest")
     args = ap.parse_args(argv)
     protocols = [p for p in args.protocols.split(",") if p]
     unknown = set(protocols) - set(PROTOCOLS)
     if unknown or not protocols:
         raise SystemExit(f"--protocols: choose from {PROTOCOLS}, got {args.protocols!r}")
+    benchmarks = [b for b in args.benchmarks.split(",") if b]
+    unknown = set(benchmarks) - set(BENCHMARKS)
+    if unknown or not benchmarks:
+        raise SystemExit(f"--benchmarks: choose from {BENCHMARKS}, got {args.benchmarks!r}")
     if args.threads:
         import torch
         torch.set_num_threads(args.threads)
@@ -198,9 +229,9 @@ def main(argv=None):
     from .schemas import SchemaError
 
     try:
-        rows = evaluate(args.checkpoint, args.run, args.benchmark, args.data_dir, protocols,
+        rows = evaluate(args.checkpoint, args.run, benchmarks, args.data_dir, protocols,
                         not args.no_control, args.batch_size, args.max_new_tokens, args.device, args.out,
                         args.verbosity, seed=args.seed, split=args.split)
     except (SchemaError, CheckpointError) as e:  # checked before any question is asked
         sys.exit(f"error: {e}")
-    print(f"{len(rows)} rows -> {args.out} in {time.time() - t0:.1f}s")
+    print(f"{sum(map(len, rows.values()))} rows of {len(rows)} benchmarks -> {args.out} in {time.time() - t0:.1f}s")
