@@ -26,7 +26,6 @@ import json
 import os
 import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -159,7 +158,11 @@ def evaluate(checkpoint: Path, run: str, benchmarks: list[str], data_dir: Path, 
         check_schema(path, b)
     data = [path for _, path in files]
     # lmms-eval's datasets cache (arrow copies of the parquet files) lives and dies with this call.
-    cache = Path(tempfile.mkdtemp(prefix=".hf_datasets_", dir=out))
+    # One fixed name, cleared first: a killed job's cache is not a declared output, so Snakemake
+    # does not remove it; its rerun does.
+    cache = out / ".hf_datasets"
+    shutil.rmtree(cache, ignore_errors=True)
+    cache.mkdir()
     previous_cache = os.environ.get("LMMS_EVAL_DATASETS_CACHE")
     os.environ["LMMS_EVAL_DATASETS_CACHE"] = str(cache)
     try:
