@@ -147,7 +147,6 @@ def evaluate(checkpoint: Path, run: str, benchmarks: list[str], data_dir: Path, 
     then the manifest of them all. seed: the run's seed the checkpoint was trained with (None: a
     released checkpoint); split: the benchmark split data_dir holds (oqvl.evaluate.SPLITS),
     written into every row. lm: an lmms-eval model to use instead of loading the checkpoint (tests)."""
-    out.mkdir(parents=True, exist_ok=True)
     _offline_env()
     from .schemas import check_schema, data_file
 
@@ -157,6 +156,7 @@ def evaluate(checkpoint: Path, run: str, benchmarks: list[str], data_dir: Path, 
     for b, path in files:
         check_schema(path, b)
     data = [path for _, path in files]
+    out.mkdir(parents=True, exist_ok=True)
     # lmms-eval's datasets cache (arrow copies of the parquet files) lives and dies with this call.
     # One fixed name, cleared first: a killed job's cache is not a declared output, so Snakemake
     # does not remove it; its rerun does.
