@@ -4,7 +4,8 @@
 
 Draws fresh toy scenes, runs the tower (the layer the VLM reads, `feature_layer` -1) and fits a
 linear classifier (softmax regression, L2, Adam) on 75% of them, scored on the rest:
-- shape / colour of the object in the top-left cell, from that cell's 4x4 patch features;
+- shape / colour of the object in the top-left cell, from that cell's 4x4 patch features, and
+  from their mean (one vector per cell: what the object is wherever in the cell it sits);
 - shape and cell of the only object of one-object scenes, from the mean over all patches.
 Chance is 25% for each (4 shapes, 4 colours, 4 cells). The SFT model can only answer what the
 tower tells it, so this bounds the toy benchmarks' shape and position questions.
@@ -69,15 +70,19 @@ def main(argv=None):
     top_left = [(i, next(o for o in s.objects if o.cell == "top left"))
                 for i, s in enumerate(scenes) if any(o.cell == "top left" for o in s.objects)]
     x = feats[[i for i, _ in top_left]][:, :, : h // 2, : w // 2].flatten(1)
-    rows = [("top-left object: shape", x, [SHAPES.index(o.shape) for _, o in top_left]),
-            ("top-left object: colour", x, [list(COLOURS).index(o.colour) for _, o in top_left])]
+    x_mean = feats[[i for i, _ in top_left]][:, :, : h // 2, : w // 2].mean((2, 3))
+    shape = [SHAPES.index(o.shape) for _, o in top_left]
+    colour = [list(COLOURS).index(o.colour) for _, o in top_left]
+    rows = [("top-left object: shape", x, shape), ("top-left object: colour", x, colour),
+            ("top-left object: shape (cell mean)", x_mean, shape),
+            ("top-left object: colour (cell mean)", x_mean, colour)]
     single = [i for i, s in enumerate(scenes) if len(s.objects) == 1]
     pooled = feats[single].mean((2, 3))
     rows += [("only object: shape (pooled)", pooled, [SHAPES.index(scenes[i].objects[0].shape) for i in single]),
              ("only object: cell (pooled)", pooled, [CELLS.index(scenes[i].objects[0].cell) for i in single])]
     print(f"{args.model}: linear probes on {args.n} scenes (held-out 25%; chance 25%)")
     for name, xs, ys in rows:
-        print(f"  {name:30s} {100 * probe_accuracy(xs, torch.tensor(ys)):5.1f}%  (n={len(ys)})")
+        print(f"  {name:36s} {100 * probe_accuracy(xs, torch.tensor(ys)):5.1f}%  (n={len(ys)})")
 
 
 if __name__ == "__main__":

@@ -40,7 +40,7 @@ if SCALE.has("train_clip"):
             "$PY -m oqvl.filter.train_clip --out {params.out}"
             " --n-pairs {params.train[n_pairs]} --steps {params.train[steps]}"
             " --batch-size {params.train[batch_size]} --lr {params.train[lr]} --seed {params.seed}"
-            " --threads {threads} {params.world} > {log} 2>&1"
+            " --cell-weight {params.train[cell_weight]} --threads {threads} {params.world} > {log} 2>&1"
 
 
 rule clip_score:

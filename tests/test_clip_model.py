@@ -164,3 +164,39 @@ def test_the_same_weights_score_differently_through_gelu_and_quickgelu(tmp_path,
         assert torch.equal(a, b), k
     s_gelu, s_quick = score_pairs(*gelu, images, captions), score_pairs(*quick, images, captions)
     assert np.abs(s_gelu - s_quick).max() > 1e-3
+
+
+def test_cell_labels_name_what_each_cell_holds():
+    from oqvl.world.scene import Glyph, Obj, Scene
+
+    scene = Scene((Obj("cross", "red", "small", "bottom right"), Obj("circle", "blue", "large", "top left")),
+                  Glyph("A", "top right"))
+    classes = train_clip.CELL_CLASSES
+    assert train_clip.cell_labels([scene]).tolist() == [[classes.index("circle"), classes.index("character"),
+                                                        classes.index("empty"), classes.index("cross")]]
+
+
+def test_one_tower_pass_gives_encode_image_and_each_cells_mean_tokens(toy):
+    model, preprocess, _ = toy
+    images, _ = toy_pairs(3)
+    x = image_batch(preprocess, images)
+    with torch.inference_mode():
+        img, cells = train_clip.image_pass(model.visual, x)
+        torch.testing.assert_close(img, model.encode_image(x, normalize=True))
+        grid = model.visual.forward_intermediates(x, indices=[-1], output_fmt="NCHW",
+                                                  intermediates_only=True)["image_intermediates"][-1]
+    assert cells.shape == (3, 4, grid.shape[1])
+    torch.testing.assert_close(cells[:, 1], grid[:, :, :4, 4:].mean((2, 3)))  # top right: rows 0-3, cols 4-7
+    torch.testing.assert_close(cells[:, 2], grid[:, :, 4:, :4].mean((2, 3)))  # bottom left
+
+
+def test_the_cell_loss_is_logged_and_its_head_left_out_of_the_checkpoint(tmp_path):
+    train_clip.main(["--out", str(tmp_path), "--n-pairs", "32", "--steps", "2", "--batch-size", "16",
+                     "--seed", "0", "--threads", "1", "--log-every", "1", "--cell-weight", "2"])
+    log = [json.loads(line) for line in (tmp_path / "train_log.jsonl").read_text().splitlines()]
+    assert all(np.isfinite(r["cell_loss"]) and r["loss"] > 2 * r["cell_loss"] for r in log)
+    meta = json.loads((tmp_path / CONFIG_FILE).read_text())
+    assert meta["train_args"]["cell_weight"] == 2
+    model, _, _ = load_clip(str(tmp_path), None)  # strict load: exactly the open_clip model's keys
+    with safe_open(str(tmp_path / WEIGHTS_FILE), "pt") as f:
+        assert set(f.keys()) == set(model.state_dict())

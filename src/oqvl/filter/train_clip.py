@@ -10,6 +10,13 @@ adds hard negatives: the same image's scene corrupted as the web sources corrupt
 (`corrupt_scene`), said in the same caption style, scored against all images as extra
 negative columns of the sigmoid loss.
 
+An auxiliary per-cell loss (`--cell-weight`, 0 turns it off): a linear head on the mean of each
+grid cell's patch tokens names what the cell holds (one of the four shapes, a character, or
+nothing), from the scene's known truth. The contrastive loss alone teaches colour in 640 steps
+but shape barely (docs/toy_learning.md): the pooled embedding of a 3-object scene has little room
+for one small object's outline. The toy CLIP stands in for a pretrained SigLIP tower, which does
+see shape; the head is dropped after training, and the checkpoint is a plain open_clip model.
+
 No image augmentation: scored images come from the same renderer (whose jitter already varies
 positions), and flips or colour jitter would make the captions' left/right and colours false.
 
@@ -34,7 +41,7 @@ from tqdm import tqdm
 from ..manifest import args_config, manifest_path, write_manifest
 from ..world.captions import describe
 from ..world.corrupt import corrupt_scene
-from ..world.scene import render
+from ..world.scene import CELLS, SHAPES, render
 from ..world.source import WorldConfig, stream_rng, true_pair
 from .clip_model import CONFIG_FILE, TOY_MODEL, WEIGHTS_FILE, model_config, open_clip, save_checkpoint
 
@@ -66,6 +73,32 @@ def hard_negatives(idx, scenes, styles, frac: float, rng: np.random.Generator) -
     return out
 
 
+CELL_CLASSES = (*SHAPES, "character", "empty")
+
+
+def cell_labels(scenes) -> torch.Tensor:
+    """N x 4 class indices (CELL_CLASSES) of what each grid cell (CELLS order) holds."""
+    y = torch.full((len(scenes), len(CELLS)), CELL_CLASSES.index("empty"))
+    for i, scene in enumerate(scenes):
+        for o in scene.objects:
+            y[i, CELLS.index(o.cell)] = CELL_CLASSES.index(o.shape)
+        if scene.glyph:
+            y[i, CELLS.index(scene.glyph.cell)] = CELL_CLASSES.index("character")
+    return y
+
+
+def image_pass(visual, x) -> tuple[torch.Tensor, torch.Tensor]:
+    """One pass of the tower: the normalised image embedding (what `encode_image` gives) and the
+    N x 4 x C means of the last layer's patch tokens over each grid cell (CELLS order), the
+    tokens the VLM reads."""
+    out = visual.forward_intermediates(x, indices=[-1], output_fmt="NCHW")
+    f = out["image_intermediates"][-1]
+    h, w = f.shape[2] // 2, f.shape[3] // 2
+    cells = torch.stack([f[:, :, r * h:(r + 1) * h, c * w:(c + 1) * w].mean((2, 3))
+                         for r in (0, 1) for c in (0, 1)], 1)
+    return F.normalize(out["image_features"], dim=-1), cells
+
+
 def sigmoid_loss(img, txt, logit_scale, logit_bias, labels, col_weight):
     """SigLIP loss over B images x (B + extra) texts; labels +1/-1, per-column weights."""
     logits = logit_scale * img @ txt.T + logit_bias
@@ -79,12 +112,12 @@ def pair_labels(img_tokens: torch.Tensor, all_tokens: torch.Tensor) -> torch.Ten
     return same.float() * 2 - 1
 
 
-def batch_loss(model, x, true_tokens, hard_tokens, hard_weight: float):
-    """Sigmoid loss of B images against their B true captions and the extra hard negatives."""
+def batch_loss(model, img, true_tokens, hard_tokens, hard_weight: float):
+    """Sigmoid loss of B image embeddings (normalised) against their B true captions and the extra
+    hard negatives."""
     t_all = torch.cat([true_tokens, hard_tokens])
     col_weight = torch.ones(t_all.shape[0])
     col_weight[true_tokens.shape[0]:] = hard_weight
-    img = model.encode_image(x, normalize=True)
     txt = model.encode_text(t_all, normalize=True)
     labels = pair_labels(true_tokens, t_all)
     return sigmoid_loss(img, txt, model.logit_scale.exp(), model.logit_bias, labels, col_weight)
@@ -135,6 +168,12 @@ def train(args) -> dict:
     print(f"seed set: {args.n_pairs} clean pairs from stream {STREAM!r} in {time.time() - t0:.1f}s")
 
     groups = param_groups(model, args.lr, args.weight_decay, args.text_lr_scale)
+    cell_head = None
+    if args.cell_weight > 0:
+        labels = cell_labels(scenes)
+        cell_head = torch.nn.Linear(model.visual.transformer.width, len(CELL_CLASSES))
+        groups.append({"params": list(cell_head.parameters()), "weight_decay": 0.0, "lr": args.lr})
+    trained = [p for g in groups for p in g["params"]]
     # fused: one kernel over all parameters; most of them are the 49k-row token embedding
     opt = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.98), eps=1e-6, fused=True)
     warmup = max(1, int(args.warmup_frac * args.steps))
@@ -157,10 +196,14 @@ def train(args) -> dict:
             pos += batch
             x = (images[idx].float() / 255 - mean) / std  # what the inference preprocess gives 64 px
             hard = tokenizer(hard_negatives(idx, scenes, styles, args.hard_frac, rng))
-            loss = batch_loss(model, x, tokens[idx], hard, args.hard_weight)
+            img, cells = image_pass(model.visual, x)
+            loss = batch_loss(model, img, tokens[idx], hard, args.hard_weight)
+            if cell_head is not None:
+                cell_loss = F.cross_entropy(cell_head(cells).flatten(0, 1), labels[idx].flatten())
+                loss = loss + args.cell_weight * cell_loss
             opt.zero_grad(set_to_none=True)
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            torch.nn.utils.clip_grad_norm_(trained, 1.0)
             opt.step()
             sched.step()
 
@@ -172,6 +215,7 @@ def train(args) -> dict:
                     "step": step, "loss": value, "loss_ema": ema, "lr": max(sched.get_last_lr()),
                     "logit_scale": model.logit_scale.exp().item(), "logit_bias": model.logit_bias.item(),
                     "elapsed_s": round(time.time() - t_train, 2),
+                    **({"cell_loss": cell_loss.item()} if cell_head is not None else {}),
                 }) + "\n")
                 log.flush()
     seconds = time.time() - t_train
@@ -208,6 +252,8 @@ def parse_args(argv=None):
                     help="hard-negative captions per step, as a fraction of the batch")
     ap.add_argument("--hard-weight", type=float, default=1.0,
                     help="loss weight of a hard-negative column relative to an in-batch one")
+    ap.add_argument("--cell-weight", type=float, default=0.0,
+                    help="weight of the auxiliary per-cell content loss (0: contrastive only)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--log-every", type=int, default=10)
