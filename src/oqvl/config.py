@@ -165,6 +165,9 @@ def _check_semantics(config: dict) -> None:
     if ev["real"] is not None and "heldout" in (ev["splits"] or []):
         raise ConfigError("evaluate.splits: heldout is a toy split (the test items reworded); "
                           "a real release has its test split only")
+    if config["model"]["projector"] != "avgpool":
+        raise ConfigError(f"model.projector: {config['model']['projector']} is a switch of oqvl.pack and "
+                          f"oqvl.train (--projector) that the workflow's rules do not pass yet; use avgpool")
     sd = config["sft_data"]
     if sd["caption_share"] + sd["lookup_share"] >= 1:
         raise ConfigError("sft_data: caption_share + lookup_share must be below 1 (no image questions left)")

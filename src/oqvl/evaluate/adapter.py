@@ -127,9 +127,10 @@ class OQVL(lmms):
         if n_slots != len(visuals):
             raise ValueError(f"{task}: prompt has {n_slots} {IMAGE_PLACEHOLDER} but {len(visuals)} images came")
         if paper:
-            ids = encode_raw_prompt(self.tokenizer, context, self.visual_tokens, self.bos_id)
+            ids = encode_raw_prompt(self.tokenizer, context, self.visual_tokens, self.bos_id,
+                                    projector=self.model.config.projector)
         else:
-            ids = encode_prompt(self.tokenizer, context, self.visual_tokens)
+            ids = encode_prompt(self.tokenizer, context, self.visual_tokens, projector=self.model.config.projector)
         images = torch.stack([self.transform(v.convert("RGB")) for v in visuals]) if visuals else None
         return ids, images
 

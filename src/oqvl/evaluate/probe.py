@@ -62,7 +62,8 @@ def answers(model: OpenQwen2VL, tok, items: list[dict], images: list, batch_size
     out = []
     for s in range(0, len(items), batch_size):
         chunk = items[s: s + batch_size]
-        ids = [encode_prompt(tok, "<image>\n" + it["prompt"], visual_tokens) for it in chunk]
+        ids = [encode_prompt(tok, "<image>\n" + it["prompt"], visual_tokens, projector=model.config.projector)
+               for it in chunk]
         width = max(map(len, ids))
         input_ids = torch.tensor([[pad] * (width - len(x)) + x for x in ids])
         mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in ids])

@@ -304,7 +304,8 @@ class Scorer:
         v = self.model.config.visual_tokens_sft
         if self.prompt == "official":
             return official_prompt_ids(self.tok, caption, self.metric, v, self.model.config.image_token_id)
-        return encode_prompt(self.tok, "<image>\n" + prompt(caption, self.metric), v)
+        return encode_prompt(self.tok, "<image>\n" + prompt(caption, self.metric), v,
+                             projector=self.model.config.projector)
 
     def __call__(self, images: list, captions: list[str]) -> list[str]:
         torch = self.torch

@@ -14,14 +14,23 @@ way everywhere:
 The text is rendered exactly as the tokenizer's chat template renders it (a test checks this), with
 the newline before `<|im_start|>assistant` that the reference code lacked. Each `<image>` in a
 message becomes `visual_tokens` copies of `<|image_pad|>`, the slots the model writes visual tokens
-into.
+into (`image_text`); with Qwen2-VL's projector (`projector="merger2x2"`) the slots are framed by
+`<|vision_start|>` ... `<|vision_end|>`, as Qwen2-VL lays an image out.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from .tokenizer import DEFAULT_SYSTEM, IM_END, IM_START, IMAGE_TOKEN
+from .config import frames_images
+from .tokenizer import (
+    DEFAULT_SYSTEM,
+    IM_END,
+    IM_START,
+    IMAGE_TOKEN,
+    VISION_END,
+    VISION_START,
+)
 
 IMAGE_PLACEHOLDER = "<image>"
 IGNORE_INDEX = -100
@@ -53,23 +62,41 @@ def render(messages: list[dict], add_generation_prompt: bool = False) -> tuple[s
     return text, spans
 
 
-def expand_images(text: str, visual_tokens: int) -> str:
-    return text.replace(IMAGE_PLACEHOLDER, IMAGE_TOKEN * visual_tokens)
+def image_text(visual_tokens: int, projector: str = "avgpool") -> str:
+    """The text one image occupies: its `visual_tokens` slots, framed by <|vision_start|> ...
+    <|vision_end|> where the projector's design has them (Qwen2-VL's: the LM is told where an
+    image begins and ends). The one layout of an image; the packer's ids follow it
+    (oqvl.pack.sequence.image_ids)."""
+    slots = IMAGE_TOKEN * visual_tokens
+    return VISION_START + slots + VISION_END if frames_images(projector) else slots
 
 
-def encode_conversation(tokenizer, messages: list[dict], visual_tokens: int) -> tuple[np.ndarray, np.ndarray]:
+def vision_ids(tokenizer, projector: str) -> tuple[int, int] | None:
+    """The (<|vision_start|>, <|vision_end|>) ids that frame each image with this projector, or None."""
+    if not frames_images(projector):
+        return None
+    start, end = tokenizer.convert_tokens_to_ids([VISION_START, VISION_END])
+    return start, end
+
+
+def expand_images(text: str, visual_tokens: int, projector: str = "avgpool") -> str:
+    return text.replace(IMAGE_PLACEHOLDER, image_text(visual_tokens, projector))
+
+
+def encode_conversation(tokenizer, messages: list[dict], visual_tokens: int,
+                        projector: str = "avgpool") -> tuple[np.ndarray, np.ndarray]:
     """(input_ids, labels) as int64 arrays; labels keep only the assistant turns' tokens."""
     text, spans = render(messages)
     # Expand placeholders span by span so the loss spans move with the text.
     pieces, new_spans, pos = [], [], 0
     for start, end in spans:
-        pieces.append(expand_images(text[pos:start], visual_tokens))
+        pieces.append(expand_images(text[pos:start], visual_tokens, projector))
         offset = sum(map(len, pieces))
-        body = expand_images(text[start:end], visual_tokens)
+        body = expand_images(text[start:end], visual_tokens, projector)
         pieces.append(body)
         new_spans.append((offset, offset + len(body)))
         pos = end
-    pieces.append(expand_images(text[pos:], visual_tokens))
+    pieces.append(expand_images(text[pos:], visual_tokens, projector))
     full = "".join(pieces)
     enc = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
     ids = np.asarray(enc["input_ids"], dtype=np.int64)
@@ -80,30 +107,33 @@ def encode_conversation(tokenizer, messages: list[dict], visual_tokens: int) -> 
     return ids, labels
 
 
-def encode_prompt(tokenizer, prompt: str, visual_tokens: int, system: str | None = None) -> list[int]:
+def encode_prompt(tokenizer, prompt: str, visual_tokens: int, system: str | None = None,
+                  projector: str = "avgpool") -> list[int]:
     """Token ids of a single user turn followed by the assistant generation prompt."""
     messages = ([{"role": "system", "content": system}] if system is not None else []) + \
         [{"role": "user", "content": prompt}]
     text, _ = render(messages, add_generation_prompt=True)
-    return tokenizer(expand_images(text, visual_tokens), add_special_tokens=False)["input_ids"]
+    return tokenizer(expand_images(text, visual_tokens, projector), add_special_tokens=False)["input_ids"]
 
 
-def encode_raw_prompt(tokenizer, prompt: str, visual_tokens: int, bos_id: int) -> list[int]:
+def encode_raw_prompt(tokenizer, prompt: str, visual_tokens: int, bos_id: int,
+                      projector: str = "avgpool") -> list[int]:
     """BOS, then the prompt as it is, each `<image>` as `visual_tokens` image slots. As the
     reference's evaluation encodes it (prismatic-vlms/prismatic/util/data_utils.py:387-411, then
     models/vlms/prismatic.py:641-642): the text between images is tokenized piece by piece, which
     the image slots, special tokens, also force here."""
-    return [bos_id] + tokenizer(expand_images(prompt, visual_tokens), add_special_tokens=False)["input_ids"]
+    return [bos_id] + tokenizer(expand_images(prompt, visual_tokens, projector),
+                                add_special_tokens=False)["input_ids"]
 
 
 RAW_ANSWER_END = "\n"  # one of the reference's stop tokens (oqvl.evaluate.paper.REFERENCE_STOP_IDS)
 
 
-def encode_raw_example(tokenizer, prompt: str, answer: str, visual_tokens: int, bos_id: int
-                       ) -> tuple[np.ndarray, np.ndarray]:
+def encode_raw_example(tokenizer, prompt: str, answer: str, visual_tokens: int, bos_id: int,
+                       projector: str = "avgpool") -> tuple[np.ndarray, np.ndarray]:
     """(input_ids, labels) of one question as the `paper` protocol asks it: `encode_raw_prompt`,
     then " " + answer + a newline; labels keep only the answer and the newline."""
-    prompt_ids = encode_raw_prompt(tokenizer, prompt, visual_tokens, bos_id)
+    prompt_ids = encode_raw_prompt(tokenizer, prompt, visual_tokens, bos_id, projector)
     answer_ids = tokenizer(" " + answer + RAW_ANSWER_END, add_special_tokens=False)["input_ids"]
     ids = np.asarray(prompt_ids + answer_ids, dtype=np.int64)
     labels = np.full_like(ids, IGNORE_INDEX)

@@ -3,8 +3,12 @@ model presets (model_configs/NAME.json) that name the components of one scale.
 
 A `VLMConfig` holds everything needed to rebuild a model with no registry and no network: the
 open_clip vision tower's config (`VisionConfig`), the Qwen2 LM's config as a dict, the
-<|image_pad|> id, the visual tokens per image in pretraining and SFT (square numbers: the pooled
-grid's cells) and the projector's widths.
+<|image_pad|> id, the visual tokens per image in pretraining and SFT, and the projector's kind and
+widths.
+
+The projector is one of two designs (`PROJECTORS`, oqvl.model.vlm says how each maps patches to
+tokens): `avgpool`, Open-Qwen2VL's, whose token count is chosen per stage (a square), and
+`merger2x2`, Qwen2-VL's, whose token count is fixed by the patch grid, (h/2) x (w/2), in both stages.
 """
 
 from __future__ import annotations
@@ -13,10 +17,13 @@ import dataclasses
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from transformers import Qwen2Config
+if TYPE_CHECKING:
+    from transformers import Qwen2Config
 
 CONFIG_FORMAT = "oqvl-vlm/1"
+PROJECTORS = ("avgpool", "merger2x2")
 PRESET_DIR = Path(__file__).parent / "model_configs"
 
 # Generic PretrainedConfig keys that only add noise to config.json.
@@ -51,13 +58,16 @@ class VLMConfig:
     image_token_id: int
     """Id of <|image_pad|>: every visual-token position holds it."""
     visual_tokens_pretrain: int
-    """Visual tokens per image in pretraining (a square: the pooled grid's cells)."""
+    """Visual tokens per image in pretraining (avgpool: a square, the pooled grid's cells;
+    merger2x2: the merged grid's cells, (h/2) x (w/2))."""
     visual_tokens_sft: int
     """Visual tokens per image in SFT."""
     projector_in: int
     """Vision width C (channels of the patch grid)."""
     projector_out: int
-    """LM hidden size D: the projector is Linear(C, D) -> GELU -> Linear(D, D)."""
+    """LM hidden size D: the projector's output width."""
+    projector: str = "avgpool"
+    """One of PROJECTORS; a config.json without it (saved before the choice existed) is avgpool."""
     freeze_vision: bool = True
     attn_implementation: str = "sdpa"
     lm_source: str | None = None
@@ -66,8 +76,11 @@ class VLMConfig:
     def __post_init__(self):
         if isinstance(self.vision, dict):
             self.vision = VisionConfig(**self.vision)
-        for key in ("visual_tokens_pretrain", "visual_tokens_sft"):
-            grid_side(getattr(self, key))
+        if self.projector not in PROJECTORS:
+            raise ValueError(f"projector must be one of {PROJECTORS}, got {self.projector!r}")
+        if self.projector == "avgpool":  # the merger's count is the tower's, checked by the model
+            for key in ("visual_tokens_pretrain", "visual_tokens_sft"):
+                grid_side(getattr(self, key))
         if self.projector_out != self.lm["hidden_size"]:
             raise ValueError(f"projector_out {self.projector_out} != LM hidden size {self.lm['hidden_size']}")
         if not 0 <= self.image_token_id < self.lm["vocab_size"]:
@@ -94,6 +107,12 @@ def grid_side(visual_tokens: int) -> int:
     return side
 
 
+def frames_images(projector: str) -> bool:
+    """Whether an image's tokens are framed by <|vision_start|> ... <|vision_end|>: Qwen2-VL's
+    layout, part of its merger design; Open-Qwen2VL's avgpool layout has the image tokens alone."""
+    return projector == "merger2x2"
+
+
 def lm_config_dict(cfg: Qwen2Config) -> dict:
     d = cfg.to_dict()
     for k in _LM_CONFIG_NOISE:
@@ -102,6 +121,9 @@ def lm_config_dict(cfg: Qwen2Config) -> dict:
 
 
 def make_lm_config(d: dict, attn_implementation: str) -> Qwen2Config:
+    # Imported here: oqvl.model.chat imports this module and stays light (no transformers).
+    from transformers import Qwen2Config
+
     cfg = Qwen2Config.from_dict(dict(d))
     cfg._attn_implementation = attn_implementation
     return cfg

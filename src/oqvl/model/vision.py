@@ -165,6 +165,13 @@ def vision_width(visual: nn.Module) -> int:
     return int(visual.transformer.width)
 
 
+def patch_grid(visual: nn.Module) -> tuple[int, int]:
+    """(h, w) of the tower's patch grid (timm trunk or native open_clip ViT)."""
+    trunk = getattr(visual, "trunk", None)
+    h, w = trunk.patch_embed.grid_size if trunk is not None else visual.grid_size
+    return int(h), int(w)
+
+
 def read_open_clip_visual_state(path) -> dict[str, torch.Tensor]:
     """The `visual.*` weights of an open_clip checkpoint (.safetensors file, or a directory holding
     model.safetensors or open_clip_model.safetensors), prefix stripped."""

@@ -1,4 +1,4 @@
-"""The Open-Qwen2VL model at both scales: open_clip vision tower -> pool + MLP projector -> Qwen2 LM.
+"""The Open-Qwen2VL model at both scales: open_clip vision tower -> projector -> Qwen2 LM.
 
     images (N,3,H,W) --vision tower (frozen)--> patch grid (N,C,h,w)      toy 8x8,   paper 27x27
                      --AdaptiveAvgPool2d(g)--> (N, g*g, C)                toy 4x4|8x8, paper 12x12|27x27
@@ -22,6 +22,20 @@ One code path for both scales; only the components differ (model_configs/*.json)
 
 The number of visual tokens per image is a forward-time argument (or the `visual_tokens`
 attribute), so the same weights run at 144 tokens in pretraining and 729 in SFT (low-to-high).
+
+The projector is a config switch (`VLMConfig.projector`), to compare Qwen2-VL's adapter with
+Open-Qwen2VL's at toy scale:
+- `avgpool` (default, above): Open-Qwen2VL's pool + MLP, any square token count per stage;
+- `merger2x2`: Qwen2-VL's PatchMerger (transformers' own class): each 2x2 block of adjacent
+  patches -> LayerNorm(C) per patch, the 4 concatenated (4C) -> Linear(4C,4C) GELU Linear(4C,D),
+  one token per block, blocks row-major: (N, (h/2)*(w/2), D). Each image's tokens are framed by
+  <|vision_start|> ... <|vision_end|> (oqvl.model.chat.image_text), as Qwen2-VL lays them out.
+  Its token count is the grid's, not a choice: the merger always merges 2x2 blocks, so only a
+  larger grid (larger images) gives more tokens. A merger2x2 model therefore uses (h/2)*(w/2)
+  tokens in pretraining and SFT alike; both config counts must say so (toy: 8x8 patches -> 16
+  and 16, where avgpool uses 16 and 64: the toy tower, trained at 64 px with fixed position
+  embeddings, takes no larger image). Another count, or an odd side (paper: 27x27 has no 2x2
+  tiling), is an error.
 
 Packed sequences: with `doc_ids` (B,T) (document index per token, padding -1) attention is
 block-diagonal causal and positions restart at 0 per document (`oqvl.pack.sequence`); without
@@ -50,6 +64,7 @@ from safetensors.torch import load_model, save_model
 from torch import nn
 from transformers import Qwen2Config, Qwen2ForCausalLM
 from transformers.cache_utils import DynamicCache
+from transformers.models.qwen2_vl.modeling_qwen2_vl import PatchMerger
 
 from ..io import write_text
 from ..pack.sequence import document_attention_mask, document_position_ids
@@ -66,6 +81,7 @@ from .vision import (
     build_vision_tower,
     is_clip_checkpoint,
     load_vision_tower,
+    patch_grid,
     vision_width,
 )
 
@@ -142,6 +158,42 @@ class Projector(nn.Module):
         return self.fc2(self.act(self.fc1(x)))
 
 
+def merged_tokens(h: int, w: int) -> int:
+    """Visual tokens the 2x2 merger makes of an h x w patch grid: one per 2x2 block."""
+    if h % 2 or w % 2:
+        raise ValueError(f"merger2x2 merges 2x2 blocks of patches: the patch grid must have even sides, got {h}x{w}")
+    return (h // 2) * (w // 2)
+
+
+def merge_order(patch_grid: torch.Tensor) -> torch.Tensor:
+    """(N, C, h, w) -> (N*h*w, C), the patches in the order PatchMerger's view(-1, 4C) merges:
+    images, then 2x2 blocks row-major, then each block's 4 patches row-major (top-left, top-right,
+    bottom-left, bottom-right), as Qwen2-VL's image processor lays patches out (`patchify`)."""
+    N, C, h, w = patch_grid.shape
+    blocks = patch_grid.reshape(N, C, h // 2, 2, w // 2, 2)  # (N, C, block row, dy, block col, dx)
+    return blocks.permute(0, 2, 4, 3, 5, 1).reshape(-1, C)
+
+
+class MergerProjector(nn.Module):
+    """Qwen2-VL's adapter: transformers' PatchMerger on each 2x2 block of adjacent patches,
+    LayerNorm(C) -> the 4 patches concatenated -> Linear(4C, 4C) -> GELU -> Linear(4C, D).
+    `visual_tokens` is only checked: the count is the grid's, (h/2) x (w/2)."""
+
+    def __init__(self, vision_dim: int, lm_dim: int):
+        super().__init__()
+        self.merger = PatchMerger(dim=lm_dim, context_dim=vision_dim, spatial_merge_size=2)
+
+    def forward(self, patch_grid: torch.Tensor, visual_tokens: int) -> torch.Tensor:
+        N, _, h, w = patch_grid.shape
+        tokens = merged_tokens(h, w)
+        if visual_tokens != tokens:
+            raise ValueError(f"merger2x2 makes {tokens} visual tokens of a {h}x{w} patch grid, not {visual_tokens}")
+        return self.merger(merge_order(patch_grid)).view(N, tokens, -1)
+
+
+PROJECTOR_CLASSES = {"avgpool": Projector, "merger2x2": MergerProjector}  # by VLMConfig.projector
+
+
 @dataclass
 class VLMOutput:
     loss: torch.Tensor | None
@@ -162,7 +214,15 @@ class OpenQwen2VL(nn.Module):
         width = vision_width(self.vision)
         if width != config.projector_in:
             raise ValueError(f"vision tower width {width} != projector_in {config.projector_in}")
-        self.projector = Projector(config.projector_in, config.projector_out)
+        if config.projector == "merger2x2":
+            h, w = patch_grid(self.vision)
+            tokens = merged_tokens(h, w)
+            if (config.visual_tokens_pretrain, config.visual_tokens_sft) != (tokens, tokens):
+                raise ValueError(
+                    f"merger2x2 makes {tokens} visual tokens of the {h}x{w} patch grid in both stages: "
+                    f"visual_tokens_pretrain and visual_tokens_sft must be {tokens}, got "
+                    f"{config.visual_tokens_pretrain} and {config.visual_tokens_sft}")
+        self.projector = PROJECTOR_CLASSES[config.projector](config.projector_in, config.projector_out)
         self.lm = lm if lm is not None else Qwen2ForCausalLM(
             make_lm_config(config.lm, config.attn_implementation))
         self.visual_tokens = config.visual_tokens_pretrain
@@ -187,6 +247,7 @@ class OpenQwen2VL(nn.Module):
         preprocess: dict | None = None,
         lm_layers: int = 0,
         vision_layers: int = 0,
+        projector: str = "avgpool",
     ) -> OpenQwen2VL:
         """A fresh model from its parts (fp32).
 
@@ -197,6 +258,7 @@ class OpenQwen2VL(nn.Module):
             loaded offline; or a Qwen2Config (or its kwargs) for a freshly initialised LM.
         lm_layers, vision_layers: > 0 keeps only the first N decoder layers / tower blocks at full
             width (with their weights when loaded): the reduced-depth smoke configuration.
+        projector: one of config.PROJECTORS; with merger2x2 both token counts must be the grid's.
         """
         vcfg, tower = load_vision_tower(vision, vision_pretrained, feature_layer=feature_layer,
                                         preprocess=preprocess, depth=vision_layers)
@@ -220,7 +282,8 @@ class OpenQwen2VL(nn.Module):
             vision=vcfg, lm=lm_config_dict(lm_model.config), image_token_id=image_token_id,
             visual_tokens_pretrain=visual_tokens_pretrain, visual_tokens_sft=visual_tokens_sft,
             projector_in=vision_width(tower), projector_out=lm_model.config.hidden_size,
-            freeze_vision=freeze_vision, attn_implementation=attn_implementation, lm_source=lm_source)
+            projector=projector, freeze_vision=freeze_vision, attn_implementation=attn_implementation,
+            lm_source=lm_source)
         return cls(config, vision=tower, lm=lm_model)
 
     @classmethod

@@ -4,7 +4,8 @@
         --visual-tokens 16 --context-len 512 --scope mixture --too-long drop --out results/packed/ccs+laion
 
 A sample (document) is `BOS <image tokens> "\\n" caption EOS`; its length is text tokens + visual
-tokens + 2. Which tokens BOS and EOS are is --document-tokens (oqvl.model.tokenizer.DOCUMENT_TOKENS):
+tokens + 2 (+ 2 more with --projector merger2x2: Qwen2-VL's <|vision_start|> and <|vision_end|>
+around the image tokens, oqvl.model.chat.image_text). Which tokens BOS and EOS are is --document-tokens (oqvl.model.tokenizer.DOCUMENT_TOKENS):
 `project`, both `<|endoftext|>` (Qwen2 has no BOS; it is its document separator), or `reference`,
 "<s>" and the tokenizer's eos_token as the reference packs them. Bins are filled first-fit-decreasing; padding (the tokenizer's own pad token) is added
 by the training loader, which knows context_len.
@@ -27,22 +28,25 @@ from tqdm import tqdm
 
 from ..io import sha256_file, write_json, write_parquet
 from ..manifest import args_config, manifest_path, write_manifest
+from ..model.chat import image_text
+from ..model.config import PROJECTORS
 from ..model.tokenizer import DOCUMENT_TOKENS, document_eos_id, training_tokenizer
 from ..shards import iter_samples, sample_caption, sample_uid, shard_paths
 from .ffd import fill_ratio, first_fit_decreasing
 
 
 def tokenize_documents(shards: Path, tokenizer, visual_tokens: int, batch: int = 1024,
-                       document_tokens: str = "project") -> pd.DataFrame:
+                       document_tokens: str = "project", projector: str = "avgpool") -> pd.DataFrame:
     """One row per sample: uid, shard, key, text_ids ("\\n" caption EOS) and total length."""
     eos = document_eos_id(tokenizer, document_tokens)
+    image = len(tokenizer(image_text(visual_tokens, projector), add_special_tokens=False)["input_ids"])
     rows, texts = [], []
 
     def flush():
         ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
         for row, t in zip(rows[len(rows) - len(texts):], ids):
             row["text_ids"] = np.asarray(t + [eos], dtype=np.int32)
-            row["length"] = 1 + visual_tokens + len(row["text_ids"])  # BOS + image + text + EOS
+            row["length"] = 1 + image + len(row["text_ids"])  # BOS + image + text + EOS
         texts.clear()
 
     for path in shard_paths(shards):
@@ -119,13 +123,15 @@ def main(argv=None):
     ap.add_argument("--too-long", choices=["drop", "truncate"], default="drop")
     ap.add_argument("--document-tokens", choices=DOCUMENT_TOKENS, default="project",
                     help="BOS/EOS convention of the documents")
+    ap.add_argument("--projector", choices=PROJECTORS, default="avgpool",
+                    help="the model's projector, whose design sets an image's layout (oqvl.model.config)")
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     try:
         tokenizer = training_tokenizer(args.tokenizer, args.document_tokens)
         docs = tokenize_documents(args.shards, tokenizer, args.visual_tokens,
-                                  document_tokens=args.document_tokens)
+                                  document_tokens=args.document_tokens, projector=args.projector)
     except (FileNotFoundError, OSError, ValueError) as e:
         sys.exit(f"error: {e}")
     n_in = len(docs)
@@ -143,6 +149,7 @@ def main(argv=None):
         "context_len": args.context_len,
         "visual_tokens": args.visual_tokens,
         "document_tokens": args.document_tokens,
+        "projector": args.projector,
         "scope": args.scope,
         "real_tokens": real,
         "padding_tokens": len(seqs) * args.context_len - real,

@@ -150,11 +150,15 @@ class PackedCaptions:
     """Pretraining examples: the packed sequences of one mixture (oqvl.pack's index)."""
 
     def __init__(self, packed_dir, shards_dir, transform, *, bos_id: int, image_token_id: int,
-                 pad_id: int, doc_isolation: bool):
+                 pad_id: int, doc_isolation: bool, vision_ids: tuple[int, int] | None = None):
+        """vision_ids: the ids framing each image (oqvl.model.chat.vision_ids), for the model's
+        projector; the packing's own (`projector`) must be the same, which the caller checks."""
         packed = Path(packed_dir)
         stats = json.loads((packed / "stats.json").read_text())
         self.context_len, self.visual_tokens = stats["context_len"], stats["visual_tokens"]
         self.document_tokens = stats.get("document_tokens", "project")  # older packings had no choice
+        self.projector = stats.get("projector", "avgpool")  # likewise
+        self.vision_ids = vision_ids
         docs = pd.read_parquet(packed / "documents.parquet", columns=["shard", "key", "text_ids"])
         self.doc_shard, self.doc_key = docs["shard"].tolist(), docs["key"].tolist()
         self.text_ids = docs["text_ids"].tolist()
@@ -171,14 +175,16 @@ class PackedCaptions:
         ids, docs, images = [], [], []
         for i in indices:
             members = [int(d) for d in self.seq_docs[i]]
-            x, d = sequence_tokens(members, self.text_ids, self.context_len, self.visual_tokens, **self.ids)
+            x, d = sequence_tokens(members, self.text_ids, self.context_len, self.visual_tokens, **self.ids,
+                                   vision_ids=self.vision_ids)
             ids.append(x)
             docs.append(d)
             images += [decode_image(self.images.read(self.doc_shard[m], self.doc_key[m]), self.transform)
                        for m in members]
         input_ids = torch.from_numpy(np.stack(ids))
         doc_ids = torch.from_numpy(np.stack(docs))
-        labels = pretrain_labels(input_ids, self.ids["image_token_id"], self.ids["pad_id"], doc_ids=doc_ids)
+        labels = pretrain_labels(input_ids, self.ids["image_token_id"], self.ids["pad_id"], doc_ids=doc_ids,
+                                 vision_ids=self.vision_ids)
         return Batch(input_ids, labels, torch.stack(images) if images else None,
                      doc_ids if self.doc_isolation else None, int((doc_ids >= 0).sum()),
                      attn_pairs=attention_pairs(doc_ids, self.doc_isolation))
@@ -188,8 +194,10 @@ class Conversations:
     """SFT examples: conversations with at most one image each (oqvl.train.sft_data's records)."""
 
     def __init__(self, records, tokenizer, transform, *, visual_tokens: int, max_len: int, pad_id: int,
-                 bos_id: int, too_long: str = "raise", image_token_id: int | None = None):
+                 bos_id: int, too_long: str = "raise", image_token_id: int | None = None,
+                 projector: str = "avgpool"):
         self.records = records
+        self.projector = projector  # the model's: it sets an image's layout (oqvl.model.chat.image_text)
         self.too_long, self.image_token_id = too_long, image_token_id
         self.bos_id = bos_id  # raw-format records start with it, as the paper protocol's prompts
         self.tokenizer = tokenizer
@@ -210,9 +218,10 @@ class Conversations:
                     raise ValueError(f"SFT example {rec.id}: a raw-format record holds one user turn and its answer")
                 user, assistant = rec.messages
                 ids, labels = encode_raw_example(self.tokenizer, user["content"], assistant["content"],
-                                                 self.visual_tokens, self.bos_id)
+                                                 self.visual_tokens, self.bos_id, self.projector)
             else:
-                ids, labels = encode_conversation(self.tokenizer, rec.messages, self.visual_tokens)
+                ids, labels = encode_conversation(self.tokenizer, rec.messages, self.visual_tokens,
+                                                  self.projector)
             if self.too_long == "truncate":
                 cut = truncate_as_reference(ids, labels, self.max_len, self.image_token_id, rec.id)
                 n_truncated += len(cut[0]) < len(ids)

@@ -49,6 +49,7 @@ from tqdm import tqdm
 
 from ..io import sha256_file, weights_identity, write_json
 from ..manifest import manifest_path, write_manifest
+from ..model.chat import vision_ids
 from ..model.config import PRESET_DIR
 from ..model.flops import model_cost, peak_flops, step_flops
 from ..model.tokenizer import (
@@ -106,6 +107,8 @@ class TrainConfig:
     """pretrain: keep the first N decoder layers at full width (0: all; the reduced-depth smoke configuration)."""
     vision_layers: int = 0
     """pretrain: keep the first N vision tower blocks at full width (0: all)."""
+    projector: str = "avgpool"
+    """pretrain: avgpool (Open-Qwen2VL's) or merger2x2 (Qwen2-VL's), oqvl.model.config; SFT keeps the pretrained model's."""
     freeze_vision: bool = True
     doc_isolation: bool = True
     """pretrain: block-diagonal attention + per-document positions in packed sequences."""
@@ -184,6 +187,8 @@ class TrainConfig:
         skip = {"out", "save_every", "keep_last", "threads", "tokenizer", "packed", "shards",
                 "sft_data", "image_root", "vision_weights", "lm_path", "init_from",
                 "workers", "prefetch", "tensorboard", "wandb", "peak_tflops", "time_phases"}
+        if self.projector == "avgpool":
+            skip.add("projector")  # the default keeps the key it had before the switch: its checkpoints resume
         return {k: v for k, v in asdict(self).items() if k not in skip}
 
     def input_files(self) -> list[Path]:
@@ -306,7 +311,8 @@ def build_model(cfg: TrainConfig) -> tuple[OpenQwen2VL, int]:
         tokens = {k: getattr(cfg, k) for k in ("visual_tokens_pretrain", "visual_tokens_sft") if getattr(cfg, k)}
         model = OpenQwen2VL.from_preset(cfg.preset, vision_weights=cfg.vision_weights, lm_path=cfg.lm_path,
                                         random_init=cfg.random_init, lm_layers=cfg.lm_layers,
-                                        vision_layers=cfg.vision_layers, freeze_vision=cfg.freeze_vision, **tokens)
+                                        vision_layers=cfg.vision_layers, freeze_vision=cfg.freeze_vision,
+                                        projector=cfg.projector, **tokens)
         return model, model.config.visual_tokens_pretrain
     model = OpenQwen2VL.from_pretrained(cfg.init_from)
     model.set_vision_frozen(cfg.freeze_vision)
@@ -316,10 +322,14 @@ def build_model(cfg: TrainConfig) -> tuple[OpenQwen2VL, int]:
 def build_data(cfg: TrainConfig, model: OpenQwen2VL, tokenizer, visual_tokens: int):
     transform = model.image_transform()
     pad_id = tokenizer.convert_tokens_to_ids(ENDOFTEXT)
+    projector = model.config.projector
     if cfg.stage == "pretrain":
         ds = PackedCaptions(cfg.packed, cfg.shards, transform, bos_id=document_bos_id(tokenizer),
                             image_token_id=model.config.image_token_id, pad_id=pad_id,
-                            doc_isolation=cfg.doc_isolation)
+                            doc_isolation=cfg.doc_isolation, vision_ids=vision_ids(tokenizer, projector))
+        if ds.projector != projector:
+            raise ValueError(f"{cfg.packed} was packed for projector {ds.projector} (its image layout), "
+                             f"the model's is {projector}")
         if ds.document_tokens != cfg.document_tokens:
             raise ValueError(f"{cfg.packed} was packed with document_tokens {ds.document_tokens}, "
                              f"training asks for {cfg.document_tokens}")
@@ -330,7 +340,7 @@ def build_data(cfg: TrainConfig, model: OpenQwen2VL, tokenizer, visual_tokens: i
     return Conversations(load_records(cfg.sft_data, cfg.image_root), tokenizer, transform,
                          visual_tokens=visual_tokens, max_len=cfg.max_len, pad_id=pad_id,
                          bos_id=document_bos_id(tokenizer), too_long=cfg.too_long,
-                         image_token_id=model.config.image_token_id)
+                         image_token_id=model.config.image_token_id, projector=projector)
 
 
 def total_steps(cfg: TrainConfig, n_examples: int) -> int:
