@@ -329,3 +329,67 @@ def test_evaluate_entry_point_scores_a_qwen2_vl_directory(ckpt, data_dir, tmp_pa
     assert len(lmms) == 36 and not lmms[0]["input"].startswith("<image>")  # lmms-eval's own prompt
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["stage"] == "evaluate" and str(ckpt) in manifest["inputs"]
+
+
+# ------------------------------------------------------------------------- config, plan, table4
+
+def paper_config() -> dict:
+    import yaml
+
+    return yaml.safe_load((REPO / "config" / "full.yaml").read_text())
+
+
+def test_paper_config_evaluates_qwen2_vl_as_downloaded_at_a_pinned_revision():
+    from oqvl import layout
+    from oqvl.config import ConfigError, validate
+    from oqvl.plan import Plan
+    from oqvl.scale import resolve
+
+    cfg = validate(paper_config())
+    spec = cfg["released"]["Qwen2-VL-2B-Instruct"]
+    assert spec["format"] == "qwen2_vl" and spec["model_dir"] == "models/Qwen2-VL-2B-Instruct"
+    assert len(spec["revision"]) == 40 and int(spec["revision"], 16) >= 0
+    plan = Plan(cfg, resolve(cfg))
+    assert list(plan.released("qwen2_vl")) == ["Qwen2-VL-2B-Instruct"]
+    assert list(plan.released("prismatic")) == ["Open-Qwen2VL-2B"]
+    assert plan.released_checkpoint("Qwen2-VL-2B-Instruct") == "models/Qwen2-VL-2B-Instruct/config.json"
+    assert plan.released_checkpoint("Open-Qwen2VL-2B") == layout.released_model("Open-Qwen2VL-2B")
+    assert plan.released_jobs("Qwen2-VL-2B-Instruct") == [
+        ("eval_data", {}), ("evaluate_released", {"name": "Qwen2-VL-2B-Instruct", "split": "test"})]
+    assert [r for r, _ in plan.released_jobs("Open-Qwen2VL-2B")][0] == "convert_released"
+    record = plan.released_record("Qwen2-VL-2B-Instruct")
+    assert record["manifests"] == [layout.manifest("evaluate_released", name="Qwen2-VL-2B-Instruct", split="test")]
+    assert record["paper_row"] == "Qwen2-VL-2B-Instruct" and record["revision"] == spec["revision"]
+    assert ("evaluate_released", {"name": "Qwen2-VL-2B-Instruct", "split": "test"}) in plan.all_jobs()
+    # each format takes its own keys
+    bad = paper_config()
+    bad["released"]["Qwen2-VL-2B-Instruct"]["lm"] = "models/Qwen2-1.5B"
+    with pytest.raises(ConfigError, match=r"^unknown key released.Qwen2-VL-2B-Instruct.lm$"):
+        validate(bad)
+    bad = paper_config()
+    del bad["released"]["Qwen2-VL-2B-Instruct"]["model_dir"]
+    with pytest.raises(ConfigError, match=r"^released.Qwen2-VL-2B-Instruct: .model_dir. is a required property"):
+        validate(bad)
+
+
+def test_table4_shows_qwen2_vl_measured_beside_the_papers_row(tmp_path):
+    from oqvl.report import tables
+
+    scores = {"MMBench": 70.0, "SEEDBench": 71.0, "MMStar": 45.0, "MathVista": 40.0, "POPE": 86.0}
+    evals = []
+    for b, v in scores.items():
+        path = tmp_path / f"{b}.json"
+        path.write_text(json.dumps([{"run": "Qwen2-VL-2B-Instruct", "benchmark": b, "protocol": p, "metric": "accuracy",
+                                     "value": v, "n": 10, "chance": 25.0, "control": 25.0, "above_chance": True}
+                                    for p in ("paper", "lmms")]))
+        evals.append(str(path))
+    record = {"evals": evals, "manifests": [], "sft_data": "Qwen2-VL's own (not released)",
+              "paper_row": "Qwen2-VL-2B-Instruct", "revision": "895c3a49bc3fa70a340399125c650a463535e71c"}
+    df = tables.build("table4", {"runs": {}, "mixtures": {}}, {}, {"Qwen2-VL-2B-Instruct": record})
+    measured = df[df["run"] == "Qwen2-VL-2B-Instruct"].set_index("protocol")
+    assert list(measured.index) == ["paper", "lmms"]
+    assert (measured["row"] == "Qwen2-VL-2B-Instruct (released checkpoint, measured)").all()
+    assert measured.loc["paper", "MMBench"] == 70.0 and measured.loc["paper", "avg_5"] == 62.4
+    assert "revision 895c3a49bc3f" in measured.loc["paper", "source"]
+    # the paper's copied row of the same model (Table 4's baseline)
+    assert df[df["row"] == "Qwen2-VL-2B-Instruct"]["MMBench"].tolist() == [68.8]
