@@ -185,6 +185,22 @@ def test_paper_decoding_is_greedy_batched_and_stops_at_the_reference_ids(lm, ckp
     assert batched == want and len(set(batched)) > 1
 
 
+def test_paper_protocol_computes_a_repeated_question_once(lm):
+    rows, generate = [], lm.model.generate
+
+    def spy(**kwargs):
+        rows.append(kwargs["input_ids"].shape[0])
+        return generate(**kwargs)
+
+    reqs = pope_requests(lm, "oqvl_pope_paper", n=2)
+    lm.model.generate = spy
+    try:
+        texts = lm.generate_until(reqs + reqs[:1])  # the first question again, same picture
+    finally:
+        del lm.model.generate
+    assert sum(rows) == 2 and texts[0] == texts[2]
+
+
 def test_paper_answer_keeps_its_stop_token(lm, ckpt):
     """A stop id ends the answer and stays in it ("Yes." stays "Yes."): a token of a free answer
     made a stop id cuts that answer right after it."""

@@ -117,9 +117,8 @@ class Qwen2VL(Qwen2_VL):
         text = context.replace(IMAGE, self.image_text)
         images = [v.convert("RGB") for v in visuals] or None
         enc = self.paper_processor(text=[text], images=images, return_tensors="pt")
-        item = {k: enc[k][0] for k in ("input_ids", "attention_mask", "mm_token_type_ids") if k in enc}
         first = {"input_ids": self.bos_id, "attention_mask": 1, "mm_token_type_ids": 0}
-        item = {k: torch.cat([v.new_tensor([first[k]]), v]) for k, v in item.items()}
+        item = {k: torch.cat([enc[k][0].new_tensor([v]), enc[k][0]]) for k, v in first.items()}
         if images:
             item["pixel_values"], item["image_grid_thw"] = enc["pixel_values"], enc["image_grid_thw"]
         return item
@@ -128,10 +127,11 @@ class Qwen2VL(Qwen2_VL):
     def _key(item: dict) -> tuple:
         """Identifies a model input: its ids and pixels (a question asked twice about the same
         picture, as POPE asks each yes question under all three samplings, is computed once)."""
-        pixels = item.get("pixel_values")
-        digest = b"" if pixels is None else hashlib.blake2b(pixels.contiguous().numpy().tobytes(),
-                                                            digest_size=16).digest()
-        return tuple(item["input_ids"].tolist()), digest
+        if "pixel_values" not in item:
+            return tuple(item["input_ids"].tolist()), b""
+        digest = hashlib.blake2b(item["pixel_values"].contiguous().numpy().tobytes(), digest_size=16)
+        digest.update(item["image_grid_thw"].numpy().tobytes())
+        return tuple(item["input_ids"].tolist()), digest.digest()
 
     def _batch(self, items: list[dict], left: bool) -> dict:
         """Items padded to one width (left for generation, right for scoring), images concatenated
@@ -144,10 +144,7 @@ class Qwen2VL(Qwen2_VL):
             n = len(it["input_ids"])
             cols = slice(width - n, width) if left else slice(0, n)
             for k in batch:
-                if k in it:
-                    batch[k][b, cols] = it[k]
-                elif k == "attention_mask":
-                    batch[k][b, cols] = 1
+                batch[k][b, cols] = it[k]
         with_images = [it for it in items if "pixel_values" in it]
         if with_images:
             batch["pixel_values"] = torch.cat([it["pixel_values"] for it in with_images])
