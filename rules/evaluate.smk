@@ -30,21 +30,22 @@ rule eval_data:
 
 
 RELEASED = P.released()
+CONVERTED = P.released("prismatic")  # the others (qwen2_vl) are evaluated as downloaded
 
-if RELEASED:
+if CONVERTED:
 
     rule convert_released:
         """A released checkpoint (config `released`: a prismatic-vlms run directory) converted to
         this project's format, with an explicit key map and a strict load (oqvl.model.prismatic)."""
         input:
-            run_dir=lambda w: RELEASED[w.name]["run_dir"],
-            lm=lambda w: RELEASED[w.name]["lm"],
-            vision_weights=lambda w: RELEASED[w.name].get("vision_weights") or [],
+            run_dir=lambda w: CONVERTED[w.name]["run_dir"],
+            lm=lambda w: CONVERTED[w.name]["lm"],
+            vision_weights=lambda w: CONVERTED[w.name].get("vision_weights") or [],
         output:
             model=L.released_model(),
             manifest=L.manifest("convert_released"),
         wildcard_constraints:
-            name=alternatives(RELEASED),
+            name=alternatives(CONVERTED),
         params:
             out=lambda w: L.released_dir(w.name),
             vision=lambda w, input: f"--vision-weights {shlex.quote(str(input.vision_weights))}"
@@ -104,8 +105,8 @@ rule evaluate:
 if RELEASED:
 
     use rule evaluate as evaluate_released with:
-        input:
-            checkpoint=lambda w: L.released_model(w.name),
+        input:  # the converted checkpoint, or a Qwen2-VL download itself (model oqvl_qwen2_vl)
+            checkpoint=lambda w: P.released_checkpoint(w.name),
             data=benchmark_files,
         output:
             rows=[L.released_eval_rows(benchmark=b) for b in BENCHMARKS],

@@ -29,14 +29,14 @@ def snakemake(workdir: Path, *args: str, configfile: Path | None = None, check=T
 
 
 def lmms_eval_cli(launcher: list[str], ckpt: Path, tasks: list[str], task_dir: Path, out: Path,
-                  limit: int) -> dict:
-    """lmms-eval's command line on the `oqvl` model, offline; its results JSON."""
+                  limit: int, model: str = "oqvl", model_args: str = "max_new_tokens=4") -> dict:
+    """lmms-eval's command line on a model (default the `oqvl` model), offline; its results JSON."""
     import json
 
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1",
                LMMS_EVAL_DATASETS_CACHE=str(out / "cache"))
     proc = subprocess.run(
-        [*launcher, "--model", "oqvl", "--model_args", f"pretrained={ckpt},max_new_tokens=4",
+        [*launcher, "--model", model, "--model_args", ",".join(filter(None, [f"pretrained={ckpt}", model_args])),
          "--include_path", str(task_dir), "--tasks", ",".join(tasks), "--batch_size", "4",
          "--limit", str(limit), "--output_path", str(out), "--log_samples",
          "--verbosity", "DEBUG"],  # DEBUG: lmms-eval re-raises errors instead of only logging them

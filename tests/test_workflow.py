@@ -57,9 +57,10 @@ def paper_downloads(root, mlm_import: bool = False):
             pairs.to_parquet(path)
     files = [cfg["filter"]["sources"]["datacomp"]["uid_list"], cfg["filter"]["clip"]["pretrained"],
              cfg["model"]["vision_weights"], cfg["sft_data"]["path"],
-             *(r["sft_data"]["path"] for r in cfg["runs"].values() if "sft_data" in r)]
+             *(r["sft_data"]["path"] for r in cfg["runs"].values() if "sft_data" in r),
+             *(f"{r['model_dir']}/config.json" for r in cfg["released"].values() if "model_dir" in r)]
     folders = [cfg["model"]["lm_path"], cfg["model"]["tokenizer"]["path"], *cfg["evaluate"]["real"].values(),
-               *(r["run_dir"] for r in cfg["released"].values()),
+               *(r["run_dir"] for r in cfg["released"].values() if "run_dir" in r),
                *((f"{mlm['scores_dir']}/{s}" for s in mlm["sources"]) if mlm_import
                  else (mlm["release"]["path"], mlm["release"]["vision"]))]
     for f in files:
@@ -91,6 +92,26 @@ def test_paper_config_plans_the_same_dag(tmp_path):
     assert "rule evaluate_released:" in out and "wildcards: name=Open-Qwen2VL-2B, split=test\n" in out
     for b in ("MMBench", "SEEDBench", "MMStar", "MathVista", "POPE"):
         assert f"results/released/Open-Qwen2VL-2B/eval/test/{b}.json" in out, b
+    # The Qwen2-VL baseline: evaluated as downloaded (no conversion), on every benchmark.
+    assert "wildcards: name=Qwen2-VL-2B-Instruct, split=test\n" in out
+    assert "wildcards: name=Qwen2-VL-2B-Instruct\n" not in out
+    assert out.count("\nrule evaluate_released:") == 2 and out.count("\nrule convert_released:") == 1
+    for b in ("MMBench", "SEEDBench", "MMStar", "MathVista", "POPE"):
+        assert f"results/released/Qwen2-VL-2B-Instruct/eval/test/{b}.json" in out, b
+
+
+def test_paper_config_evaluates_the_qwen2_vl_download_itself(tmp_path):
+    cfg = paper_downloads(tmp_path)
+    proc = snakemake(tmp_path, "-n", "-p", "results/table4.csv", configfile=cfg)
+    out = proc.stdout + proc.stderr
+    (job,) = [line for line in out.splitlines() if "-m oqvl.evaluate " in line and "Qwen2-VL-2B-Instruct" in line]
+    assert "--checkpoint models/Qwen2-VL-2B-Instruct --run Qwen2-VL-2B-Instruct --split test" in job
+    assert "--device cuda" in job and "--out results/released/Qwen2-VL-2B-Instruct/eval/test" in job
+    # its evaluation rows are table4's inputs, beside the converted Open-Qwen2VL checkpoint's
+    table4 = out[out.index("\nrule table4:"):]
+    table4 = table4[:table4.index("\n\n")]
+    assert "results/released/Qwen2-VL-2B-Instruct/eval/test/POPE.json" in table4
+    assert "results/released/Qwen2-VL-2B-Instruct/eval/test/manifest.json" in table4
 
 
 def test_paper_config_plans_the_final_model_and_the_isolation_ablation(tmp_path):

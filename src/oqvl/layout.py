@@ -196,7 +196,8 @@ def run_results(run="{run}"):
 
 
 def released_dir(name="{name}"):
-    """A released checkpoint converted to this project's format (config `released`)."""
+    """A released checkpoint's folder (config `released`): its conversion to this project's format
+    (format prismatic; a qwen2_vl release is read where it was downloaded) and its evaluation."""
     return f"{RESULTS}/released/{name}"
 
 

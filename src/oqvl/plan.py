@@ -285,18 +285,29 @@ class Plan:
         return [L.eval_rows(benchmark=b, **wc) for seed in self.seeds(run)
                 for wc in self.eval_wildcards(run, seed) for b in self.benchmarks]
 
-    def released(self) -> dict:
-        return self.config.get("released") or {}
+    def released(self, fmt: str | None = None) -> dict:
+        """The released checkpoints (config `released`), or those of one format."""
+        released = self.config.get("released") or {}
+        return {n: r for n, r in released.items() if fmt is None or r["format"] == fmt}
+
+    def released_checkpoint(self, name: str) -> str:
+        """The config.json of what evaluate_released loads: the converted checkpoint (prismatic), or
+        the downloaded Qwen2-VL directory itself (qwen2_vl, read as transformers saved it)."""
+        spec = self.released()[name]
+        return f"{spec['model_dir']}/config.json" if spec["format"] == "qwen2_vl" else L.released_model(name)
+
+    def _released_converted(self, name: str) -> bool:
+        return self.released()[name]["format"] == "prismatic"
 
     def released_jobs(self, name: str) -> list[Job]:
-        return [("convert_released", {"name": name}), ("eval_data", {}),
-                ("evaluate_released", {"name": name, "split": "test"})]
+        convert = [("convert_released", {"name": name})] if self._released_converted(name) else []
+        return [*convert, ("eval_data", {}), ("evaluate_released", {"name": name, "split": "test"})]
 
     def released_record(self, name: str) -> dict:
         """What table4 reads of a released checkpoint: its evaluation rows and their manifests."""
+        convert = [L.manifest("convert_released", name=name)] if self._released_converted(name) else []
         return {"evals": [L.released_eval_rows(name, b, "test") for b in self.benchmarks],
-                "manifests": [L.manifest("convert_released", name=name),
-                              L.manifest("evaluate_released", name=name, split="test")],
+                "manifests": [*convert, L.manifest("evaluate_released", name=name, split="test")],
                 **{k: self.released()[name].get(k) for k in ("sft_data", "paper_row", "revision")}}
 
     def all_jobs(self) -> list[Job]:

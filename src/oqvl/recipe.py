@@ -68,7 +68,7 @@ NOT_RECIPE = {
     "runs.*.sft_data.image_root": "where the user put the SFT images",
     "runs.*.mixture": "names a mixture (the mixtures' own rows are the recipe)",
     "runs.ccs+datacomp_mlm+isolation.*": "this project's ablation, not the reference's",
-    "released.*": "the released checkpoint scored as it is",
+    "released.*": "the released checkpoints (Open-Qwen2VL, the Qwen2-VL baseline) scored as they are",
     "evaluate.*": "the protocols are code (oqvl.evaluate.paper, shared/reference paper-protocol.md)",
     "report.*": "the paper's reported compute and this project's projection",
     "containers.*": "this project's images",

@@ -17,6 +17,10 @@ lmms-eval runs in this process through its Python API (`simple_evaluate` with an
 benchmark and protocol: at toy size, start-up (imports, the model) costs more than a benchmark.
 Its task index holds only our tasks: indexing its ~2,000 built-in tasks costs more than a toy
 evaluation. The `lmms-eval` command itself works too (see adapter.py).
+
+The checkpoint is this project's (lmms-eval model `oqvl`, adapter.py) or a released Qwen2-VL
+directory as transformers saves it (`oqvl_qwen2_vl`, qwen2vl.py: lmms-eval's own `qwen2_vl` for
+the lmms protocol), told apart by its config.json's model_type.
 """
 
 from __future__ import annotations
@@ -56,6 +60,29 @@ def cli_args(**overrides) -> argparse.Namespace:
     return args
 
 
+def checkpoint_format(checkpoint: Path) -> str:
+    """`qwen2_vl` for a transformers Qwen2-VL directory (its config.json's model_type, as
+    transformers' Auto classes read it), else `oqvl` (this project's checkpoints)."""
+    try:
+        config = json.loads((Path(checkpoint) / "config.json").read_text())
+    except (OSError, ValueError):
+        return "oqvl"  # the oqvl loader names what is missing
+    return "qwen2_vl" if isinstance(config, dict) and config.get("model_type") == "qwen2_vl" else "oqvl"
+
+
+def load_model(checkpoint: Path, device: str, batch_size: int, max_new_tokens: int | None):
+    """The lmms-eval model for a checkpoint: `oqvl_qwen2_vl` (oqvl.evaluate.qwen2vl) for a Qwen2-VL
+    directory, else `oqvl` (oqvl.evaluate.adapter). Imported after _offline_env: both import lmms_eval."""
+    if checkpoint_format(checkpoint) == "qwen2_vl":
+        from .qwen2vl import Qwen2VL
+
+        return Qwen2VL(pretrained=str(checkpoint), device=device, batch_size=batch_size,
+                       max_new_tokens=max_new_tokens)
+    from .adapter import OQVL
+
+    return OQVL(pretrained=str(checkpoint), device=device, batch_size=batch_size, max_new_tokens=max_new_tokens)
+
+
 def run_protocol(lm, model_args: str, tasks: list[str], task_dir: Path, out_dir: Path,
                  batch_size: int, verbosity: str) -> dict:
     """lmms-eval on these tasks; its results JSON and samples JSONL end up in out_dir."""
@@ -66,7 +93,7 @@ def run_protocol(lm, model_args: str, tasks: list[str], task_dir: Path, out_dir:
     if out_dir.exists():
         shutil.rmtree(out_dir)
     out_dir.mkdir(parents=True)
-    args = cli_args(model="oqvl", model_args=model_args, tasks=",".join(tasks),
+    args = cli_args(model=getattr(lm, "model_id", "oqvl"), model_args=model_args, tasks=",".join(tasks),
                     include_path=str(task_dir), batch_size=str(batch_size), log_samples=True,
                     output_path=str(out_dir), verbosity=verbosity)
     tracker = EvaluationTracker(output_path=str(out_dir))
@@ -166,13 +193,11 @@ def evaluate(checkpoint: Path, run: str, benchmarks: list[str], data_dir: Path, 
     previous_cache = os.environ.get("LMMS_EVAL_DATASETS_CACHE")
     os.environ["LMMS_EVAL_DATASETS_CACHE"] = str(cache)
     try:
-        from .adapter import OQVL  # after _offline_env: it imports lmms_eval
-
         if lm is None:
             t0 = time.time()
-            lm = OQVL(pretrained=str(checkpoint), device=device, batch_size=batch_size,
-                      max_new_tokens=max_new_tokens)
-            print(f"model {checkpoint} loaded in {time.time() - t0:.1f}s", flush=True)
+            lm = load_model(checkpoint, device, batch_size, max_new_tokens)
+            print(f"model {checkpoint} ({getattr(lm, 'model_id', 'oqvl')}) loaded in {time.time() - t0:.1f}s",
+                  flush=True)
         rows = {b: evaluate_benchmark(lm, checkpoint, run, b, data_dir, protocols, control, batch_size,
                                       max_new_tokens, out / f"{b}.json", verbosity, seed, split)
                 for b in benchmarks}
@@ -200,7 +225,8 @@ def evaluate(checkpoint: Path, run: str, benchmarks: list[str], data_dir: Path, 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--checkpoint", type=Path, required=True,
-                    help="checkpoint directory (config.json, weights, tokenizer)")
+                    help="checkpoint directory (config.json, weights, tokenizer): this project's, or a "
+                         "transformers Qwen2-VL directory (model_type qwen2_vl: model oqvl_qwen2_vl)")
     ap.add_argument("--run", required=True, help="run name written into every row")
     ap.add_argument("--seed", type=int, default=None, help="the run's seed the checkpoint was trained with")
     ap.add_argument("--split", default="test", choices=SPLITS, help="the benchmark split --data-dir holds")
